@@ -1,0 +1,183 @@
+"""ChunkFlow attention, plugged into unmodified transformers models.
+
+Registered as ``"chunkflow"`` with ``transformers.AttentionInterface``; selected for the
+duration of one chunked step by :func:`use_chunkflow_attention` (the model's own
+setting is restored afterwards). The model passes ``chunkflow=ChunkContext(...)``
+through its forward kwargs; transformers threads it to every attention layer, and
+builds no mask for this implementation name, so the context alone defines visibility:
+
+    packed chunk   [a a a | b b | c]   -> block-diagonal causal, one block per segment
+    dependent i    [x_i ...]           -> causal on its own tokens + all of x_0..x_{i-1}
+                                          (read from the group's K/V state, no copy)
+
+Per segment, the query rows are computed against up to two key blocks (the state
+prefix and the segment itself) and softmax-merged through their log-sum-exp, see
+:mod:`ds_chunkflow.kernels`. The custom autograd function routes the gradient of the
+prefix into the group state and adds the gradient that later chunks left for this
+chunk's own K/V, so ``loss.backward()`` of chunk i is all a caller does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from . import kernels
+from .state import GroupState
+
+ATTN_NAME = "chunkflow"
+_UNSUPPORTED_ROPE = ("dynamic", "longrope")
+
+
+@dataclass
+class SegmentSpec:
+    """Rows ``[start, start + length)`` of the chunk; first token at sequence ``position``."""
+
+    start: int
+    length: int
+    position: int = 0
+    state: GroupState | None = None
+
+
+@dataclass
+class ChunkContext:
+    """What the attention layers need to know about the chunk being run."""
+
+    segments: list[SegmentSpec]
+    num_layer_calls: int = 0
+
+
+def _expand(t: torch.Tensor, n_rep: int) -> torch.Tensor:
+    # transformers' repeat_kv: query head h uses kv head h // n_rep
+    return t if n_rep == 1 else t.repeat_interleave(n_rep, dim=1)
+
+
+def _reduce(dt: torch.Tensor, n_rep: int) -> torch.Tensor:
+    if n_rep == 1:
+        return dt
+    b, h, t, d = dt.shape
+    return dt.view(b, h // n_rep, n_rep, t, d).sum(2)
+
+
+def _blocks(seg: SegmentSpec, layer: int, window: int | None, device):
+    """(key, value, Block, is_prefix) for one segment: optional state prefix, then itself."""
+    lo = 0 if window is None else max(0, seg.position - window + 1)
+    if seg.state is not None and seg.position > lo:
+        k, v = seg.state.prefix(layer, lo, seg.position, device)
+        yield k, v, kernels.Block(seg.position, lo, seg.length, seg.position - lo, window), lo
+
+
+class _ChunkAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, chunk: ChunkContext, layer, scale, window, dropout, seed):
+        n_rep = q.shape[1] // k.shape[1]
+        outs, lses = [], []
+        for seg in chunk.segments:
+            rows = slice(seg.start, seg.start + seg.length)
+            qs = q[:, :, rows]
+            parts = [kernels.block_forward(qs, _expand(kp, n_rep), _expand(vp, n_rep), b, scale, dropout, seed)
+                     for kp, vp, b, _ in _blocks(seg, layer, window, q.device)]
+            own = kernels.Block(seg.position, seg.position, seg.length, seg.length, window)
+            parts.append(kernels.block_forward(qs, _expand(k[:, :, rows], n_rep), _expand(v[:, :, rows], n_rep),
+                                               own, scale, dropout, seed))
+            o, l = kernels.merge([p[0] for p in parts], [p[1] for p in parts])
+            outs.append(o)
+            lses.append(l)
+        out = torch.cat(outs, dim=2)
+        lse = torch.cat(lses, dim=2)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.args = (chunk, layer, scale, window, dropout, seed)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        chunk, layer, scale, window, dropout, seed = ctx.args
+        n_rep = q.shape[1] // k.shape[1]
+        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        for seg in chunk.segments:
+            rows = slice(seg.start, seg.start + seg.length)
+            qs, dos, os_, ls = q[:, :, rows], dout[:, :, rows], out[:, :, rows], lse[:, :, rows]
+            for kp, vp, b, lo in _blocks(seg, layer, window, q.device):
+                gq, gk, gv = kernels.block_backward(dos, qs, _expand(kp, n_rep), _expand(vp, n_rep), os_, ls, b,
+                                                    scale, dropout, seed)
+                dq[:, :, rows] += gq
+                seg.state.add_grad(layer, lo, seg.position, _reduce(gk, n_rep), _reduce(gv, n_rep))
+            own = kernels.Block(seg.position, seg.position, seg.length, seg.length, window)
+            gq, gk, gv = kernels.block_backward(dos, qs, _expand(k[:, :, rows], n_rep), _expand(v[:, :, rows], n_rep),
+                                                os_, ls, own, scale, dropout, seed)
+            dq[:, :, rows] += gq
+            dk[:, :, rows] += _reduce(gk, n_rep)
+            dv[:, :, rows] += _reduce(gv, n_rep)
+            if seg.state is not None:  # what later chunks' queries sent to these keys
+                pk, pv = seg.state.pending_grad(layer, seg.position, seg.length, k)
+                dk[:, :, rows] += pk
+                dv[:, :, rows] += pv
+        return dq, dk, dv, None, None, None, None, None, None
+
+
+def chunkflow_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                        sliding_window=None, softcap=None, chunkflow: ChunkContext | None = None, **kwargs):
+    """transformers attention-interface function: ``[B,H,T,d]`` in, ``([B,T,H,d], None)`` out."""
+    if chunkflow is None:
+        raise RuntimeError("attention 'chunkflow' needs a ChunkContext: call the model through ds_chunkflow")
+    if attention_mask is not None:
+        raise ValueError("attention 'chunkflow' defines visibility from the chunk layout; got an attention_mask")
+    if softcap is not None or kwargs.get("s_aux") is not None:
+        raise NotImplementedError(f"{type(module).__name__}: attention softcap / sinks are not supported by ChunkFlow")
+    if not getattr(module, "is_causal", True):
+        raise NotImplementedError(f"{type(module).__name__} is not causal; ChunkFlow trains causal LMs")
+    if query.shape[0] != 1:
+        raise ValueError(f"ChunkFlow runs one chunk per call (batch 1), got batch {query.shape[0]}")
+    layer = module.layer_idx
+    chunkflow.num_layer_calls += 1
+    for seg in chunkflow.segments:
+        if seg.state is not None:
+            rows = slice(seg.start, seg.start + seg.length)
+            seg.state.write(layer, seg.position, key[:, :, rows], value[:, :, rows])
+    seed = 0
+    if dropout > 0:
+        # drawn from the global RNG, which the executor replays for a recomputed chunk
+        seed = int(torch.randint(0, 2**62, (1,)).item())
+    scale = scaling if scaling is not None else kernels.default_scale(query.shape[-1])
+    out = _ChunkAttention.apply(query, key, value, chunkflow, layer, scale, sliding_window, float(dropout), seed)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTN_NAME, chunkflow_attention)
+
+
+def check_model(model) -> None:
+    """Refuses models whose chunked training would not be exact."""
+    config = model.config
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    kinds = set()
+    if isinstance(rope, dict):  # flat, or one entry per layer type
+        kinds.add(rope.get("rope_type", rope.get("type")))
+        kinds |= {v.get("rope_type") for v in rope.values() if isinstance(v, dict)}
+    bad = kinds & set(_UNSUPPORTED_ROPE)
+    if bad:
+        raise NotImplementedError(
+            f"rope_type {sorted(bad)} depends on the longest position of each call, so chunked training would "
+            "differ from full-sequence training; use a static RoPE type (default, linear, llama3, yarn)")
+    if getattr(config, "is_encoder_decoder", False):
+        raise NotImplementedError("ChunkFlow trains decoder-only causal LMs")
+
+
+@contextlib.contextmanager
+def use_chunkflow_attention(model):
+    """Selects the chunkflow attention for the block, restores the model's own afterwards."""
+    _register()
+    check_model(model)
+    config = model.config
+    previous = config._attn_implementation
+    config._attn_implementation = ATTN_NAME
+    try:
+        yield
+    finally:
+        config._attn_implementation = previous

@@ -1,0 +1,178 @@
+"""Runs a chunk plan (:mod:`ds_chunkflow.scheduler`) on a transformers causal LM.
+
+The executor knows nothing of DeepSpeed: it gets a ``forward_fn`` (the model, or a
+DeepSpeed engine) and a ``backward_fn(loss, is_boundary)``. Each instruction type
+maps to one method; an unknown instruction is an error.
+
+Loss: every chunk contributes ``sum(CE over its targets) / num_loss_tokens``, where
+``num_loss_tokens`` is the global batch's count, fixed before chunking. Summed over
+chunks (and ranks) this is exactly the unchunked loss, so the gradients are too.
+"""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass, field
+from typing import Callable, ClassVar, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .attention import ChunkContext, SegmentSpec
+from .batch import SequenceDict, materialize, shifted_targets
+from .chunking import Chunk
+from .memory import ActivationMeter, saved_tensor_hooks
+from .scheduler import (Backward, Forward, Instruction, PadBackward, PadForward, Recompute, ReleaseState,
+                        StateForward, Step, flatten)
+from .state import GroupState
+
+BackwardFn = Callable[[torch.Tensor, bool], None]
+
+
+def _get_rng() -> tuple:
+    cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    return torch.get_rng_state(), cuda
+
+
+def _set_rng(state: tuple) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1])
+
+
+@dataclass
+class ExecStats:
+    """What one plan run did; the engine turns these into metrics."""
+
+    loss: torch.Tensor
+    num_forwards: int = 0
+    num_backwards: int = 0
+    peak_state_bytes: int = 0
+    state_bytes_moved: int = 0
+    offloaded_bytes: int = 0
+
+
+@dataclass
+class Executor:
+    forward_fn: Callable
+    backward_fn: BackwardFn
+    sequences: Sequence[SequenceDict]
+    num_loss_tokens: int
+    device: torch.device
+    state_offload_min_tokens: int | None = None
+    meter: ActivationMeter = field(default_factory=ActivationMeter)
+    pad_token_id: int = 0
+    _states: dict = field(default_factory=dict)
+    _rng: dict = field(default_factory=dict)
+    _losses: dict = field(default_factory=dict)
+    _pads: collections.deque = field(default_factory=collections.deque)
+
+    def __post_init__(self) -> None:
+        self._targets = [shifted_targets(s["labels"]) for s in self.sequences]
+
+    def run(self, plan: list[Step]) -> ExecStats:
+        instructions = flatten(plan)
+        backwards = [i for i, ins in enumerate(instructions) if isinstance(ins, (Backward, PadBackward))]
+        self._last_backward = backwards[-1] if backwards else -1
+        self.stats = ExecStats(loss=torch.zeros((), dtype=torch.float64))
+        for i, ins in enumerate(instructions):
+            handler = self._HANDLERS.get(type(ins))
+            if handler is None:
+                raise TypeError(f"executor has no handler for instruction {ins!r}")
+            self._boundary = i == self._last_backward
+            handler(self, ins)
+        assert not self._losses and not self._pads and not self._states, "plan left work pending"
+        self.stats.offloaded_bytes = self.meter.offloaded
+        return self.stats
+
+    # ------------------------------------------------------------------ helpers
+    def _state(self, chunk: Chunk) -> GroupState:
+        st = self._states.get(chunk.group)
+        if st is None:
+            seq_len = int(self.sequences[chunk.group]["input_ids"].numel())
+            offload = self.state_offload_min_tokens is not None and seq_len >= self.state_offload_min_tokens
+            st = self._states[chunk.group] = GroupState(seq_len, offload=offload)
+        return st
+
+    def _call(self, chunk: Chunk, with_loss: bool, offload: bool = False) -> torch.Tensor | None:
+        inputs = materialize(chunk, self.sequences, self._targets, device=self.device)
+        specs, row = [], 0
+        for s in chunk.segments:
+            state = self._state(chunk) if chunk.is_dependent else None
+            specs.append(SegmentSpec(row, s.length, s.start if chunk.is_dependent else 0, state))
+            row += s.length
+        ctx = ChunkContext(specs)
+        kwargs = {} if with_loss else {"logits_to_keep": 1}
+        with saved_tensor_hooks(self.meter, offload):
+            out = self.forward_fn(input_ids=inputs.input_ids, position_ids=inputs.position_ids, use_cache=False,
+                                  chunkflow=ctx, **kwargs)
+            if ctx.num_layer_calls == 0:
+                raise RuntimeError("the model's attention does not go through transformers' AttentionInterface; "
+                                   "ChunkFlow cannot train it exactly")
+            self.stats.num_forwards += 1
+            if chunk.is_dependent:
+                st = self._state(chunk)
+                self.stats.peak_state_bytes = max(self.stats.peak_state_bytes, st.nbytes)
+            if not with_loss:
+                return None
+            logits = out.logits if hasattr(out, "logits") else out[0]
+            logits = logits[0] if logits.dtype == torch.float64 else logits[0].float()
+            ce = F.cross_entropy(logits, inputs.targets[0], ignore_index=-100, reduction="sum")
+            loss = ce / self.num_loss_tokens
+        self.stats.loss += loss.detach().double().cpu()
+        return loss
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        self.backward_fn(loss, self._boundary)
+        self.stats.num_backwards += 1
+
+    # ------------------------------------------------------------------ instructions
+    def _exec_state_forward(self, ins: StateForward) -> None:
+        self._rng[ins.chunk] = _get_rng()
+        with torch.no_grad():
+            self._call(ins.chunk, with_loss=False)
+
+    def _exec_forward(self, ins: Forward) -> None:
+        if ins.chunk.is_dependent:
+            self._rng[ins.chunk] = _get_rng()
+        self._losses[ins.chunk] = self._call(ins.chunk, with_loss=True, offload=ins.offload)
+
+    def _exec_recompute(self, ins: Recompute) -> None:
+        current = _get_rng()
+        _set_rng(self._rng[ins.chunk])
+        try:
+            self._losses[ins.chunk] = self._call(ins.chunk, with_loss=True)
+        finally:
+            _set_rng(current)
+
+    def _exec_backward(self, ins: Backward) -> None:
+        self._rng.pop(ins.chunk, None)
+        self._backward(self._losses.pop(ins.chunk))
+
+    def _exec_pad_forward(self, ins: PadForward) -> None:
+        ids = torch.full((1, 1), self.pad_token_id, dtype=torch.long, device=self.device)
+        ctx = ChunkContext([SegmentSpec(0, 1)])
+        with torch.set_grad_enabled(ins.keep and torch.is_grad_enabled()):
+            out = self.forward_fn(input_ids=ids, position_ids=torch.zeros_like(ids), use_cache=False,
+                                  chunkflow=ctx, logits_to_keep=1)
+        self.stats.num_forwards += 1
+        if ins.keep:
+            logits = out.logits if hasattr(out, "logits") else out[0]
+            self._pads.append(logits.float().sum() * 0.0)
+
+    def _exec_pad_backward(self, ins: PadBackward) -> None:
+        self._backward(self._pads.popleft())
+
+    def _exec_release(self, ins: ReleaseState) -> None:
+        st = self._states.pop(ins.group)
+        self.stats.state_bytes_moved += st.bytes_moved
+
+    _HANDLERS: ClassVar[dict[type[Instruction], Callable]] = {
+        StateForward: _exec_state_forward,
+        Forward: _exec_forward,
+        Recompute: _exec_recompute,
+        Backward: _exec_backward,
+        PadForward: _exec_pad_forward,
+        PadBackward: _exec_pad_backward,
+        ReleaseState: _exec_release,
+    }

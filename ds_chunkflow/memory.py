@@ -1,0 +1,86 @@
+"""Saved-tensor hooks: count the activation bytes autograd holds, offload them to the CPU.
+
+``saved_tensors_hooks`` see every tensor a forward saves for its backward. Counting them
+per unique storage (parameters excluded) gives the activation memory of a step exactly,
+independently of the allocator; moving them to the CPU is activation offload.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import resource
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class ActivationMeter:
+    """Live and peak bytes of tensors saved for backward (parameters excluded)."""
+
+    live: int = 0
+    peak: int = 0
+    offloaded: int = 0
+    _refs: dict = field(default_factory=dict)
+
+    def _acquire(self, t: torch.Tensor) -> object:
+        key = (t.untyped_storage().data_ptr(), t.device)
+        count = self._refs.get(key, 0)
+        if count == 0:
+            self.live += t.untyped_storage().nbytes()
+            self.peak = max(self.peak, self.live)
+        self._refs[key] = count + 1
+        return _Handle(self, key, t.untyped_storage().nbytes())
+
+    def _release(self, key, nbytes: int) -> None:
+        self._refs[key] -= 1
+        if self._refs[key] == 0:
+            del self._refs[key]
+            self.live -= nbytes
+
+    def reset_peak(self) -> None:
+        self.peak = self.live
+
+
+class _Handle:
+    __slots__ = ("meter", "key", "nbytes")
+
+    def __init__(self, meter, key, nbytes):
+        self.meter, self.key, self.nbytes = meter, key, nbytes
+
+    def __del__(self):
+        self.meter._release(self.key, self.nbytes)
+
+
+@contextlib.contextmanager
+def saved_tensor_hooks(meter: ActivationMeter | None = None, offload: bool = False):
+    """Counts saved tensors into ``meter``; with ``offload`` keeps them on the CPU until backward.
+
+    The copy is real even on a CPU-only machine, so the policy's cost is measured too.
+    """
+    if meter is None and not offload:
+        yield
+        return
+
+    def pack(t: torch.Tensor):
+        if isinstance(t, torch.nn.Parameter):
+            return (t, None, None)
+        if offload:
+            cpu = torch.empty(t.size(), dtype=t.dtype, layout=t.layout, pin_memory=t.is_cuda)
+            cpu.copy_(t, non_blocking=t.is_cuda)
+            if meter is not None:
+                meter.offloaded += t.numel() * t.element_size()
+            return (cpu, t.device, None)
+        return (t, None, meter._acquire(t) if meter is not None else None)
+
+    def unpack(packed):
+        t, device, _handle = packed
+        return t.to(device, non_blocking=True) if device is not None else t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        yield
+
+
+def peak_rss_bytes() -> int:
+    """Process peak resident set size (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

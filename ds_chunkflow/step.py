@@ -1,0 +1,48 @@
+"""The public exact chunked step: ``chunked_forward_backward``."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from .attention import use_chunkflow_attention
+from .batch import SequenceDict, count_loss_tokens, validate_sequences
+from .chunking import assign_to_ranks, build_chunks
+from .executor import ExecStats, Executor
+from .memory import ActivationMeter
+from .scheduler import build_plan
+
+
+def chunked_step(model, sequences: Sequence[SequenceDict], *, chunk_size: int, keep_chunks: int = 1,
+                 num_loss_tokens: int | None = None, offload_activations: bool = False,
+                 state_offload_min_tokens: int | None = None, meter: ActivationMeter | None = None) -> ExecStats:
+    """Like :func:`chunked_forward_backward`, returning the run's statistics too."""
+    lengths = validate_sequences(sequences)
+    if num_loss_tokens is None:
+        num_loss_tokens = count_loss_tokens(sequences)
+    if num_loss_tokens <= 0:
+        raise ValueError("num_loss_tokens must be > 0: the batch has no label to predict (all labels are -100)")
+    layout = build_chunks(lengths, chunk_size)
+    plan = build_plan(assign_to_ranks(layout, 1)[0], keep_chunks, offload_activations)
+    device = next(model.parameters()).device
+    executor = Executor(model, lambda loss, _boundary: loss.backward(), sequences, num_loss_tokens, device,
+                        state_offload_min_tokens, meter or ActivationMeter())
+    with use_chunkflow_attention(model):
+        return executor.run(plan)
+
+
+def chunked_forward_backward(model, sequences: Sequence[SequenceDict], chunk_size: int, keep_chunks: int = 1,
+                             num_loss_tokens: int | None = None, **options) -> torch.Tensor:
+    """Adds to every parameter's ``.grad`` the gradient of the batch loss; returns the loss.
+
+    ``L = sum(next-token CE over all label positions) / num_loss_tokens`` (default: the
+    number of label positions in ``sequences``). Sequences longer than ``chunk_size`` are
+    split into dependent chunks, shorter ones packed; at most ``keep_chunks`` chunks of a
+    sequence hold activations at once. The gradients equal those of unchunked training.
+    ``options``: ``offload_activations``, ``state_offload_min_tokens``, ``meter``.
+    """
+    stats = chunked_step(model, sequences, chunk_size=chunk_size, keep_chunks=keep_chunks,
+                         num_loss_tokens=num_loss_tokens, **options)
+    dtype = next(model.parameters()).dtype
+    return stats.loss.to(torch.float64 if dtype == torch.float64 else torch.float32)
