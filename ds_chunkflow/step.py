@@ -7,29 +7,23 @@ from typing import Sequence
 import torch
 
 from .attention import use_chunkflow_attention
-from .batch import SequenceDict, count_loss_tokens, validate_sequences
-from .chunking import assign_to_ranks, build_chunks
+from .batch import SequenceDict
 from .executor import ExecStats, Executor
 from .memory import ActivationMeter
-from .scheduler import build_plan
+from .plan import plan_batch
 
 
 def chunked_step(model, sequences: Sequence[SequenceDict], *, chunk_size: int, keep_chunks: int = 1,
                  num_loss_tokens: int | None = None, offload_activations: bool = False,
                  state_offload_min_tokens: int | None = None, meter: ActivationMeter | None = None) -> ExecStats:
     """Like :func:`chunked_forward_backward`, returning the run's statistics too."""
-    lengths = validate_sequences(sequences)
-    if num_loss_tokens is None:
-        num_loss_tokens = count_loss_tokens(sequences)
-    if num_loss_tokens <= 0:
-        raise ValueError("num_loss_tokens must be > 0: the batch has no label to predict (all labels are -100)")
-    layout = build_chunks(lengths, chunk_size)
-    plan = build_plan(assign_to_ranks(layout, 1)[0], keep_chunks, offload_activations)
+    batch = plan_batch(sequences, chunk_size=chunk_size, keep_chunks=keep_chunks,
+                       offload_activations=offload_activations, num_loss_tokens=num_loss_tokens)
     device = next(model.parameters()).device
-    executor = Executor(model, lambda loss, _boundary: loss.backward(), sequences, num_loss_tokens, device,
-                        state_offload_min_tokens, meter or ActivationMeter())
+    executor = Executor(model, lambda loss, _boundary: loss.backward(), batch.sequences, batch.num_loss_tokens,
+                        device, state_offload_min_tokens, meter or ActivationMeter())
     with use_chunkflow_attention(model):
-        return executor.run(plan)
+        return executor.run(batch.plans[0])
 
 
 def chunked_forward_backward(model, sequences: Sequence[SequenceDict], chunk_size: int, keep_chunks: int = 1,

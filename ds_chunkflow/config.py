@@ -1,0 +1,151 @@
+"""The ``chunkflow`` section of a DeepSpeed config: the only reader of it.
+
+Example (YAML; JSON works the same)::
+
+    chunkflow:
+      chunk_size: 4096        # tokens per chunk
+      keep_chunks: 1          # K: chunks of one sequence holding activations at once
+      max_seq_len: 262144     # guard: longer samples are an error (or skipped, counted)
+      offload:
+        activations: none     # none | far (offload instead of recomputing)
+        kv_state_min_tokens: 131072
+      data:
+        global_batch_size: 64
+
+Unknown keys and out-of-range values raise ``ConfigError`` naming the key.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A bad ``chunkflow`` (or DeepSpeed) config value; the message names the key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class OffloadConfig(_Section):
+    activations: Literal["none", "far"] = "none"
+    """``far``: chunks whose backward is far away keep activations on the CPU instead of recomputing."""
+    kv_state_min_tokens: int | None = Field(None, ge=0)
+    """K/V state of sequences at least this long lives on the CPU (None: never)."""
+
+
+class BalanceConfig(_Section):
+    attention_cost_weight: float | None = Field(None, ge=0)
+    """Cost of one attended (query, key) pair relative to one token; None: 1 / (6 * hidden_size)."""
+
+
+class DataConfig(_Section):
+    global_batch_size: int | None = Field(None, gt=0)
+    """Samples per optimizer step (one of this or ``global_batch_tokens``)."""
+    global_batch_tokens: int | None = Field(None, gt=0)
+    """Token budget per optimizer step."""
+    seed: int = 0
+    """Shuffle seed (per epoch: seed + epoch)."""
+    shuffle: bool = True
+
+    @model_validator(mode="after")
+    def _one_budget(self):
+        if self.global_batch_size is not None and self.global_batch_tokens is not None:
+            raise ValueError("set only one of global_batch_size and global_batch_tokens")
+        return self
+
+
+class ChunkFlowConfig(_Section):
+    enabled: bool = True
+    """Route train_batch through ChunkFlow; false: plain DeepSpeed."""
+    chunk_size: int = Field(4096, gt=0)
+    """Tokens per chunk: short sequences are packed up to it, longer ones split every chunk_size tokens."""
+    keep_chunks: int = Field(1, ge=1)
+    """K: dependent chunks of one sequence that keep activations; the rest are recomputed (or offloaded)."""
+    max_seq_len: int | None = Field(None, gt=0)
+    """Guard against runaway samples; None: no limit."""
+    on_overlong: Literal["error", "skip"] = "error"
+    """What a sample over max_seq_len does: error, or skip (counted and logged). Never truncated."""
+    offload: OffloadConfig = Field(default_factory=OffloadConfig)
+    balance: BalanceConfig = Field(default_factory=BalanceConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    pad_token_id: int = Field(0, ge=0)
+    """Token id of the one-token padding calls that keep ranks in step."""
+
+
+def _format(err: ValidationError, section: str) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in (section, *e["loc"]))
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif e.get("input") is not None and e["type"] != "model_type":
+            msg = f"{msg} (got {e['input']!r})"
+        lines.append(f"{key}: {msg}")
+    return "; ".join(lines)
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Reads a ds_config from JSON (``.json``) or YAML (anything else)."""
+    path = Path(path)
+    text = path.read_text()
+    try:
+        if path.suffix == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except Exception as e:  # json and yaml errors both carry line/column in their str
+        raise ConfigError(f"{path}: cannot parse config: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a ds_config must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def split_config(config: dict[str, Any] | str | Path) -> tuple[ChunkFlowConfig | None, dict[str, Any]]:
+    """Separates the ``chunkflow`` section from the rest of a ds_config and validates it.
+
+    Returns ``(None, ds_config)`` when the section is absent or disabled.
+    """
+    if not isinstance(config, dict):
+        config = load_config_file(config)
+    ds_config = {k: v for k, v in config.items() if k != "chunkflow"}
+    section = config.get("chunkflow")
+    if section is None:
+        return None, ds_config
+    if not isinstance(section, dict):
+        raise ConfigError(f"chunkflow: must be a mapping, got {type(section).__name__}")
+    try:
+        cf = ChunkFlowConfig(**section)
+    except ValidationError as e:
+        raise ConfigError(_format(e, "chunkflow")) from None
+    if not cf.enabled:
+        return None, ds_config
+    check_deepspeed_keys(cf, ds_config)
+    return cf, ds_config
+
+
+def check_deepspeed_keys(cf: ChunkFlowConfig, ds_config: dict[str, Any]) -> None:
+    """DeepSpeed keys that ChunkFlow replaces are refused or warned about, never silently ignored."""
+    gas = ds_config.get("gradient_accumulation_steps", 1)
+    if gas != 1:
+        raise ConfigError(
+            f"gradient_accumulation_steps: must be 1 with chunkflow (got {gas}); one train_batch is one "
+            "optimizer step over a whole global batch, set its size with chunkflow.data")
+    ac = ds_config.get("activation_checkpointing") or {}
+    for key in ("cpu_checkpointing", "partition_activations", "contiguous_memory_optimization"):
+        if ac.get(key):
+            raise ConfigError(
+                f"activation_checkpointing.{key}: not supported with chunkflow; chunk activations are bounded "
+                "by chunkflow.keep_chunks, use chunkflow.offload.activations: far for CPU offload")
+    if "train_micro_batch_size_per_gpu" in ds_config and ds_config["train_micro_batch_size_per_gpu"] != 1:
+        warnings.warn("train_micro_batch_size_per_gpu has no effect with chunkflow (chunks are the micro-batches)",
+                      stacklevel=3)

@@ -1,0 +1,446 @@
+"""JSONL SFT data -> token sequences with label masks, and a global-batch sampler.
+
+Input: one JSON object per line (UTF-8). Three shapes, told apart by their keys
+(other keys such as ``"id"`` are ignored; two shapes on one line is an error):
+
+* chat            ``{"messages": [{"role": "user", "content": "..."}, ...]}``, rendered by
+  ``tokenizer.apply_chat_template(..., return_assistant_tokens_mask=True)``; loss on the
+  assistant spans that the template marks with ``{% generation %}`` (see
+  :mod:`ds_chunkflow.toy_tokenizer`), nothing else;
+* prompt/completion ``{"prompt": "...", "completion": "..."}``: ``tokenizer(prompt)``
+  (with the tokenizer's own special tokens, e.g. a BOS), then the completion encoded on
+  its own, then EOS; loss on completion + EOS;
+* pre-tokenised   ``{"input_ids": [...], "labels": [...]}``: ``labels`` optional
+  (default: a copy of ``input_ids``), same length, each -100 or a valid id.
+
+Output: a sample is ``{"input_ids": LongTensor[L], "labels": LongTensor[L]}`` with HF
+semantics: labels are *not* shifted, ``labels[t]`` is the target predicted at ``t - 1``
+and -100 means no loss. So ``labels[0]`` is never a target, and a sample's number of
+loss tokens is ``(labels[1:] != -100).sum()``::
+
+    prompt "2+2=", completion "4"
+    input_ids [ 2  +  2  =  4  <eos>]
+    labels    [-- -- -- --  4  <eos>]      (-- = -100)
+    targets      at '=' predict 4, at 4 predict <eos>: 2 loss tokens
+
+Guarantees of :func:`load_jsonl`:
+
+* nothing is dropped or truncated silently. Every bad line raises :class:`DataError`
+  naming file, 1-based line and problem; ``on_error="skip"`` skips it instead and counts
+  it by reason in :class:`LoadStats`. A sample longer than ``max_seq_len`` is governed by
+  ``on_overlong`` alone (``"raise"`` raises even when ``on_error="skip"``; ``"skip"`` and
+  ``"truncate"`` count). Blank lines are skipped and counted. The stats are logged once;
+* checks run in this order: JSON, shape, field types, empty sample, lengths, overlong
+  (truncate keeps the first ``max_seq_len`` tokens), no loss tokens (a chat without an
+  assistant turn fails this one early); so a sample whose loss tokens all lie past
+  ``max_seq_len`` is a "no loss" error, never a sample without targets;
+* ``num_lines == num_blank_lines + num_samples + num_skipped``; a file with no sample
+  raises.
+
+:class:`GlobalBatchSampler` yields global batches of indices forever: per epoch, a
+permutation seeded by ``seed + epoch`` (a local ``torch.Generator``), cut greedily into
+batches of ``batch_size`` samples, or of as many samples as fit in ``token_budget``
+tokens (a sample longer than the budget is a batch of its own, never dropped)::
+
+    token_budget 10, shuffled lengths [4 5 | 3 6 | 12 | 2 7]  -> 4 batches
+    batches never cross an epoch; the last one of an epoch may be smaller.
+
+Every sample appears exactly once per epoch. ``state_dict`` stores (epoch, position in
+the epoch's order); batches are formed greedily from a batch boundary, so a resumed
+sampler yields exactly the batches an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+"""Label value that carries no loss (the HF / PyTorch ``CrossEntropyLoss`` default)."""
+
+OnError = Literal["raise", "skip"]
+OnOverlong = Literal["raise", "skip", "truncate"]
+
+# Reasons a line is rejected (keys of ``LoadStats.skipped``).
+MALFORMED_JSON = "malformed_json"
+UNKNOWN_SHAPE = "unknown_shape"
+BAD_FIELD = "bad_field"
+EMPTY_SAMPLE = "empty_sample"
+LENGTH_MISMATCH = "length_mismatch"
+OVERLONG = "overlong"
+NO_LOSS = "no_loss_tokens"
+NO_SAMPLES = "no_samples"  # the whole file: raised, never skipped
+
+_SHAPES = {"messages": "chat", "prompt": "prompt/completion", "input_ids": "pre-tokenised"}
+_GENERATION_TAG = re.compile(r"{%-?\s*generation\s*-?%}")
+
+
+class DataError(ValueError):
+    """A bad input line (or file); the message reads ``path:line: problem``."""
+
+    def __init__(self, path: str, line: int | None, reason: str, problem: str) -> None:
+        self.path, self.line, self.reason, self.problem = path, line, reason, problem
+        where = f"{path}:{line}" if line is not None else path
+        super().__init__(f"{where}: {problem}")
+
+
+class _Bad(Exception):
+    """Internal: one line's problem, before the loader adds file and line."""
+
+    def __init__(self, reason: str, problem: str) -> None:
+        super().__init__(problem)
+        self.reason, self.problem = reason, problem
+
+
+@dataclass
+class LoadStats:
+    """What :func:`load_jsonl` read, kept and skipped."""
+
+    path: str
+    num_lines: int = 0
+    """All lines in the file, blank ones included."""
+    num_blank_lines: int = 0
+    num_samples: int = 0
+    num_truncated: int = 0
+    """Samples cut to ``max_seq_len`` (``on_overlong="truncate"``); included in num_samples."""
+    num_tokens: int = 0
+    num_loss_tokens: int = 0
+    skipped: Counter[str] = field(default_factory=Counter)
+    """Skipped lines by reason (``on_error="skip"`` / ``on_overlong="skip"``)."""
+    first_skipped_line: dict[str, int] = field(default_factory=dict)
+    """The first skipped line of each reason, to look at."""
+
+    @property
+    def num_skipped(self) -> int:
+        return sum(self.skipped.values())
+
+    def summary(self) -> str:
+        text = (
+            f"{self.path}: {self.num_samples} samples, {self.num_tokens} tokens "
+            f"({self.num_loss_tokens} with loss) from {self.num_lines} lines; "
+            f"{self.num_blank_lines} blank, {self.num_skipped} skipped, {self.num_truncated} truncated"
+        )
+        if self.skipped:
+            text += " [" + ", ".join(
+                f"{r}: {n} (first at line {self.first_skipped_line[r]})" for r, n in sorted(self.skipped.items())
+            ) + "]"
+        return text
+
+
+def num_targets(labels: torch.Tensor) -> int:
+    """Loss tokens of one sample: ``labels[0]`` is never a target (see module docstring)."""
+    return int((labels[1:] != IGNORE_INDEX).sum())
+
+
+class SFTDataset:
+    """Tokenised samples in memory: ``ds[i] == {"input_ids": ..., "labels": ...}``."""
+
+    def __init__(
+        self,
+        samples: Sequence[dict[str, torch.Tensor]],
+        stats: LoadStats | None = None,
+        line_numbers: Sequence[int] | None = None,
+    ) -> None:
+        for i, s in enumerate(samples):
+            ids, labels = s["input_ids"], s["labels"]
+            if ids.dtype != torch.long or labels.dtype != torch.long or ids.dim() != 1 or ids.shape != labels.shape:
+                raise ValueError(f"sample {i}: input_ids and labels must be 1-D torch.long of equal length")
+        self._samples = [{"input_ids": s["input_ids"], "labels": s["labels"]} for s in samples]
+        self.stats = stats
+        self.line_numbers = list(line_numbers) if line_numbers is not None else None
+        """1-based source line of each sample, when loaded from a file."""
+        self.lengths: list[int] = [int(s["input_ids"].numel()) for s in self._samples]
+
+    def __len__(self) -> int:
+        return len(self._samples)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return dict(self._samples[index])  # a new dict; the tensors are shared, treat them as read-only
+
+    def num_loss_tokens(self, indices: Iterable[int] | None = None) -> int:
+        """Loss tokens (targets) over ``indices`` (default: all samples)."""
+        indices = range(len(self)) if indices is None else indices
+        return sum(num_targets(self._samples[i]["labels"]) for i in indices)
+
+
+def _require(obj: dict[str, Any], key: str, kind: type, what: str) -> Any:
+    if key not in obj:
+        raise _Bad(BAD_FIELD, f"missing field '{what}'")
+    value = obj[key]
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise _Bad(BAD_FIELD, f"field '{what}' must be {kind.__name__}, got {type(value).__name__}")
+    return value
+
+
+def _check_ids(values: list[Any], what: str, vocab_size: int, allow_ignore: bool) -> None:
+    for j, v in enumerate(values):
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise _Bad(BAD_FIELD, f"field '{what}[{j}]' must be int, got {type(v).__name__}")
+        if not (0 <= v < vocab_size or (allow_ignore and v == IGNORE_INDEX)):
+            allowed = f"[0, {vocab_size})" + (f" or {IGNORE_INDEX}" if allow_ignore else "")
+            raise _Bad(BAD_FIELD, f"field '{what}[{j}]' = {v} is outside {allowed}")
+
+
+def _encode_chat(obj: dict[str, Any], tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], list[int]]:
+    messages = _require(obj, "messages", list, "messages")
+    if not messages:
+        raise _Bad(EMPTY_SAMPLE, "field 'messages' is an empty list")
+    for j, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise _Bad(BAD_FIELD, f"field 'messages[{j}]' must be an object, got {type(m).__name__}")
+        _require(m, "role", str, f"messages[{j}].role")
+        _require(m, "content", str, f"messages[{j}].content")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise _Bad(NO_LOSS, "no message with role 'assistant' in field 'messages', so no loss tokens")
+    out = tokenizer.apply_chat_template(
+        messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+    )
+    ids = list(out["input_ids"])
+    labels = [t if m else IGNORE_INDEX for t, m in zip(ids, out["assistant_masks"])]
+    return ids, labels
+
+
+def _encode_prompt(obj: dict[str, Any], tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], list[int]]:
+    prompt = _require(obj, "prompt", str, "prompt")
+    completion = _require(obj, "completion", str, "completion")
+    if not completion:
+        raise _Bad(EMPTY_SAMPLE, "field 'completion' is empty")
+    # Encoded apart so that the loss boundary is exact; a joint encoding could merge
+    # the last prompt byte with the first completion byte into one token.
+    p = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    c = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return p + c, [IGNORE_INDEX] * len(p) + c
+
+
+def _encode_pretokenised(obj: dict[str, Any], vocab_size: int) -> tuple[list[int], list[int]]:
+    ids = _require(obj, "input_ids", list, "input_ids")
+    if not ids:
+        raise _Bad(EMPTY_SAMPLE, "field 'input_ids' is an empty list")
+    _check_ids(ids, "input_ids", vocab_size, allow_ignore=False)
+    if "labels" not in obj:
+        return ids, list(ids)
+    labels = _require(obj, "labels", list, "labels")
+    _check_ids(labels, "labels", vocab_size, allow_ignore=True)
+    if len(labels) != len(ids):
+        raise _Bad(LENGTH_MISMATCH, f"fields 'input_ids' ({len(ids)}) and 'labels' ({len(labels)}) differ in length")
+    return ids, labels
+
+
+def _check_tokenizer(tokenizer: PreTrainedTokenizerBase, shape: str) -> None:
+    """Tokenizer problems are not line problems: raise ValueError whatever ``on_error`` says."""
+    if shape == "chat" and not _GENERATION_TAG.search(tokenizer.chat_template or ""):
+        raise ValueError(
+            "tokenizer.chat_template has no {% generation %} markers, so chat lines cannot get "
+            "assistant-only labels; use a template with them (see ds_chunkflow.toy_tokenizer.CHAT_TEMPLATE)"
+        )
+    if shape == "prompt/completion" and tokenizer.eos_token_id is None:
+        raise ValueError("tokenizer.eos_token is not set; prompt/completion lines need it to end the completion")
+
+
+def _parse_line(
+    raw: bytes, tokenizer: PreTrainedTokenizerBase, checked: set[str]
+) -> tuple[list[int], list[int]]:
+    try:
+        obj = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise _Bad(MALFORMED_JSON, f"malformed JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise _Bad(UNKNOWN_SHAPE, f"expected a JSON object, got {type(obj).__name__}")
+    keys = [k for k in _SHAPES if k in obj]
+    if len(keys) != 1:
+        found = "none" if not keys else " and ".join(f"'{k}'" for k in keys)
+        raise _Bad(UNKNOWN_SHAPE, f"need exactly one of the fields 'messages', 'prompt', 'input_ids'; found {found}")
+    shape = _SHAPES[keys[0]]
+    if shape not in checked:
+        _check_tokenizer(tokenizer, shape)
+        checked.add(shape)
+    if shape == "chat":
+        return _encode_chat(obj, tokenizer)
+    if shape == "prompt/completion":
+        return _encode_prompt(obj, tokenizer)
+    return _encode_pretokenised(obj, len(tokenizer))
+
+
+def _is_positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _fit(
+    ids: list[int], labels: list[int], max_seq_len: int | None, on_overlong: OnOverlong
+) -> tuple[list[int], list[int], bool]:
+    """Apply ``max_seq_len`` (raises ``_Bad(OVERLONG)`` unless truncating), then the no-loss check."""
+    truncated = max_seq_len is not None and len(ids) > max_seq_len
+    if truncated:
+        if on_overlong != "truncate":
+            raise _Bad(OVERLONG, f"sample has {len(ids)} tokens, longer than max_seq_len={max_seq_len}")
+        ids, labels = ids[:max_seq_len], labels[:max_seq_len]
+    if all(t == IGNORE_INDEX for t in labels[1:]):  # labels[0] is never a target
+        cut = f" after truncation to max_seq_len={max_seq_len}" if truncated else ""
+        raise _Bad(NO_LOSS, f"all labels are masked{cut} (no loss tokens)")
+    return ids, labels, truncated
+
+
+def load_jsonl(
+    path: str | os.PathLike[str],
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    max_seq_len: int | None = None,
+    on_error: OnError = "raise",
+    on_overlong: OnOverlong = "raise",
+) -> SFTDataset:
+    """Read a JSONL SFT file (see the module docstring for shapes, checks and guarantees)."""
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    if on_overlong not in ("raise", "skip", "truncate"):
+        raise ValueError(f"on_overlong must be 'raise', 'skip' or 'truncate', got {on_overlong!r}")
+    if max_seq_len is not None and not _is_positive_int(max_seq_len):
+        raise ValueError(f"max_seq_len must be a positive int or None, got {max_seq_len!r}")
+    if max_seq_len is None and on_overlong != "raise":
+        logger.warning("load_jsonl: on_overlong=%r has no effect without max_seq_len", on_overlong)
+
+    path = os.fspath(path)
+    stats = LoadStats(path=path)
+    samples: list[dict[str, torch.Tensor]] = []
+    line_numbers: list[int] = []
+    checked: set[str] = set()
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            stats.num_lines += 1
+            if not raw.strip():
+                stats.num_blank_lines += 1
+                continue
+            try:
+                ids, labels, truncated = _fit(*_parse_line(raw, tokenizer, checked), max_seq_len, on_overlong)
+            except _Bad as bad:
+                policy = on_overlong if bad.reason == OVERLONG else on_error
+                if policy == "raise":
+                    raise DataError(path, lineno, bad.reason, bad.problem) from None
+                stats.skipped[bad.reason] += 1
+                stats.first_skipped_line.setdefault(bad.reason, lineno)
+                logger.debug("%s:%d: skipped: %s", path, lineno, bad.problem)
+                continue
+            sample = {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels)}  # int lists -> torch.long
+            samples.append(sample)
+            line_numbers.append(lineno)
+            stats.num_samples += 1
+            stats.num_truncated += truncated
+            stats.num_tokens += len(ids)
+            stats.num_loss_tokens += num_targets(sample["labels"])
+
+    level = logging.WARNING if stats.num_skipped or stats.num_truncated else logging.INFO
+    logger.log(level, "%s", stats.summary())
+    if not samples:
+        raise DataError(path, None, NO_SAMPLES, f"no samples ({stats.summary()})")
+    return SFTDataset(samples, stats, line_numbers)
+
+
+class GlobalBatchSampler:
+    """Infinite iterator of global batches (lists of sample indices); see the module docstring."""
+
+    def __init__(
+        self,
+        lengths: Sequence[int],
+        *,
+        batch_size: int | None = None,
+        token_budget: int | None = None,
+        seed: int = 0,
+        shuffle: bool = True,
+    ) -> None:
+        if (batch_size is None) == (token_budget is None):
+            raise ValueError(f"give exactly one of batch_size and token_budget, got {batch_size=}, {token_budget=}")
+        for name, value in (("batch_size", batch_size), ("token_budget", token_budget)):
+            if value is not None and not _is_positive_int(value):
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not lengths:
+            raise ValueError("lengths is empty: nothing to sample")
+        bad = next((i for i, n in enumerate(lengths) if not _is_positive_int(n)), None)
+        if bad is not None:
+            raise ValueError(f"lengths[{bad}] = {lengths[bad]!r} must be a positive int")
+        self.lengths = list(lengths)
+        self.batch_size, self.token_budget = batch_size, token_budget
+        self.seed, self.shuffle = seed, shuffle
+        self._epoch, self._position = 0, 0
+        self._order_epoch, self._order = -1, []
+
+    @property
+    def epoch(self) -> int:
+        """The epoch the next batch comes from."""
+        return self._epoch
+
+    def order(self, epoch: int) -> list[int]:
+        """The sample order of ``epoch``: a permutation seeded by ``seed + epoch``, or identity."""
+        if epoch != self._order_epoch:
+            n = len(self.lengths)
+            if self.shuffle:
+                g = torch.Generator().manual_seed(self.seed + epoch)
+                self._order = torch.randperm(n, generator=g).tolist()
+            else:
+                self._order = list(range(n))
+            self._order_epoch = epoch
+        return self._order
+
+    def _next_batch(self, order: list[int], start: int) -> list[int]:
+        """Greedy batch from ``order[start:]``; depends only on ``start``, which makes resume exact."""
+        if self.batch_size is not None:
+            return order[start : start + self.batch_size]
+        assert self.token_budget is not None
+        batch, tokens = [], 0
+        for j in range(start, len(order)):  # no order[start:] copy: O(batch), not O(epoch), per batch
+            i = order[j]
+            # The first sample always goes in: one longer than the budget is a batch of its own.
+            if batch and tokens + self.lengths[i] > self.token_budget:
+                break
+            batch.append(i)
+            tokens += self.lengths[i]
+        return batch
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        """All batches of ``epoch``, without moving the iterator (e.g. to count steps)."""
+        order, batches, start = self.order(epoch), [], 0
+        while start < len(order):
+            batches.append(self._next_batch(order, start))
+            start += len(batches[-1])
+        return batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return self
+
+    def __next__(self) -> list[int]:
+        order = self.order(self._epoch)
+        batch = self._next_batch(order, self._position)
+        self._position += len(batch)
+        if self._position == len(order):
+            self._epoch, self._position = self._epoch + 1, 0
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "epoch": self._epoch,
+            "position": self._position,
+            "num_samples": len(self.lengths),
+            "seed": self.seed,
+            "shuffle": self.shuffle,
+            "batch_size": self.batch_size,
+            "token_budget": self.token_budget,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue at the exact next sample; the sampler's settings must match the saved ones."""
+        for key in ("num_samples", "seed", "shuffle", "batch_size", "token_budget"):
+            mine = len(self.lengths) if key == "num_samples" else getattr(self, key)
+            if state.get(key) != mine:
+                raise ValueError(f"sampler state has {key}={state.get(key)!r} but this sampler has {key}={mine!r}")
+        if not 0 <= state["position"] < len(self.lengths) or state["epoch"] < 0:
+            raise ValueError(f"sampler state has bad epoch/position: {state['epoch']}/{state['position']}")
+        self._epoch, self._position = int(state["epoch"]), int(state["position"])

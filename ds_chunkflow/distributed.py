@@ -1,0 +1,53 @@
+"""The few process-group helpers the engine needs; groups are always passed explicitly."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+
+def skip_shm_comm_build() -> None:
+    """Stops DeepSpeed compiling its shared-memory CPU comm op at init.
+
+    On the CPU accelerator every ``init_distributed`` builds ``deepspeed_shm_comm``
+    (50-90 s on a cold cache); gloo does not need it. ``DS_CHUNKFLOW_BUILD_SHM=1`` keeps it.
+    The module must be taken from ``sys.modules``: ``import deepspeed.comm.torch`` binds
+    the name ``torch`` inside ``deepspeed.comm``, not the module.
+    """
+    if os.environ.get("DS_CHUNKFLOW_BUILD_SHM") == "1":
+        return
+    import deepspeed.comm.comm  # noqa: F401  (imports deepspeed.comm.torch)
+
+    module = sys.modules.get("deepspeed.comm.torch")
+    if module is not None and hasattr(module, "build_shm_op"):
+        module.build_shm_op = lambda: None
+
+
+def agree_on_errors(error: BaseException | None, group=None, device="cpu") -> None:
+    """Raises on every rank if any rank hit an error before a collective section.
+
+    Keeps one rank's bad input from leaving the others blocked in the next collective.
+    """
+    if not dist.is_initialized():
+        if error is not None:
+            raise error
+        return
+    flag = torch.tensor([1.0 if error is not None else 0.0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+    if error is not None:
+        raise error
+    if flag.item() > 0:
+        raise RuntimeError("another data-parallel rank failed while preparing this batch (see its error)")
+
+
+def all_reduce(values: list[float], op: str = "sum", group=None, device="cpu") -> list[float]:
+    """Elementwise ``sum`` / ``max`` / ``min`` of a few floats over ``group``."""
+    if not dist.is_initialized():
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op],
+                    group=group)
+    return t.tolist()

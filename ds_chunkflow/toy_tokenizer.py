@@ -1,0 +1,107 @@
+"""A tiny byte-level BPE tokenizer built locally, for tests and examples (no downloads).
+
+Algorithm: byte-level BPE (the GPT-2 scheme). Text is split with the GPT-2 regex into
+words, each word is mapped to its UTF-8 bytes (one symbol per byte, so the 256-byte
+alphabet covers *any* string), and :data:`VOCAB_SIZE` minus the byte alphabet minus the
+special tokens merges are learned by ``tokenizers.trainers.BpeTrainer`` on the small
+built-in :data:`CORPUS`. Training is single-pass over a fixed corpus with a fixed
+vocabulary size, so the same vocabulary comes out on every run.
+
+Guarantees:
+
+* ``decode(encode(text)) == text`` for every Python string (byte fallback, no ``<unk>``);
+* ``len(tokenizer) <= VOCAB_SIZE`` (512), so a tiny model's embedding stays tiny;
+* special tokens ``<|bos|>``, ``<|eos|>``, ``<|pad|>``, ``<|im_start|>``, ``<|im_end|>``
+  are single ids that BPE merges never produce (as in every HF tokenizer, the literal
+  string ``<|im_end|>`` inside text *is* matched as the special token);
+* the ChatML :data:`CHAT_TEMPLATE` wraps each assistant reply (and its ``<|im_end|>``,
+  so the model learns to stop) in ``{% generation %}`` markers, hence
+  ``apply_chat_template(..., return_assistant_tokens_mask=True, return_dict=True)``
+  returns ``assistant_masks``::
+
+      text  <|im_start|>user\\nHi<|im_end|>\\n<|im_start|>assistant\\nHello<|im_end|>\\n
+      mask  0           0    0  0         0  0           0         0  1    1         0
+"""
+
+from __future__ import annotations
+
+import os
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+VOCAB_SIZE = 512
+"""Upper bound on ``len(tokenizer)``: 256 bytes + 5 special tokens + learned merges."""
+
+BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+SPECIAL_TOKENS = (BOS, EOS, PAD, IM_START, IM_END)
+
+CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{%- if message['role'] == 'assistant' %}"
+    "{{- '<|im_start|>assistant\\n' }}"
+    "{%- generation %}{{- message['content'] + '<|im_end|>' }}{%- endgeneration %}"
+    "{{- '\\n' }}"
+    "{%- else %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+"""ChatML; assistant content plus its ``<|im_end|>`` is the generation span."""
+
+CORPUS = """\
+system user assistant
+You are a helpful assistant. Answer the question of the user in a short and clear way.
+The quick brown fox jumps over the lazy dog while the cat sleeps in the warm sun.
+Please explain how the training of a language model works, and why the data matters.
+A model reads a sequence of tokens and predicts the next token at every position.
+Long sequences are split into chunks, and each chunk is processed one after another.
+The memory of the device is limited, so the batch must fit within a token budget.
+We compute the loss only on the tokens that the assistant wrote in the conversation.
+There are many ways to write a good answer: be correct, be kind, and be concise.
+What is the capital of France? The capital of France is Paris, a city on the Seine.
+Can you write a function that returns the sum of two numbers? def add(a, b): return a + b
+The weather today is sunny with a light wind from the west and a few small clouds.
+In the beginning there was a small village near the river, and people lived there.
+Thank you for your question. Here is a list of steps that you can follow to start.
+First, read the data. Second, build the model. Third, train it and measure the loss.
+Numbers like 0 1 2 3 4 5 6 7 8 9 10 100 1000 and symbols like ( ) [ ] { } : ; , . ! ?
+"""
+"""Built-in training text: plain English plus a little code."""
+
+
+def _train() -> Tokenizer:
+    """Train the byte-level BPE on :data:`CORPUS` (deterministic: fixed corpus and sizes)."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(CORPUS.splitlines(), trainer=trainer)
+    return tok
+
+
+def build_tokenizer(save_dir: str | os.PathLike[str] | None = None) -> PreTrainedTokenizerFast:
+    """Build the toy tokenizer; if ``save_dir`` is given, ``save_pretrained`` it there.
+
+    The saved directory loads back with ``AutoTokenizer.from_pretrained(save_dir)``.
+    """
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=_train(),
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        extra_special_tokens=[IM_START, IM_END],
+        chat_template=CHAT_TEMPLATE,
+        clean_up_tokenization_spaces=False,
+    )
+    assert len(tokenizer) <= VOCAB_SIZE, len(tokenizer)
+    if save_dir is not None:
+        tokenizer.save_pretrained(os.fspath(save_dir))
+    return tokenizer
