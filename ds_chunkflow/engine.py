@@ -1,0 +1,138 @@
+"""ChunkFlowEngine: a thin DeepSpeedEngine subclass that trains on ChunkFlow chunks.
+
+``train_batch(sequences)`` takes one whole global batch (the same list on every
+data-parallel rank), plans it with :func:`ds_chunkflow.plan.plan_batch`, runs this
+rank's share through :class:`ds_chunkflow.executor.Executor` with the engine as the
+forward and ``engine.backward`` as the backward, and takes one optimizer step.
+
+Gradient scale: rank r's loss is ``sum(CE of its chunks) / N_global``; DeepSpeed
+averages gradients over the W data-parallel ranks, so each backward is given
+``W * loss`` and the average is the exact gradient of the global-batch loss.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Sequence
+
+import torch
+from deepspeed.runtime.engine import DeepSpeedEngine
+
+from .attention import use_chunkflow_attention
+from .batch import SequenceDict
+from .chunking import CostModel
+from .config import ChunkFlowConfig
+from .distributed import agree_on_errors, all_reduce
+from .executor import Executor
+from .memory import peak_rss_bytes
+from .monitor import step_metrics
+from .plan import BatchPlan, plan_batch
+
+logger = logging.getLogger(__name__)
+SAMPLER_KEY = "ds_chunkflow_sampler"
+
+
+class ChunkFlowEngine(DeepSpeedEngine):
+    def __init__(self, *args, chunkflow_config: ChunkFlowConfig, chunkflow_data=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.chunkflow_config = chunkflow_config
+        self.chunkflow_dataset = chunkflow_data
+        self.chunkflow_sampler = None
+        if chunkflow_data is not None:
+            self.chunkflow_sampler = _make_sampler(chunkflow_data, chunkflow_config)
+        self.last_metrics: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ data
+    def next_global_batch(self) -> list[SequenceDict]:
+        if self.chunkflow_sampler is None:
+            raise ValueError("train_batch() without sequences needs training_data (an SFTDataset) and "
+                             "chunkflow.data.global_batch_size or global_batch_tokens")
+        indices = next(self.chunkflow_sampler)
+        return [self.chunkflow_dataset[i] for i in indices]
+
+    def _cost_model(self) -> CostModel:
+        weight = self.chunkflow_config.balance.attention_cost_weight
+        if weight is None:
+            weight = 1.0 / (6 * getattr(self.module.config, "hidden_size", 4096))
+        return CostModel(linear=1.0, attention=weight)
+
+    def _plan(self, sequences: Sequence[SequenceDict]) -> BatchPlan:
+        cf = self.chunkflow_config
+        error, batch = None, None
+        try:
+            batch = plan_batch(sequences, chunk_size=cf.chunk_size, keep_chunks=cf.keep_chunks,
+                               num_ranks=self.dp_world_size, offload_activations=cf.offload.activations == "far",
+                               cost=self._cost_model(), max_seq_len=cf.max_seq_len, on_overlong=cf.on_overlong)
+        except (ValueError, TypeError) as e:
+            error = e
+        agree_on_errors(error, group=self.data_parallel_group, device=self.device)
+        # every rank must hold the same global batch, or the plans would not line up
+        lo, hi = all_reduce([batch.num_loss_tokens, -batch.num_loss_tokens], "max", self.data_parallel_group,
+                            self.device)
+        if lo != -hi:
+            raise RuntimeError("data-parallel ranks were given different global batches: train_batch needs the "
+                               "same list of sequences on every rank")
+        return batch
+
+    # ------------------------------------------------------------------ step
+    def train_batch(self, sequences: Sequence[SequenceDict] | None = None, data_iter=None) -> torch.Tensor:
+        """One optimizer step over a whole global batch; returns the global-batch loss on every rank."""
+        if data_iter is not None:
+            raise TypeError("ChunkFlowEngine.train_batch takes a list of sequences, not a data iterator")
+        start = time.perf_counter()
+        sequences = self.next_global_batch() if sequences is None else sequences
+        batch = self._plan(sequences)
+        world = self.dp_world_size
+
+        def backward(loss: torch.Tensor, boundary: bool) -> None:
+            self.set_gradient_accumulation_boundary(boundary)
+            self.backward(loss * world, scale_wrt_gas=False)
+
+        cf = self.chunkflow_config
+        executor = Executor(self, backward, batch.sequences, batch.num_loss_tokens, self.device,
+                            cf.offload.kv_state_min_tokens, pad_token_id=cf.pad_token_id)
+        with use_chunkflow_attention(self.module):
+            stats = executor.run(batch.plans[self._dp_rank()])
+        self.step()
+        self.set_gradient_accumulation_boundary(None)
+        loss, = all_reduce([stats.loss.item()], "sum", self.data_parallel_group, self.device)
+        peak_act, = all_reduce([executor.meter.peak], "max", self.data_parallel_group, self.device)
+        self.last_metrics = step_metrics(batch, stats, loss, time.perf_counter() - start, peak_act,
+                                         peak_rss_bytes())
+        if self.monitor.enabled:
+            self.monitor.write_events([(f"Train/chunkflow/{k}", v, self.global_samples)
+                                       for k, v in self.last_metrics.items()])
+        return torch.tensor(loss)
+
+    def _dp_rank(self) -> int:
+        import deepspeed.comm as dist
+
+        return dist.get_rank(group=self.data_parallel_group)
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self, save_dir, tag=None, client_state=None, save_latest=True, **kwargs):
+        client_state = dict(client_state or {})
+        if self.chunkflow_sampler is not None:
+            client_state[SAMPLER_KEY] = self.chunkflow_sampler.state_dict()
+        return super().save_checkpoint(save_dir, tag=tag, client_state=client_state, save_latest=save_latest,
+                                       **kwargs)
+
+    def load_checkpoint(self, load_dir, tag=None, **kwargs) -> tuple[Any, dict]:
+        path, client_state = super().load_checkpoint(load_dir, tag=tag, **kwargs)
+        if path is not None and self.chunkflow_sampler is not None:
+            if SAMPLER_KEY not in (client_state or {}):
+                raise ValueError(f"checkpoint {path} has no data-sampler position ({SAMPLER_KEY}); "
+                                 "it was not written by a ChunkFlowEngine with training data")
+            self.chunkflow_sampler.load_state_dict(client_state.pop(SAMPLER_KEY))
+        return path, client_state
+
+
+def _make_sampler(dataset, cf: ChunkFlowConfig):
+    from .data import GlobalBatchSampler
+
+    d = cf.data
+    if d.global_batch_size is None and d.global_batch_tokens is None:
+        raise ValueError("chunkflow.data: set global_batch_size or global_batch_tokens to train from training_data")
+    return GlobalBatchSampler(dataset.lengths, batch_size=d.global_batch_size, token_budget=d.global_batch_tokens,
+                              seed=d.seed, shuffle=d.shuffle)

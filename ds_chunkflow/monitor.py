@@ -1,0 +1,29 @@
+"""Per-step metrics, written through DeepSpeed's monitor (wandb, tensorboard, csv)."""
+
+from __future__ import annotations
+
+from .executor import ExecStats
+from .plan import BatchPlan
+
+
+def step_metrics(batch: BatchPlan, stats: ExecStats, loss: float, seconds: float, peak_activation_bytes: float,
+                 peak_rss: int) -> dict[str, float]:
+    """Global-batch figures (the same on every rank, except the memory ones: the max over ranks)."""
+    layout = batch.layout
+    tokens = layout.num_real_tokens
+    return {
+        "loss": loss,
+        "tokens_per_sec": tokens / max(seconds, 1e-9),
+        "step_time_sec": seconds,
+        "tokens": float(tokens),
+        "loss_tokens": float(batch.num_loss_tokens),
+        "chunks_standalone": float(len(layout.standalone)),
+        "chunks_dependent": float(sum(len(g) for g in layout.groups)),
+        "packing_efficiency": layout.packing_efficiency,
+        "recompute_fraction": batch.recompute_fraction(),
+        "dp_imbalance": batch.imbalance,
+        "samples_skipped": float(batch.num_skipped),
+        "peak_activation_bytes": float(peak_activation_bytes),
+        "peak_kv_state_bytes": float(stats.peak_state_bytes),
+        "peak_rss_bytes": float(peak_rss),
+    }

@@ -1,0 +1,353 @@
+"""Pipeline plan (state-aware 1F1B) and its event-driven simulator. Pure Python.
+
+Every micro-batch is a chunk. On every stage a chunk runs these ops:
+
+    F  forward that keeps its activations   (standalone chunks, the last K of a group)
+    S  state-only forward: keeps the K/V state, drops activations   (the first N-K of a group)
+    R  recompute forward of an S chunk, right before it is needed    (cost of one forward)
+    B  backward (twice a forward)
+
+The plan is one *forward sequence* shared by all stages (the order F/S/R ops enter stage 0)
+and the *backward sequence* derived from it. Each stage interleaves the two with the 1F1B
+rule: run a backward as soon as it is released locally and ``P - s`` activations are in flight
+(or no forward is left), else the next forward. S ops hold nothing, so they never wait.
+With one F per standalone micro-batch this is exactly DeepSpeed's ``TrainSchedule`` order.
+
+Within a group (chunks c0..c3, K=1)::
+
+    forward sequence   S0 S1 S2 F3 .. R2 .. R1 .. R0      (other chunks may sit in the gaps)
+    backward sequence  B3 .. B2 .. B1 .. B0               (descending: K/V gradients flow back)
+
+Deadlock freedom (derived): all stages share both sequences and their limits never grow with
+the stage index, so a stage never runs more forwards before a given backward than the stage
+before it does; every wait points downstream for backwards and upstream for forwards.
+
+The forward sequence is chosen among a few candidates by simulated makespan
+(:func:`plan`); :func:`replay` times any per-stage order, :func:`simulate` wraps both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import NamedTuple, Sequence
+
+from ds_chunkflow.chunking import Chunk, CostModel, Segment, build_chunks
+
+FORWARD_KINDS = ("F", "S", "R")
+
+
+class Op(NamedTuple):
+    """One compute op of one micro-batch on one stage."""
+
+    kind: str  # "F", "S", "R" or "B"
+    micro_batch: int
+
+    def __repr__(self) -> str:
+        return f"{self.kind}{self.micro_batch}"
+
+
+def keeps_activations(chunk: Chunk, keep_chunks: int) -> bool:
+    """True for standalone chunks and the last ``keep_chunks`` chunks of a group."""
+    return not chunk.is_dependent or chunk.index >= chunk.count - keep_chunks
+
+
+# --------------------------------------------------------------------------- sequences
+
+
+def _group_ops(group: Sequence[tuple[int, Chunk]], keep_chunks: int) -> tuple[list[Op], list[Op]]:
+    """(forward ops in ascending order, recompute ops in descending order) of one group."""
+    fwd = [Op("F" if keeps_activations(c, keep_chunks) else "S", mb) for mb, c in group]
+    rec = [Op("R", mb) for mb, c in reversed(group) if not keeps_activations(c, keep_chunks)]
+    return fwd, rec
+
+
+def _groups(chunks: Sequence[Chunk]) -> dict[int, list[tuple[int, Chunk]]]:
+    out: dict[int, list[tuple[int, Chunk]]] = {}
+    for mb, c in enumerate(chunks):
+        if c.is_dependent:
+            out.setdefault(c.group, []).append((mb, c))
+    for g in out.values():
+        g.sort(key=lambda it: it[1].index)
+    return out
+
+
+def candidate_sequences(chunks: Sequence[Chunk], keep_chunks: int, costs: Sequence[float]) -> dict[str, list[Op]]:
+    """A few forward sequences; :func:`plan` keeps the one with the shortest makespan.
+
+    given       chunks in the given order; a group's recomputes right after its last forward
+                (the plain reading of the paper; plain 1F1B when nothing is dependent)
+    fill        groups first (largest first), then standalone chunks, cheapest last;
+                recompute ops spread evenly among the standalone chunks so that their
+                forwards fill the gaps the recompute traversal leaves
+    fill_small  like ``fill`` but opens with the cheapest standalone chunk (a short pipeline fill)
+    """
+    groups = _groups(chunks)
+    seen: set[int] = set()
+    given: list[Op] = []
+    for mb, c in enumerate(chunks):
+        if not c.is_dependent:
+            given.append(Op("F", mb))
+        elif c.group not in seen:
+            seen.add(c.group)
+            fwd, rec = _group_ops(groups[c.group], keep_chunks)
+            given += fwd + rec
+    standalone = sorted((mb for mb, c in enumerate(chunks) if not c.is_dependent), key=lambda mb: (-costs[mb], mb))
+    ordered = sorted(groups.values(), key=lambda g: (-sum(costs[mb] for mb, _ in g), g[0][0]))
+    head: list[Op] = []
+    recs: list[Op] = []
+    for g in ordered:
+        fwd, rec = _group_ops(g, keep_chunks)
+        head += fwd
+        recs += rec
+    out = {"given": given, "fill": head + _spread(recs, [Op("F", mb) for mb in standalone])}
+    if standalone:
+        small = [Op("F", standalone[-1])]
+        out["fill_small"] = small + head + _spread(recs, [Op("F", mb) for mb in standalone[:-1]])
+    return out
+
+
+def _spread(first: list[Op], second: list[Op]) -> list[Op]:
+    """Merge two lists keeping each one's order, ``first`` spread evenly over ``second``."""
+    out: list[Op] = []
+    n, m = len(first), len(second)
+    j = 0
+    for i, op in enumerate(first):
+        # first[i] goes before second[ceil(i * m / n)]: even spacing, starting with first[0]
+        upto = -(-i * m // n) if n else 0
+        out += second[j:upto]
+        j = max(j, upto)
+        out.append(op)
+    return out + second[j:]
+
+
+def backward_sequence(fwd: Sequence[Op], chunks: Sequence[Chunk]) -> list[Op]:
+    """Backward order implied by a forward sequence.
+
+    A standalone chunk and a recomputed chunk are released by their own F / R; the kept chunks
+    of a group all wait for the group's last forward and then go in descending order.
+    """
+    out: list[Op] = []
+    groups = _groups(chunks)
+    kept = {op.micro_batch for op in fwd if op.kind == "F"}
+    for op in fwd:
+        c = chunks[op.micro_batch]
+        if op.kind == "R" or (op.kind == "F" and not c.is_dependent):
+            out.append(Op("B", op.micro_batch))
+        elif op.kind == "F" and c.index == c.count - 1:
+            out += [Op("B", mb) for mb, _ in reversed(groups[c.group]) if mb in kept]
+    return out
+
+
+def stage_order(fwd: Sequence[Op], bwd: Sequence[Op], limit: int) -> list[Op]:
+    """The 1F1B rule on one stage: a released backward once ``limit`` activations are in flight."""
+    hold_pos = {op.micro_batch: i for i, op in enumerate(fwd) if op.kind != "S"}
+    out: list[Op] = []
+    i = j = in_flight = 0
+    while i < len(fwd) or j < len(bwd):
+        released = j < len(bwd) and hold_pos[bwd[j].micro_batch] < i
+        if released and (in_flight >= limit or i == len(fwd)):
+            out.append(bwd[j])
+            j += 1
+            in_flight -= 1
+        else:
+            assert i < len(fwd), "backward sequence releases a chunk that is never forwarded"
+            out.append(fwd[i])
+            in_flight += fwd[i].kind != "S"
+            i += 1
+    return out
+
+
+def stage_orders(fwd: Sequence[Op], chunks: Sequence[Chunk], num_stages: int) -> list[list[Op]]:
+    """Per-stage op orders of one forward sequence (stage ``s`` keeps ``P - s`` in flight)."""
+    bwd = backward_sequence(fwd, chunks)
+    return [stage_order(fwd, bwd, num_stages - s) for s in range(num_stages)]
+
+
+# --------------------------------------------------------------------------- timing
+
+
+def _links(chunks: Sequence[Chunk]) -> tuple[dict[int, int], dict[int, int]]:
+    """Previous and next chunk (micro-batch ids) of every dependent chunk."""
+    prev: dict[int, int] = {}
+    nxt: dict[int, int] = {}
+    for g in _groups(chunks).values():
+        for (a, _), (b, _) in zip(g, g[1:]):
+            prev[b], nxt[a] = a, b
+    return prev, nxt
+
+
+def replay(orders: Sequence[Sequence[Op]], chunks: Sequence[Chunk], costs: Sequence[float],
+           backward_factor: float = 2.0) -> list[list[tuple[float, float, Op]]]:
+    """Time per-stage op orders: ``timeline[s] = [(start, end, op), ...]``.
+
+    An op starts when its stage is free and its inputs have arrived:
+
+    * F/S on stage s: F/S of the same chunk on stage s-1, and (K/V state) F/S of the group's
+      previous chunk on stage s;
+    * R on stage s: R of the same chunk on stage s-1 (the recompute traverses the pipeline);
+    * B on stage s: B of the same chunk on stage s+1, or on the last stage its own F / R;
+      also B of the group's next chunk on stage s (K/V gradients) and its own R.
+
+    Raises ``RuntimeError`` if the orders deadlock (an op waits on one that never runs first).
+    """
+    num_stages = len(orders)
+    prev, nxt = _links(chunks)
+    recomputed = {op.micro_batch for op in orders[0] if op.kind == "R"}
+    end: dict[tuple[int, str, int], float] = {}
+    timeline: list[list[tuple[float, float, Op]]] = [[] for _ in orders]
+    pos = [0] * num_stages
+    free = [0.0] * num_stages
+
+    def deps(op: Op, s: int) -> list[tuple[int, str, int]]:
+        mb = op.micro_batch
+        if op.kind in ("F", "S"):
+            return ([(s - 1, "fwd", mb)] if s > 0 else []) + ([(s, "fwd", prev[mb])] if mb in prev else [])
+        if op.kind == "R":
+            return [(s - 1, "R", mb)] if s > 0 else [(s, "fwd", mb)]
+        own = "R" if mb in recomputed else "fwd"
+        out = [(s + 1, "B", mb)] if s < num_stages - 1 else [(s, own, mb)]
+        return out + [(s, own, mb)] + ([(s, "B", nxt[mb])] if mb in nxt else [])
+
+    progress = True
+    while progress:
+        progress = False
+        for s in range(num_stages):
+            while pos[s] < len(orders[s]):
+                op = orders[s][pos[s]]
+                waits = deps(op, s)
+                if any(k not in end for k in waits):
+                    break
+                start = max([free[s]] + [end[k] for k in waits])
+                dur = costs[op.micro_batch] * (backward_factor if op.kind == "B" else 1.0)
+                free[s] = start + dur
+                end[(s, "fwd" if op.kind in ("F", "S") else op.kind, op.micro_batch)] = free[s]
+                timeline[s].append((start, free[s], op))
+                pos[s] += 1
+                progress = True
+    stuck = [(s, orders[s][pos[s]]) for s in range(num_stages) if pos[s] < len(orders[s])]
+    if stuck:
+        raise RuntimeError(f"pipeline deadlock: (stage, next op) {stuck}")
+    return timeline
+
+
+def makespan(timeline: Sequence[Sequence[tuple[float, float, Op]]]) -> float:
+    return max((row[-1][1] for row in timeline if row), default=0.0)
+
+
+# --------------------------------------------------------------------------- plan
+
+
+@dataclass
+class Plan:
+    """The chosen forward sequence, every stage's op order and its simulated timeline."""
+
+    strategy: str
+    forward: list[Op]
+    orders: list[list[Op]]
+    timeline: list[list[tuple[float, float, Op]]]
+
+    @property
+    def makespan(self) -> float:
+        return makespan(self.timeline)
+
+
+def plan(chunks: Sequence[Chunk], num_stages: int, keep_chunks: int = 1, costs: Sequence[float] | None = None,
+         strategy: str = "auto", backward_factor: float = 2.0) -> Plan:
+    """Choose a forward sequence (``strategy``: a name from :func:`candidate_sequences` or
+    "auto" for the shortest simulated makespan, ties to the earlier candidate)."""
+    if num_stages < 1:
+        raise ValueError(f"num_stages must be >= 1, got {num_stages}")
+    if keep_chunks < 1:
+        raise ValueError(f"keep_chunks must be >= 1, got {keep_chunks}")
+    costs = list(costs) if costs is not None else [float(c.num_tokens) for c in chunks]
+    cands = candidate_sequences(chunks, keep_chunks, costs)
+    if strategy != "auto":
+        if strategy not in cands:
+            raise ValueError(f"strategy must be 'auto' or one of {sorted(cands)}, got {strategy!r}")
+        cands = {strategy: cands[strategy]}
+    best: Plan | None = None
+    for name, fwd in cands.items():
+        orders = stage_orders(fwd, chunks, num_stages)
+        p = Plan(name, fwd, orders, replay(orders, chunks, costs, backward_factor))
+        if best is None or p.makespan < best.makespan - 1e-9:
+            best = p
+    assert best is not None
+    return best
+
+
+# --------------------------------------------------------------------------- simulate
+
+
+@dataclass
+class SimResult:
+    """A simulated pipeline timeline. ``timeline[s] = [(start, end, kind, micro_batch), ...]``."""
+
+    num_stages: int
+    chunks: list[Chunk]
+    plan: Plan
+    keep_chunks: int | None
+
+    @property
+    def timeline(self) -> list[list[tuple[float, float, str, int]]]:
+        return [[(a, b, op.kind, op.micro_batch) for a, b, op in row] for row in self.plan.timeline]
+
+    @property
+    def makespan(self) -> float:
+        return self.plan.makespan
+
+    @property
+    def busy_time(self) -> float:
+        """Compute time summed over stages (recomputes included)."""
+        return sum(b - a for row in self.plan.timeline for a, b, _ in row)
+
+    @property
+    def recompute_time(self) -> float:
+        return sum(b - a for row in self.plan.timeline for a, b, op in row if op.kind == "R")
+
+    @property
+    def bubble_ratio(self) -> float:
+        """Idle stage-time / (num_stages x makespan)."""
+        total = self.num_stages * self.makespan
+        return 1.0 - self.busy_time / total if total > 0 else 0.0
+
+    @property
+    def peak_in_flight(self) -> list[int]:
+        """Per stage, the most chunks holding activations at once (F/R run, B not yet)."""
+        return [max(_running_sum(row, lambda op: 1)) for row in self.plan.orders]
+
+    @property
+    def peak_in_flight_tokens(self) -> list[int]:
+        """Per stage, the most tokens whose activations are held at once."""
+        return [max(_running_sum(row, lambda op: self.chunks[op.micro_batch].num_tokens)) for row in self.plan.orders]
+
+
+def _running_sum(order: Sequence[Op], weight) -> list[int]:
+    out, held = [0], 0
+    for op in order:
+        if op.kind != "S":
+            held += weight(op) if op.kind != "B" else -weight(op)
+            out.append(held)
+    return out
+
+
+def simulate(lengths: Sequence[int], num_stages: int, chunk_size: int | None = None, keep_chunks: int = 1, *,
+             attention_cost: float = 0.0, backward_factor: float = 2.0, strategy: str = "auto") -> SimResult:
+    """Simulate one global batch through ``num_stages`` pipeline stages.
+
+    ``chunk_size=None``: plain 1F1B, one micro-batch per sequence in the given order.
+    Otherwise ChunkFlow: :func:`~ds_chunkflow.chunking.build_chunks`, state-aware 1F1B with
+    ``keep_chunks`` (K). A forward on one stage costs ``tokens + attention_cost x pairs``
+    (query-key pairs, the dependent prefix included), a backward ``backward_factor`` times that,
+    a recompute one forward.
+    """
+    if chunk_size is None:
+        chunks = [Chunk((Segment(i, 0, int(n)),)) for i, n in enumerate(lengths)]
+        strategy, keep = "given", None
+    else:
+        layout = build_chunks(lengths, chunk_size)
+        chunks = [c for g in layout.groups for c in g] + layout.standalone
+        keep = keep_chunks
+    cost = CostModel(linear=1.0, attention=attention_cost)
+    costs = [cost.chunk_cost(c) for c in chunks]
+    p = plan(chunks, num_stages, keep or 1, costs, strategy, backward_factor)
+    return SimResult(num_stages, chunks, p, keep)

@@ -1,0 +1,61 @@
+"""Functions run inside spawned ranks (must be importable by name)."""
+
+import torch
+
+CHUNK = 16
+
+
+def global_batch(step: int, vocab_size: int):
+    from reference import make_sequences
+
+    g = torch.Generator().manual_seed(100 + step)
+    lengths = [int(x) for x in torch.randint(1, 24, (7,), generator=g)] + [CHUNK * 5 + 3, CHUNK * 2 + 1]
+    return make_sequences(lengths, vocab_size, seed=step)
+
+
+def ds_config(stage: int, **chunkflow):
+    return {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": 0.0,
+        "zero_allow_untested_optimizer": True,
+        "zero_optimization": {"stage": stage},
+        "chunkflow": {"chunk_size": CHUNK, "keep_chunks": 1, **chunkflow},
+    }
+
+
+def gathered_state(engine):
+    import deepspeed
+
+    params = list(engine.module.parameters())
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        return {n: p.detach().clone().float() for n, p in engine.module.named_parameters()}
+
+
+def train_steps(rank, world, stage, steps, out_path, chunkflow=None):
+    import ds_chunkflow
+    from ds_chunkflow.toy import build_tiny_model
+
+    model = build_tiny_model("qwen2", seed=0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    engine, *_ = ds_chunkflow.initialize(model=model, optimizer=opt, config=ds_config(stage, **(chunkflow or {})))
+    losses = [engine.train_batch(global_batch(s, model.config.vocab_size)).item() for s in range(steps)]
+    state = gathered_state(engine)
+    if rank == 0:
+        torch.save({"losses": losses, "state": state, "metrics": engine.last_metrics}, out_path)
+
+
+def reference_steps(steps):
+    """Single process, plain PyTorch: the same model, optimizer and global batches."""
+    from ds_chunkflow.toy import build_tiny_model
+    from reference import reference_loss_and_grads
+
+    model = build_tiny_model("qwen2", seed=0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    losses = []
+    for s in range(steps):
+        opt.zero_grad(set_to_none=True)
+        loss, _ = reference_loss_and_grads(model, global_batch(s, model.config.vocab_size))
+        opt.step()
+        losses.append(loss.item())
+    return losses, {n: p.detach().clone() for n, p in model.named_parameters()}
