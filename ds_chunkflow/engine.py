@@ -129,7 +129,7 @@ class ChunkFlowEngine(DeepSpeedEngine):
 
 
 def _make_sampler(dataset, cf: ChunkFlowConfig):
-    from .data import GlobalBatchSampler
+    from .sampler import GlobalBatchSampler
 
     d = cf.data
     if d.global_batch_size is None and d.global_batch_tokens is None:
