@@ -99,10 +99,11 @@ def candidate_sequences(chunks: Sequence[Chunk], keep_chunks: int, costs: Sequen
         fwd, rec = _group_ops(g, keep_chunks)
         head += fwd
         recs += rec
-    out = {"given": given, "fill": head + _spread(recs, [Op("F", mb) for mb in standalone])}
+    alone = [Op("F", mb) for mb in standalone]
+    out = {"given": given, "fill": head + _spread(recs, alone)}
     if standalone:
-        small = [Op("F", standalone[-1])]
-        out["fill_small"] = small + head + _spread(recs, [Op("F", mb) for mb in standalone[:-1]])
+        out["fill_small"] = alone[-1:] + head + _spread(recs, alone[:-1])
+    out["spread"] = _spread(head + recs, alone)
     return out
 
 
