@@ -51,3 +51,12 @@ def all_reduce(values: list[float], op: str = "sum", group=None, device="cpu") -
     dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op],
                     group=group)
     return t.tolist()
+
+
+def init_distributed() -> None:
+    """``deepspeed.init_distributed`` on the accelerator's backend, without the shm op build."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    skip_shm_comm_build()
+    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from distributed import run_ranks
-from workers import reference_steps, train_steps
+from workers import mismatched_batches, reference_steps, train_steps, train_with_resume
 
 pytestmark = pytest.mark.distributed
 
@@ -29,3 +29,21 @@ def _initial_state():
     from ds_chunkflow.toy import build_tiny_model
 
     return {n: p.detach().clone() for n, p in build_tiny_model("qwen2", seed=0).named_parameters()}
+
+
+def test_resume_is_exact(tmp_path):
+    """Stopping after step 2 and resuming gives bitwise the losses of an uninterrupted run."""
+    full, resumed = tmp_path / "full.pt", tmp_path / "resumed.pt"
+    run_ranks(train_with_resume, str(tmp_path / "ckpt_full"), str(full), 5, 5)
+    run_ranks(train_with_resume, str(tmp_path / "ckpt"), str(resumed), 5, 2)
+    a, b = torch.load(full), torch.load(resumed)
+    assert a["losses"] == b["losses"], (a["losses"], b["losses"])
+    assert b["steps"] == 5
+
+
+def test_rank_disagreement_raises_everywhere(tmp_path):
+    """Different global batches on the ranks: every rank raises a clear error (no hang)."""
+    out = tmp_path / "err"
+    run_ranks(mismatched_batches, str(out), timeout=120)
+    messages = [(tmp_path / f"err.{r}").read_text() for r in range(2)]
+    assert all("different global batches" in m for m in messages), messages

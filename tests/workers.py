@@ -59,3 +59,52 @@ def reference_steps(steps):
         opt.step()
         losses.append(loss.item())
     return losses, {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def _dataset(vocab_size):
+    from ds_chunkflow.data import SFTDataset
+    from reference import make_sequences
+
+    g = torch.Generator().manual_seed(7)
+    lengths = [int(x) for x in torch.randint(1, 30, (40,), generator=g)] + [70, 45, 100]
+    return SFTDataset(make_sequences(lengths, vocab_size, seed=3))
+
+
+def train_with_resume(rank, world, ckpt_dir, out_path, total_steps, stop_at):
+    """Runs total_steps uninterrupted, or stop_at steps + checkpoint + a fresh engine resuming."""
+    import ds_chunkflow
+    from ds_chunkflow.toy import build_tiny_model
+
+    def make_engine():
+        model = build_tiny_model("qwen2", seed=0)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        config = ds_config(2, data={"global_batch_size": 6, "seed": 5})
+        return ds_chunkflow.initialize(model=model, optimizer=opt, config=config,
+                                       training_data=_dataset(model.config.vocab_size))[0]
+
+    engine = make_engine()
+    losses = [engine.train_batch().item() for _ in range(stop_at)]
+    if stop_at < total_steps:
+        engine.save_checkpoint(ckpt_dir)
+        engine = make_engine()
+        engine.load_checkpoint(ckpt_dir)
+        losses += [engine.train_batch().item() for _ in range(total_steps - stop_at)]
+    if rank == 0:
+        torch.save({"losses": losses, "steps": engine.global_steps}, out_path)
+
+
+def mismatched_batches(rank, world, out_path):
+    """Ranks given different global batches: every rank must raise, none may hang."""
+    import ds_chunkflow
+    from ds_chunkflow.toy import build_tiny_model
+    from reference import make_sequences
+
+    model = build_tiny_model("qwen2", seed=0)
+    engine, *_ = ds_chunkflow.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                                         config=ds_config(3))
+    seqs = make_sequences([20, 30 + 5 * rank], model.config.vocab_size)
+    try:
+        engine.train_batch(seqs)
+    except RuntimeError as e:
+        with open(f"{out_path}.{rank}", "w") as f:
+            f.write(str(e))

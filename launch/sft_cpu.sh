@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# deepspeed --num_gpus ${NUM_RANKS:-2} examples/sft.py --deepspeed_config ${CONFIG:-ds_configs/sft_zero3.yaml} "$@"
+#
+# The main example on this machine: 2 ranks on DeepSpeed's CPU accelerator (gloo).
+# On a GPU node the same command uses one rank per GPU (set NUM_RANKS to the GPU count).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}   # the launcher does not set it; 2.8x slower without on 2 cores
+export WANDB_MODE=${WANDB_MODE:-offline}
+exec deepspeed --num_gpus "${NUM_RANKS:-2}" examples/sft.py --deepspeed_config "${CONFIG:-ds_configs/sft_zero3.yaml}" "$@"

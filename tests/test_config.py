@@ -1,0 +1,92 @@
+"""The chunkflow config section: typed, every bad key named, every shipped config loads."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from ds_chunkflow.config import ChunkFlowConfig, ConfigError, load_config_file, split_config
+from ds_chunkflow.plan import plan_batch
+from reference import make_sequences
+
+CONFIGS = sorted((Path(__file__).parent.parent / "ds_configs").glob("*"))
+
+
+def test_shipped_configs_exist():
+    """The repository ships JSON and YAML configs (and this test sees them)."""
+    assert {p.suffix for p in CONFIGS} >= {".json", ".yaml"}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    """Every file in ds_configs/ parses and validates; disabled sections give plain DeepSpeed."""
+    raw = load_config_file(path)
+    cf, ds = split_config(path)
+    assert "chunkflow" not in ds
+    enabled = raw.get("chunkflow", {}).get("enabled", True)
+    assert (cf is not None) == enabled
+    if cf is not None:
+        assert cf.chunk_size == raw["chunkflow"]["chunk_size"]
+
+
+@pytest.mark.parametrize("section, key", [
+    ({"chunk_sise": 128}, "chunkflow.chunk_sise: unknown key"),
+    ({"chunk_size": 0}, "chunkflow.chunk_size"),
+    ({"keep_chunks": 0}, "chunkflow.keep_chunks"),
+    ({"max_seq_len": -5}, "chunkflow.max_seq_len"),
+    ({"on_overlong": "truncate"}, "chunkflow.on_overlong"),
+    ({"offload": {"activations": "all"}}, "chunkflow.offload.activations"),
+    ({"offload": {"kv_state": 1}}, "chunkflow.offload.kv_state: unknown key"),
+    ({"balance": {"attention_cost_weight": -1}}, "chunkflow.balance.attention_cost_weight"),
+    ({"data": {"global_batch_size": 4, "global_batch_tokens": 100}}, "chunkflow.data"),
+])
+def test_bad_values_name_the_key(section, key):
+    """An unknown key or an out-of-range value raises ConfigError naming the full key."""
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        split_config({"chunkflow": section})
+
+
+def test_replaced_deepspeed_keys_are_refused():
+    """DeepSpeed keys that ChunkFlow replaces are refused with the key named, not ignored."""
+    with pytest.raises(ConfigError, match="gradient_accumulation_steps"):
+        split_config({"gradient_accumulation_steps": 4, "chunkflow": {}})
+    with pytest.raises(ConfigError, match="activation_checkpointing.cpu_checkpointing"):
+        split_config({"activation_checkpointing": {"cpu_checkpointing": True}, "chunkflow": {}})
+
+
+def test_yaml_and_json_agree(tmp_path):
+    """The same config in YAML and in JSON gives the same typed section."""
+    (tmp_path / "c.yaml").write_text("chunkflow:\n  chunk_size: 512\n  keep_chunks: 2\n")
+    (tmp_path / "c.json").write_text('{"chunkflow": {"chunk_size": 512, "keep_chunks": 2}}')
+    assert split_config(tmp_path / "c.yaml")[0] == split_config(tmp_path / "c.json")[0]
+
+
+def test_unparsable_file_names_the_file(tmp_path):
+    """A broken config file is reported with its path and the parser's line."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("chunkflow:\n  chunk_size: [1,\n")
+    with pytest.raises(ConfigError, match="(?s)bad.yaml.*line 3"):
+        load_config_file(bad)
+
+
+def test_defaults_are_sane():
+    """The defaults: enabled, chunk 4096, K=1, no guard, no offload."""
+    cf = ChunkFlowConfig()
+    assert (cf.enabled, cf.chunk_size, cf.keep_chunks, cf.max_seq_len, cf.offload.activations) == (
+        True, 4096, 1, None, "none")
+
+
+def test_overlong_sample_is_an_error_naming_it():
+    """A sample over max_seq_len is rejected with its index and length, never truncated."""
+    seqs = make_sequences([10, 50, 20], 64)
+    with pytest.raises(ValueError, match=r"sample 1 .* 50 tokens > chunkflow.max_seq_len=40"):
+        plan_batch(seqs, chunk_size=16, keep_chunks=1, max_seq_len=40)
+
+
+def test_overlong_skip_is_counted():
+    """With on_overlong: skip the sample is left out and counted; the others are whole."""
+    seqs = make_sequences([10, 50, 20], 64)
+    batch = plan_batch(seqs, chunk_size=16, keep_chunks=1, max_seq_len=40, on_overlong="skip")
+    assert batch.num_skipped == 1
+    assert [s["input_ids"].numel() for s in batch.sequences] == [10, 20]
+    assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(batch.sequences, [seqs[0], seqs[2]]))
