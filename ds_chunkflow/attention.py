@@ -61,8 +61,42 @@ def _reduce(dt: torch.Tensor, n_rep: int) -> torch.Tensor:
     return dt.view(b, h // n_rep, n_rep, t, d).sum(2)
 
 
+def _stack(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """``[1, H, T, ...]`` -> ``[1, Hkv, n_rep * T, ...]``: the query heads sharing a KV head, as rows."""
+    return x.reshape(x.shape[0], x.shape[1] // n_rep, n_rep * x.shape[2], *x.shape[3:])
+
+
+def _unstack(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    return x.reshape(x.shape[0], x.shape[1] * n_rep, x.shape[2] // n_rep, *x.shape[3:])
+
+
+def _stackable(b: kernels.Block, n_rep: int, dropout: float) -> bool:
+    # With no mask, query rows are independent, so GQA heads can share one K/V block as
+    # extra rows instead of repeating K/V (the prefix would be copied n_rep times).
+    return n_rep > 1 and b.fully_visible and dropout == 0
+
+
+def _gqa_forward(q, k, v, b: kernels.Block, n_rep: int, scale, dropout, seed):
+    if _stackable(b, n_rep, dropout):
+        rows = kernels.Block(b.q_pos, b.k_pos, n_rep * b.tq, b.tk)
+        o, l = kernels.block_forward(_stack(q, n_rep), k, v, rows, scale)
+        return _unstack(o, n_rep), _unstack(l, n_rep)
+    return kernels.block_forward(q, _expand(k, n_rep), _expand(v, n_rep), b, scale, dropout, seed)
+
+
+def _gqa_backward(do, q, k, v, o, l, b: kernels.Block, n_rep: int, scale, dropout, seed):
+    """Gradients for q ``[1, H, ...]`` and k, v ``[1, Hkv, ...]``."""
+    if _stackable(b, n_rep, dropout):
+        rows = kernels.Block(b.q_pos, b.k_pos, n_rep * b.tq, b.tk)
+        dq, dk, dv = kernels.block_backward(_stack(do, n_rep), _stack(q, n_rep), k, v, _stack(o, n_rep),
+                                            _stack(l, n_rep), rows, scale)
+        return _unstack(dq, n_rep), dk, dv
+    dq, dk, dv = kernels.block_backward(do, q, _expand(k, n_rep), _expand(v, n_rep), o, l, b, scale, dropout, seed)
+    return dq, _reduce(dk, n_rep), _reduce(dv, n_rep)
+
+
 def _blocks(seg: SegmentSpec, layer: int, window: int | None, device):
-    """(key, value, Block, is_prefix) for one segment: optional state prefix, then itself."""
+    """(key, value, Block, first key) of the state prefix a segment attends to, if any."""
     lo = 0 if window is None else max(0, seg.position - window + 1)
     if seg.state is not None and seg.position > lo:
         k, v = seg.state.prefix(layer, lo, seg.position, device)
@@ -77,11 +111,10 @@ class _ChunkAttention(torch.autograd.Function):
         for seg in chunk.segments:
             rows = slice(seg.start, seg.start + seg.length)
             qs = q[:, :, rows]
-            parts = [kernels.block_forward(qs, _expand(kp, n_rep), _expand(vp, n_rep), b, scale, dropout, seed)
+            parts = [_gqa_forward(qs, kp, vp, b, n_rep, scale, dropout, seed)
                      for kp, vp, b, _ in _blocks(seg, layer, window, q.device)]
             own = kernels.Block(seg.position, seg.position, seg.length, seg.length, window)
-            parts.append(kernels.block_forward(qs, _expand(k[:, :, rows], n_rep), _expand(v[:, :, rows], n_rep),
-                                               own, scale, dropout, seed))
+            parts.append(_gqa_forward(qs, k[:, :, rows], v[:, :, rows], own, n_rep, scale, dropout, seed))
             o, l = kernels.merge([p[0] for p in parts], [p[1] for p in parts])
             outs.append(o)
             lses.append(l)
@@ -101,16 +134,15 @@ class _ChunkAttention(torch.autograd.Function):
             rows = slice(seg.start, seg.start + seg.length)
             qs, dos, os_, ls = q[:, :, rows], dout[:, :, rows], out[:, :, rows], lse[:, :, rows]
             for kp, vp, b, lo in _blocks(seg, layer, window, q.device):
-                gq, gk, gv = kernels.block_backward(dos, qs, _expand(kp, n_rep), _expand(vp, n_rep), os_, ls, b,
-                                                    scale, dropout, seed)
+                gq, gk, gv = _gqa_backward(dos, qs, kp, vp, os_, ls, b, n_rep, scale, dropout, seed)
                 dq[:, :, rows] += gq
-                seg.state.add_grad(layer, lo, seg.position, _reduce(gk, n_rep), _reduce(gv, n_rep))
+                seg.state.add_grad(layer, lo, seg.position, gk, gv)
             own = kernels.Block(seg.position, seg.position, seg.length, seg.length, window)
-            gq, gk, gv = kernels.block_backward(dos, qs, _expand(k[:, :, rows], n_rep), _expand(v[:, :, rows], n_rep),
-                                                os_, ls, own, scale, dropout, seed)
+            gq, gk, gv = _gqa_backward(dos, qs, k[:, :, rows], v[:, :, rows], os_, ls, own, n_rep, scale, dropout,
+                                       seed)
             dq[:, :, rows] += gq
-            dk[:, :, rows] += _reduce(gk, n_rep)
-            dv[:, :, rows] += _reduce(gv, n_rep)
+            dk[:, :, rows] += gk
+            dv[:, :, rows] += gv
             if seg.state is not None:  # what later chunks' queries sent to these keys
                 pk, pv = seg.state.pending_grad(layer, seg.position, seg.length, k)
                 dk[:, :, rows] += pk

@@ -28,7 +28,8 @@ def validate_sequences(sequences: Sequence[SequenceDict]) -> list[int]:
                 raise ValueError(f"sequences[{i}] has no '{key}'")
             t = seq[key]
             if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.dtype != torch.long:
-                raise ValueError(f"sequences[{i}]['{key}'] must be a 1-D torch.long tensor, got {getattr(t, 'shape', type(t))}")
+                got = f"{t.dtype} of shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(f"sequences[{i}]['{key}'] must be a 1-D torch.long tensor, got {got}")
         if seq["input_ids"].numel() != seq["labels"].numel():
             raise ValueError(
                 f"sequences[{i}]: input_ids has {seq['input_ids'].numel()} tokens but labels has {seq['labels'].numel()}"

@@ -141,13 +141,13 @@ def build_chunks(lengths: Sequence[int], chunk_size: int) -> ChunkLayout:
 
     Deterministic: the result depends only on ``lengths`` and ``chunk_size``.
     """
-    if chunk_size <= 0:
-        raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
+    if not isinstance(chunk_size, int) or chunk_size <= 0:
+        raise ValueError(f"chunk_size must be an int > 0, got {chunk_size!r}")
     short: list[tuple[int, int]] = []
     groups: list[list[Chunk]] = []
     for i, n in enumerate(lengths):
-        if n <= 0:
-            raise ValueError(f"sequence {i} has length {n}; every sequence needs at least one token")
+        if not isinstance(n, int) or n <= 0:
+            raise ValueError(f"sequence {i} has length {n!r}; every sequence needs a whole number >= 1 of tokens")
         if n <= chunk_size:
             short.append((n, i))
             continue
