@@ -184,9 +184,8 @@ def _register() -> None:
     AttentionInterface.register(ATTN_NAME, chunkflow_attention)
 
 
-def check_model(model) -> None:
+def check_model_config(config) -> None:
     """Refuses models whose chunked training would not be exact."""
-    config = model.config
     rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
     kinds = set()
     if isinstance(rope, dict):  # flat, or one entry per layer type
@@ -202,11 +201,10 @@ def check_model(model) -> None:
 
 
 @contextlib.contextmanager
-def use_chunkflow_attention(model):
-    """Selects the chunkflow attention for the block, restores the model's own afterwards."""
+def use_chunkflow_attention(config):
+    """Selects the chunkflow attention in a model ``config`` for the block, restores it afterwards."""
     _register()
-    check_model(model)
-    config = model.config
+    check_model_config(config)
     previous = config._attn_implementation
     config._attn_implementation = ATTN_NAME
     try:

@@ -92,7 +92,7 @@ class ChunkFlowEngine(DeepSpeedEngine):
         cf = self.chunkflow_config
         executor = Executor(self, backward, batch.sequences, batch.num_loss_tokens, self.device,
                             cf.offload.kv_state_min_tokens, pad_token_id=cf.pad_token_id)
-        with use_chunkflow_attention(self.module):
+        with use_chunkflow_attention(self.module.config):
             stats = executor.run(batch.plans[self._dp_rank()])
         self.step()
         self.set_gradient_accumulation_boundary(None)

@@ -29,12 +29,21 @@ from .state import GroupState
 BackwardFn = Callable[[torch.Tensor, bool], None]
 
 
-def _get_rng() -> tuple:
+def chunk_context(chunk: Chunk, state: GroupState | None) -> ChunkContext:
+    """The attention's view of a chunk: one segment per packed sequence, or one dependent piece."""
+    specs, row = [], 0
+    for s in chunk.segments:
+        specs.append(SegmentSpec(row, s.length, s.start if chunk.is_dependent else 0, state))
+        row += s.length
+    return ChunkContext(specs)
+
+
+def get_rng() -> tuple:
     cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
     return torch.get_rng_state(), cuda
 
 
-def _set_rng(state: tuple) -> None:
+def set_rng(state: tuple) -> None:
     torch.set_rng_state(state[0])
     if state[1] is not None:
         torch.cuda.set_rng_state(state[1])
@@ -96,12 +105,7 @@ class Executor:
 
     def _call(self, chunk: Chunk, with_loss: bool, offload: bool = False) -> torch.Tensor | None:
         inputs = materialize(chunk, self.sequences, self._targets, device=self.device)
-        specs, row = [], 0
-        for s in chunk.segments:
-            state = self._state(chunk) if chunk.is_dependent else None
-            specs.append(SegmentSpec(row, s.length, s.start if chunk.is_dependent else 0, state))
-            row += s.length
-        ctx = ChunkContext(specs)
+        ctx = chunk_context(chunk, self._state(chunk) if chunk.is_dependent else None)
         kwargs = {} if with_loss else {"logits_to_keep": 1}
         with saved_tensor_hooks(self.meter, offload):
             out = self.forward_fn(input_ids=inputs.input_ids, position_ids=inputs.position_ids, use_cache=False,
@@ -128,22 +132,22 @@ class Executor:
 
     # ------------------------------------------------------------------ instructions
     def _exec_state_forward(self, ins: StateForward) -> None:
-        self._rng[ins.chunk] = _get_rng()
+        self._rng[ins.chunk] = get_rng()
         with torch.no_grad():
             self._call(ins.chunk, with_loss=False)
 
     def _exec_forward(self, ins: Forward) -> None:
         if ins.chunk.is_dependent:
-            self._rng[ins.chunk] = _get_rng()
+            self._rng[ins.chunk] = get_rng()
         self._losses[ins.chunk] = self._call(ins.chunk, with_loss=True, offload=ins.offload)
 
     def _exec_recompute(self, ins: Recompute) -> None:
-        current = _get_rng()
-        _set_rng(self._rng[ins.chunk])
+        current = get_rng()
+        set_rng(self._rng[ins.chunk])
         try:
             self._losses[ins.chunk] = self._call(ins.chunk, with_loss=True)
         finally:
-            _set_rng(current)
+            set_rng(current)
 
     def _exec_backward(self, ins: Backward) -> None:
         self._rng.pop(ins.chunk, None)

@@ -8,7 +8,7 @@ from typing import Any
 import deepspeed
 import torch
 
-from .config import load_config_file, split_config
+from .config import ConfigError, load_config_file, split_config
 from .distributed import skip_shm_comm_build
 
 
@@ -40,8 +40,16 @@ def initialize(args: Any = None, model: torch.nn.Module | None = None, optimizer
     from deepspeed.accelerator import get_accelerator
     from deepspeed.runtime.config import DeepSpeedConfig
 
+    from deepspeed.pipe import PipelineModule
+
     from .engine import ChunkFlowEngine
 
+    is_pipe = isinstance(model, PipelineModule)
+    if is_pipe:
+        stage = (ds_config.get("zero_optimization") or {}).get("stage", 0)
+        if stage > 1:
+            raise ConfigError(f"zero_optimization.stage: {stage} is not possible with pipeline parallelism "
+                              "(DeepSpeed's PipelineEngine supports ZeRO 0 or 1); use stage 0 or 1")
     ds_config.setdefault("train_micro_batch_size_per_gpu", 1)
     ds_config.setdefault("gradient_accumulation_steps", 1)
     dist.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
@@ -49,12 +57,22 @@ def initialize(args: Any = None, model: torch.nn.Module | None = None, optimizer
     ds_config.pop("train_batch_size", None)  # derived: chunks, not samples, are the micro-batches
     zero.partition_parameters.shutdown_init_context()
     try:
-        config_class = DeepSpeedConfig(ds_config)
-        deepspeed.set_optimizer_flags(config_class, model)
-        engine = ChunkFlowEngine(args=args, model=model, optimizer=optimizer, model_parameters=model_parameters,
-                                 training_data=None, lr_scheduler=lr_scheduler, config=ds_config,
-                                 config_class=config_class, chunkflow_config=cf, chunkflow_data=training_data,
-                                 **kwargs)
+        if is_pipe:
+            from .pipeline.engine import ChunkFlowPipelineEngine
+
+            config_class = DeepSpeedConfig(ds_config, model.mpu())
+            deepspeed.set_optimizer_flags(config_class, model)
+            engine = ChunkFlowPipelineEngine(args=args, model=model, optimizer=optimizer,
+                                             model_parameters=model_parameters, training_data=None,
+                                             lr_scheduler=lr_scheduler, mpu=model.mpu(), config=ds_config,
+                                             config_class=config_class, chunkflow_config=cf, **kwargs)
+        else:
+            config_class = DeepSpeedConfig(ds_config)
+            deepspeed.set_optimizer_flags(config_class, model)
+            engine = ChunkFlowEngine(args=args, model=model, optimizer=optimizer, model_parameters=model_parameters,
+                                     training_data=None, lr_scheduler=lr_scheduler, config=ds_config,
+                                     config_class=config_class, chunkflow_config=cf, chunkflow_data=training_data,
+                                     **kwargs)
     finally:
         zero.partition_parameters.restore_init_context()
     engine._configure_python_gc()

@@ -22,7 +22,7 @@ def chunked_step(model, sequences: Sequence[SequenceDict], *, chunk_size: int, k
     device = next(model.parameters()).device
     executor = Executor(model, lambda loss, _boundary: loss.backward(), batch.sequences, batch.num_loss_tokens,
                         device, state_offload_min_tokens, meter or ActivationMeter())
-    with use_chunkflow_attention(model):
+    with use_chunkflow_attention(model.config):
         return executor.run(batch.plans[0])
 
 

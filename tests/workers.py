@@ -108,3 +108,36 @@ def mismatched_batches(rank, world, out_path):
     except RuntimeError as e:
         with open(f"{out_path}.{rank}", "w") as f:
             f.write(str(e))
+
+
+def train_pipeline(rank, world, stage, steps, out_path, keep_chunks=1):
+    """2 pipeline stages; each rank saves the parameters of its own stage (HF names)."""
+    import ds_chunkflow
+    from ds_chunkflow.pipeline.model import pipeline_module
+    from ds_chunkflow.toy import build_tiny_model
+
+    ds_chunkflow.init_distributed()
+    model = build_tiny_model("qwen2", seed=0)
+    module = pipeline_module(model, num_stages=2)
+    opt = torch.optim.SGD([p for p in module.parameters()], lr=0.5, momentum=0.9)
+    engine, *_ = ds_chunkflow.initialize(model=module, optimizer=opt,
+                                         config=ds_config(stage, keep_chunks=keep_chunks))
+    losses = [engine.train_batch(global_batch(s, model.config.vocab_size)).item() for s in range(steps)]
+    mine = {id(p) for p in engine.module.parameters()}
+    state = {n: p.detach().clone() for n, p in model.named_parameters() if id(p) in mine}
+    torch.save({"losses": losses, "state": state}, f"{out_path}.{rank}")
+
+
+def pipeline_refuses_zero2(rank, world, out_path):
+    import ds_chunkflow
+    from ds_chunkflow.pipeline.model import pipeline_module
+    from ds_chunkflow.toy import build_tiny_model
+
+    ds_chunkflow.init_distributed()
+    module = pipeline_module(build_tiny_model("qwen2", seed=0), num_stages=2)
+    try:
+        ds_chunkflow.initialize(model=module, optimizer=torch.optim.SGD(module.parameters(), lr=0.1),
+                                config=ds_config(2))
+    except ds_chunkflow.ConfigError as e:
+        with open(f"{out_path}.{rank}", "w") as f:
+            f.write(str(e))
