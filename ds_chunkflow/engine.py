@@ -33,7 +33,10 @@ logger = logging.getLogger(__name__)
 SAMPLER_KEY = "ds_chunkflow_sampler"
 
 
-class ChunkFlowEngine(DeepSpeedEngine):
+class ChunkFlowMixin:
+    """What both ChunkFlow engines add to DeepSpeed's: the global-batch sampler, its
+    position in checkpoints, and metrics through DeepSpeed's monitor."""
+
     def __init__(self, *args, chunkflow_config: ChunkFlowConfig, chunkflow_data=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.chunkflow_config = chunkflow_config
@@ -43,13 +46,36 @@ class ChunkFlowEngine(DeepSpeedEngine):
             self.chunkflow_sampler = _make_sampler(chunkflow_data, chunkflow_config)
         self.last_metrics: dict[str, float] = {}
 
-    # ------------------------------------------------------------------ data
     def next_global_batch(self) -> list[SequenceDict]:
         if self.chunkflow_sampler is None:
             raise ValueError("train_batch() without sequences needs training_data (an SFTDataset) and "
                              "chunkflow.data.global_batch_size or global_batch_tokens")
         indices = next(self.chunkflow_sampler)
         return [self.chunkflow_dataset[i] for i in indices]
+
+    def _write_metrics(self, metrics: dict[str, float]) -> None:
+        self.last_metrics = metrics
+        if self.monitor.enabled:
+            self.monitor.write_events([(f"Train/chunkflow/{k}", v, self.global_samples) for k, v in metrics.items()])
+
+    def save_checkpoint(self, save_dir, tag=None, client_state=None, save_latest=True, **kwargs):
+        client_state = dict(client_state or {})
+        if self.chunkflow_sampler is not None:
+            client_state[SAMPLER_KEY] = self.chunkflow_sampler.state_dict()
+        return super().save_checkpoint(save_dir, tag=tag, client_state=client_state, save_latest=save_latest,
+                                       **kwargs)
+
+    def load_checkpoint(self, load_dir, tag=None, **kwargs) -> tuple[Any, dict]:
+        path, client_state = super().load_checkpoint(load_dir, tag=tag, **kwargs)
+        if path is not None and self.chunkflow_sampler is not None:
+            if SAMPLER_KEY not in (client_state or {}):
+                raise ValueError(f"checkpoint {path} has no data-sampler position ({SAMPLER_KEY}); "
+                                 "it was not written by a ChunkFlow engine with training data")
+            self.chunkflow_sampler.load_state_dict(client_state.pop(SAMPLER_KEY))
+        return path, client_state
+
+
+class ChunkFlowEngine(ChunkFlowMixin, DeepSpeedEngine):
 
     def _cost_model(self) -> CostModel:
         weight = self.chunkflow_config.balance.attention_cost_weight
@@ -98,34 +124,14 @@ class ChunkFlowEngine(DeepSpeedEngine):
         self.set_gradient_accumulation_boundary(None)
         loss, = all_reduce([stats.loss.item()], "sum", self.data_parallel_group, self.device)
         peak_act, = all_reduce([executor.meter.peak], "max", self.data_parallel_group, self.device)
-        self.last_metrics = step_metrics(batch, stats, loss, time.perf_counter() - start, peak_act,
-                                         peak_rss_bytes())
-        if self.monitor.enabled:
-            self.monitor.write_events([(f"Train/chunkflow/{k}", v, self.global_samples)
-                                       for k, v in self.last_metrics.items()])
+        self._write_metrics(step_metrics(batch, loss, time.perf_counter() - start, peak_rss_bytes(), stats,
+                                         peak_act))
         return torch.tensor(loss)
 
     def _dp_rank(self) -> int:
         import deepspeed.comm as dist
 
         return dist.get_rank(group=self.data_parallel_group)
-
-    # ------------------------------------------------------------------ checkpoints
-    def save_checkpoint(self, save_dir, tag=None, client_state=None, save_latest=True, **kwargs):
-        client_state = dict(client_state or {})
-        if self.chunkflow_sampler is not None:
-            client_state[SAMPLER_KEY] = self.chunkflow_sampler.state_dict()
-        return super().save_checkpoint(save_dir, tag=tag, client_state=client_state, save_latest=save_latest,
-                                       **kwargs)
-
-    def load_checkpoint(self, load_dir, tag=None, **kwargs) -> tuple[Any, dict]:
-        path, client_state = super().load_checkpoint(load_dir, tag=tag, **kwargs)
-        if path is not None and self.chunkflow_sampler is not None:
-            if SAMPLER_KEY not in (client_state or {}):
-                raise ValueError(f"checkpoint {path} has no data-sampler position ({SAMPLER_KEY}); "
-                                 "it was not written by a ChunkFlowEngine with training data")
-            self.chunkflow_sampler.load_state_dict(client_state.pop(SAMPLER_KEY))
-        return path, client_state
 
 
 def _make_sampler(dataset, cf: ChunkFlowConfig):

@@ -65,7 +65,8 @@ def initialize(args: Any = None, model: torch.nn.Module | None = None, optimizer
             engine = ChunkFlowPipelineEngine(args=args, model=model, optimizer=optimizer,
                                              model_parameters=model_parameters, training_data=None,
                                              lr_scheduler=lr_scheduler, mpu=model.mpu(), config=ds_config,
-                                             config_class=config_class, chunkflow_config=cf, **kwargs)
+                                             config_class=config_class, chunkflow_config=cf,
+                                             chunkflow_data=training_data, **kwargs)
         else:
             config_class = DeepSpeedConfig(ds_config)
             deepspeed.set_optimizer_flags(config_class, model)

@@ -6,12 +6,12 @@ from .executor import ExecStats
 from .plan import BatchPlan
 
 
-def step_metrics(batch: BatchPlan, stats: ExecStats, loss: float, seconds: float, peak_activation_bytes: float,
-                 peak_rss: int) -> dict[str, float]:
+def step_metrics(batch: BatchPlan, loss: float, seconds: float, peak_rss: int, stats: ExecStats | None = None,
+                 peak_activation_bytes: float | None = None) -> dict[str, float]:
     """Global-batch figures (the same on every rank, except the memory ones: the max over ranks)."""
     layout = batch.layout
     tokens = layout.num_real_tokens
-    return {
+    metrics = {
         "loss": loss,
         "tokens_per_sec": tokens / max(seconds, 1e-9),
         "step_time_sec": seconds,
@@ -23,7 +23,10 @@ def step_metrics(batch: BatchPlan, stats: ExecStats, loss: float, seconds: float
         "recompute_fraction": batch.recompute_fraction(),
         "dp_imbalance": batch.imbalance,
         "samples_skipped": float(batch.num_skipped),
-        "peak_activation_bytes": float(peak_activation_bytes),
-        "peak_kv_state_bytes": float(stats.peak_state_bytes),
         "peak_rss_bytes": float(peak_rss),
     }
+    if stats is not None:
+        metrics["peak_kv_state_bytes"] = float(stats.peak_state_bytes)
+    if peak_activation_bytes is not None:
+        metrics["peak_activation_bytes"] = float(peak_activation_bytes)
+    return metrics

@@ -17,6 +17,7 @@ from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import ds_chunkflow
+from ds_chunkflow.config import load_config_file
 from ds_chunkflow.data import load_jsonl
 
 # ----------------------------------------------------------------------------- config
@@ -49,6 +50,12 @@ if args.model is None:
         torch.distributed.barrier()
 tokenizer = AutoTokenizer.from_pretrained(args.model)
 model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+stages = load_config_file(args.deepspeed_config).get("pipeline", {}).get("stages", 1)
+if stages > 1:  # pipeline parallelism: the model's layers become a DeepSpeed PipelineModule
+    from ds_chunkflow.pipeline.model import pipeline_module
+
+    ds_chunkflow.init_distributed()
+    model = pipeline_module(model, num_stages=stages)
 
 # ----------------------------------------------------------------------------- data
 dataset = load_jsonl(args.data, tokenizer)
@@ -91,8 +98,9 @@ if is_main and history:
           f"{sum(h['packing_efficiency'] for h in history) / len(history):.3f}; recompute fraction "
           f"{sum(h['recompute_fraction'] for h in history) / len(history):.3f}; dp imbalance "
           f"{max(h['dp_imbalance'] for h in history):.2f} (max)")
-    print(f"peak activations {max(h['peak_activation_bytes'] for h in history) / 2**20:.1f} MiB, "
-          f"peak K/V state {max(h['peak_kv_state_bytes'] for h in history) / 2**20:.1f} MiB")
+    if "peak_activation_bytes" in history[0]:
+        print(f"peak activations {max(h['peak_activation_bytes'] for h in history) / 2**20:.1f} MiB, "
+              f"peak K/V state {max(h['peak_kv_state_bytes'] for h in history) / 2**20:.1f} MiB")
     print(f"checkpoint: {args.output_dir}; wandb (offline) files: {os.environ['WANDB_DIR']}/wandb")
 if torch.distributed.is_initialized():
     torch.distributed.barrier()

@@ -17,6 +17,7 @@ through the module's :class:`~ds_chunkflow.pipeline.model.ChunkSlot`.
 
 from __future__ import annotations
 
+import time
 from types import MethodType
 from typing import Sequence
 
@@ -26,25 +27,28 @@ from deepspeed.runtime.pipe.engine import PipelineEngine
 
 from ..attention import use_chunkflow_attention
 from ..batch import SequenceDict, materialize, shifted_targets
-from ..config import ChunkFlowConfig
 from ..distributed import all_reduce
+from ..engine import ChunkFlowMixin
 from ..executor import chunk_context, get_rng, set_rng
+from ..memory import peak_rss_bytes
+from ..monitor import step_metrics
 from ..plan import plan_batch
 from ..state import GroupState
 from .schedule import ChunkFlowTrainSchedule, RecomputeForward, StateForward
 
 
-class ChunkFlowPipelineEngine(PipelineEngine):
-    def __init__(self, *args, chunkflow_config: ChunkFlowConfig, **kwargs):
+class ChunkFlowPipelineEngine(ChunkFlowMixin, PipelineEngine):
+    def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.chunkflow_config = chunkflow_config
         self._slot = self.module.chunk_slot
 
     # ------------------------------------------------------------------ step
     def train_batch(self, sequences: Sequence[SequenceDict] | None = None, data_iter=None) -> torch.Tensor:
         """One optimizer step over a global batch (the same list on every rank); returns its loss."""
-        if sequences is None or data_iter is not None:
-            raise TypeError("ChunkFlowPipelineEngine.train_batch takes the global batch as a list of sequences")
+        if data_iter is not None:
+            raise TypeError("ChunkFlowPipelineEngine.train_batch takes a list of sequences, not a data iterator")
+        start = time.perf_counter()
+        sequences = self.next_global_batch() if sequences is None else sequences
         cf = self.chunkflow_config
         dp_world = self.grid.get_data_parallel_world_size()
         batch = plan_batch(sequences, chunk_size=cf.chunk_size, keep_chunks=cf.keep_chunks, num_ranks=dp_world,
@@ -67,6 +71,7 @@ class ChunkFlowPipelineEngine(PipelineEngine):
         mine = self._loss_sum / dp_world if self.is_last_stage() else 0.0
         loss, = all_reduce([mine], "sum", None, self.device)  # sum over replicas' last stages
         self.agg_train_loss = torch.tensor(loss)
+        self._write_metrics(step_metrics(batch, loss, time.perf_counter() - start, peak_rss_bytes()))
         return self.agg_train_loss
 
     def _exec_schedule(self, pipe_schedule):
