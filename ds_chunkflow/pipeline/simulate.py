@@ -18,22 +18,27 @@ Within a group (chunks c0..c3, K=1)::
     forward sequence   S0 S1 S2 F3 .. R2 .. R1 .. R0      (other chunks may sit in the gaps)
     backward sequence  B3 .. B2 .. B1 .. B0               (descending: K/V gradients flow back)
 
-Deadlock freedom (derived): all stages share both sequences and their limits never grow with
-the stage index, so a stage never runs more forwards before a given backward than the stage
-before it does; every wait points downstream for backwards and upstream for forwards.
+Deadlock freedom (derived): all stages share both sequences and the limit shrinks with the
+stage index, so stage s+1 never runs more forwards before its j-th backward than stage s does:
+whatever stage s+1 waits for before that backward, stage s has already produced. When a kept
+group needs more than ``P - s`` chunks in flight, the stage forwards on (the backward it waits
+for is not released yet), so a stage holds at most ``P - s + K - 1`` chunks' activations.
 
-The forward sequence is chosen among a few candidates by simulated makespan
-(:func:`plan`); :func:`replay` times any per-stage order, :func:`simulate` wraps both.
+The forward sequence is chosen among a few candidates by simulated makespan, optionally
+refined by a seeded local search (:func:`plan`); :func:`replay` times any per-stage order
+(event-driven: an op starts when its stage is free and its inputs exist), :func:`simulate`
+wraps both. The DeepSpeed schedule (``schedule.py``) is generated from the same plan.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import NamedTuple, Sequence
+import itertools
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
 
 from ds_chunkflow.chunking import Chunk, CostModel, Segment, build_chunks
-
-FORWARD_KINDS = ("F", "S", "R")
 
 
 class Op(NamedTuple):
@@ -48,7 +53,7 @@ class Op(NamedTuple):
 
 def keeps_activations(chunk: Chunk, keep_chunks: int) -> bool:
     """True for standalone chunks and the last ``keep_chunks`` chunks of a group."""
-    return not chunk.is_dependent or chunk.index >= chunk.count - keep_chunks
+    return chunk.group is None or chunk.index >= chunk.count - keep_chunks
 
 
 # --------------------------------------------------------------------------- sequences
@@ -64,7 +69,7 @@ def _group_ops(group: Sequence[tuple[int, Chunk]], keep_chunks: int) -> tuple[li
 def _groups(chunks: Sequence[Chunk]) -> dict[int, list[tuple[int, Chunk]]]:
     out: dict[int, list[tuple[int, Chunk]]] = {}
     for mb, c in enumerate(chunks):
-        if c.is_dependent:
+        if c.group is not None:
             out.setdefault(c.group, []).append((mb, c))
     for g in out.values():
         g.sort(key=lambda it: it[1].index)
@@ -80,18 +85,22 @@ def candidate_sequences(chunks: Sequence[Chunk], keep_chunks: int, costs: Sequen
                 recompute ops spread evenly among the standalone chunks so that their
                 forwards fill the gaps the recompute traversal leaves
     fill_small  like ``fill`` but opens with the cheapest standalone chunk (a short pipeline fill)
+    blocks      groups first (largest first), each with its recomputes right after its forwards,
+                then standalone chunks, cheapest last (smooth costs suit 1F1B when attention
+                makes late chunks of a group expensive)
+    blocks_small  like ``blocks`` but opens with the cheapest standalone chunk
     """
     groups = _groups(chunks)
     seen: set[int] = set()
     given: list[Op] = []
     for mb, c in enumerate(chunks):
-        if not c.is_dependent:
+        if c.group is None:
             given.append(Op("F", mb))
         elif c.group not in seen:
             seen.add(c.group)
             fwd, rec = _group_ops(groups[c.group], keep_chunks)
             given += fwd + rec
-    standalone = sorted((mb for mb, c in enumerate(chunks) if not c.is_dependent), key=lambda mb: (-costs[mb], mb))
+    standalone = sorted((mb for mb, c in enumerate(chunks) if c.group is None), key=lambda mb: (-costs[mb], mb))
     ordered = sorted(groups.values(), key=lambda g: (-sum(costs[mb] for mb, _ in g), g[0][0]))
     head: list[Op] = []
     recs: list[Op] = []
@@ -100,10 +109,11 @@ def candidate_sequences(chunks: Sequence[Chunk], keep_chunks: int, costs: Sequen
         head += fwd
         recs += rec
     alone = [Op("F", mb) for mb in standalone]
-    out = {"given": given, "fill": head + _spread(recs, alone)}
+    blocks = [op for g in ordered for part in _group_ops(g, keep_chunks) for op in part]
+    out = {"given": given, "fill": head + _spread(recs, alone), "blocks": blocks + alone}
     if standalone:
         out["fill_small"] = alone[-1:] + head + _spread(recs, alone[:-1])
-    out["spread"] = _spread(head + recs, alone)
+        out["blocks_small"] = alone[-1:] + blocks + alone[:-1]
     return out
 
 
@@ -132,7 +142,7 @@ def backward_sequence(fwd: Sequence[Op], chunks: Sequence[Chunk]) -> list[Op]:
     kept = {op.micro_batch for op in fwd if op.kind == "F"}
     for op in fwd:
         c = chunks[op.micro_batch]
-        if op.kind == "R" or (op.kind == "F" and not c.is_dependent):
+        if op.kind == "R" or (op.kind == "F" and c.group is None):
             out.append(Op("B", op.micro_batch))
         elif op.kind == "F" and c.index == c.count - 1:
             out += [Op("B", mb) for mb, _ in reversed(groups[c.group]) if mb in kept]
@@ -172,7 +182,7 @@ def _links(chunks: Sequence[Chunk]) -> tuple[dict[int, int], dict[int, int]]:
     prev: dict[int, int] = {}
     nxt: dict[int, int] = {}
     for g in _groups(chunks).values():
-        for (a, _), (b, _) in zip(g, g[1:]):
+        for (a, _), (b, _) in itertools.pairwise(g):
             prev[b], nxt[a] = a, b
     return prev, nxt
 
@@ -253,26 +263,60 @@ class Plan:
 
 
 def plan(chunks: Sequence[Chunk], num_stages: int, keep_chunks: int = 1, costs: Sequence[float] | None = None,
-         strategy: str = "auto", backward_factor: float = 2.0) -> Plan:
+         strategy: str = "auto", backward_factor: float = 2.0, search_iters: int = 0) -> Plan:
     """Choose a forward sequence (``strategy``: a name from :func:`candidate_sequences` or
-    "auto" for the shortest simulated makespan, ties to the earlier candidate)."""
+    "auto" for the shortest simulated makespan, ties to the earlier candidate), then improve it
+    with ``search_iters`` steps of :func:`_local_search`. Deterministic: every rank gets the same plan."""
     if num_stages < 1:
         raise ValueError(f"num_stages must be >= 1, got {num_stages}")
     if keep_chunks < 1:
         raise ValueError(f"keep_chunks must be >= 1, got {keep_chunks}")
     costs = list(costs) if costs is not None else [float(c.num_tokens) for c in chunks]
+    if any(c <= 0 for c in costs):
+        raise ValueError("costs must be > 0 (a zero-time op has no place on the timeline)")
     cands = candidate_sequences(chunks, keep_chunks, costs)
     if strategy != "auto":
         if strategy not in cands:
             raise ValueError(f"strategy must be 'auto' or one of {sorted(cands)}, got {strategy!r}")
         cands = {strategy: cands[strategy]}
-    best: Plan | None = None
-    for name, fwd in cands.items():
+
+    def make(name: str, fwd: list[Op]) -> Plan:
         orders = stage_orders(fwd, chunks, num_stages)
-        p = Plan(name, fwd, orders, replay(orders, chunks, costs, backward_factor))
-        if best is None or p.makespan < best.makespan - 1e-9:
-            best = p
-    assert best is not None
+        return Plan(name, fwd, orders, replay(orders, chunks, costs, backward_factor))
+
+    best = min((make(name, fwd) for name, fwd in cands.items()), key=lambda p: p.makespan)
+    return _local_search(best, chunks, make, search_iters) if search_iters > 0 else best
+
+
+def _local_search(best: Plan, chunks: Sequence[Chunk], make, iters: int) -> Plan:
+    """Move one op to a random place, keep the move unless the makespan grows (seeded).
+
+    A group's ops keep their relative order (forwards ascending, then recomputes descending),
+    so an op of a group only moves between its neighbours in that order.
+    """
+    rng = random.Random(0)
+    fwd = list(best.forward)
+    group_ops: dict[int, list[Op]] = {}
+    for op in fwd:
+        if chunks[op.micro_batch].group is not None:
+            group_ops.setdefault(chunks[op.micro_batch].group, []).append(op)
+    for _ in range(iters):
+        i = rng.randrange(len(fwd))
+        op = fwd[i]
+        cand = fwd[:i] + fwd[i + 1:]
+        lo, hi = 0, len(cand)
+        mates = group_ops.get(chunks[op.micro_batch].group) if chunks[op.micro_batch].group is not None else None
+        if mates:
+            k = mates.index(op)
+            lo = cand.index(mates[k - 1]) + 1 if k > 0 else 0
+            hi = cand.index(mates[k + 1]) if k + 1 < len(mates) else len(cand)
+        j = rng.randint(lo, hi)
+        if j == i:
+            continue
+        cand.insert(j, op)
+        p = make(best.strategy.split("+")[0] + "+search", cand)
+        if p.makespan <= best.makespan + 1e-9:
+            best, fwd = p, cand
     return best
 
 
@@ -314,41 +358,41 @@ class SimResult:
     @property
     def peak_in_flight(self) -> list[int]:
         """Per stage, the most chunks holding activations at once (F/R run, B not yet)."""
-        return [max(_running_sum(row, lambda op: 1)) for row in self.plan.orders]
+        return [_peak(row, lambda mb: 1) for row in self.plan.orders]
 
     @property
     def peak_in_flight_tokens(self) -> list[int]:
         """Per stage, the most tokens whose activations are held at once."""
-        return [max(_running_sum(row, lambda op: self.chunks[op.micro_batch].num_tokens)) for row in self.plan.orders]
+        return [_peak(row, lambda mb: self.chunks[mb].num_tokens) for row in self.plan.orders]
 
 
-def _running_sum(order: Sequence[Op], weight) -> list[int]:
-    out, held = [0], 0
+def _peak(order: Sequence[Op], weight) -> int:
+    held = peak = 0
     for op in order:
-        if op.kind != "S":
-            held += weight(op) if op.kind != "B" else -weight(op)
-            out.append(held)
-    return out
+        held += {"F": 1, "R": 1, "B": -1, "S": 0}[op.kind] * weight(op.micro_batch)
+        peak = max(peak, held)
+    return peak
 
 
 def simulate(lengths: Sequence[int], num_stages: int, chunk_size: int | None = None, keep_chunks: int = 1, *,
-             attention_cost: float = 0.0, backward_factor: float = 2.0, strategy: str = "auto") -> SimResult:
+             attention_cost: float = 0.0, backward_factor: float = 2.0, strategy: str = "auto",
+             search_iters: int = 0) -> SimResult:
     """Simulate one global batch through ``num_stages`` pipeline stages.
 
     ``chunk_size=None``: plain 1F1B, one micro-batch per sequence in the given order.
     Otherwise ChunkFlow: :func:`~ds_chunkflow.chunking.build_chunks`, state-aware 1F1B with
     ``keep_chunks`` (K). A forward on one stage costs ``tokens + attention_cost x pairs``
     (query-key pairs, the dependent prefix included), a backward ``backward_factor`` times that,
-    a recompute one forward.
+    a recompute one forward. ``strategy`` and ``search_iters``: see :func:`plan`.
     """
     if chunk_size is None:
         chunks = [Chunk((Segment(i, 0, int(n)),)) for i, n in enumerate(lengths)]
-        strategy, keep = "given", None
+        strategy, keep, search_iters = "given", None, 0
     else:
         layout = build_chunks(lengths, chunk_size)
         chunks = [c for g in layout.groups for c in g] + layout.standalone
         keep = keep_chunks
     cost = CostModel(linear=1.0, attention=attention_cost)
     costs = [cost.chunk_cost(c) for c in chunks]
-    p = plan(chunks, num_stages, keep or 1, costs, strategy, backward_factor)
+    p = plan(chunks, num_stages, keep or 1, costs, strategy, backward_factor, search_iters)
     return SimResult(num_stages, chunks, p, keep)
