@@ -47,3 +47,14 @@ def test_rank_disagreement_raises_everywhere(tmp_path):
     run_ranks(mismatched_batches, str(out), timeout=120)
     messages = [(tmp_path / f"err.{r}").read_text() for r in range(2)]
     assert all("different global batches" in m for m in messages), messages
+
+
+def test_bf16_zero2_tracks_the_fp32_reference(tmp_path):
+    """bf16 under ZeRO-2 trains the same trajectory as fp32 to bf16 precision (losses within 2%)."""
+    out = tmp_path / "result.pt"
+    run_ranks(train_steps, 2, 3, str(out), None, {"bf16": {"enabled": True}})
+    losses = torch.load(out)["losses"]
+    ref_losses, _ = reference_steps(3)
+    for a, b in zip(losses, ref_losses):
+        assert abs(a - b) / abs(b) < 2e-2, (losses, ref_losses)
+    assert max(abs(a - b) for a, b in zip(losses, ref_losses)) > 1e-6, "bf16 was not in effect"

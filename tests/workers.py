@@ -32,13 +32,14 @@ def gathered_state(engine):
         return {n: p.detach().clone().float() for n, p in engine.module.named_parameters()}
 
 
-def train_steps(rank, world, stage, steps, out_path, chunkflow=None):
+def train_steps(rank, world, stage, steps, out_path, chunkflow=None, extra=None):
     import ds_chunkflow
     from ds_chunkflow.toy import build_tiny_model
 
     model = build_tiny_model("qwen2", seed=0)
     opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
-    engine, *_ = ds_chunkflow.initialize(model=model, optimizer=opt, config=ds_config(stage, **(chunkflow or {})))
+    config = {**ds_config(stage, **(chunkflow or {})), **(extra or {})}
+    engine, *_ = ds_chunkflow.initialize(model=model, optimizer=opt, config=config)
     losses = [engine.train_batch(global_batch(s, model.config.vocab_size)).item() for s in range(steps)]
     state = gathered_state(engine)
     if rank == 0:
