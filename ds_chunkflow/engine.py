@@ -53,6 +53,13 @@ class ChunkFlowMixin:
         indices = next(self.chunkflow_sampler)
         return [self.chunkflow_dataset[i] for i in indices]
 
+    def _cost_model(self) -> CostModel:
+        weight = self.chunkflow_config.balance.attention_cost_weight
+        if weight is None:
+            config = getattr(self.module, "hf_config", None) or self.module.config
+            weight = 1.0 / (6 * getattr(config, "hidden_size", 4096))
+        return CostModel(linear=1.0, attention=weight)
+
     def _write_metrics(self, metrics: dict[str, float]) -> None:
         self.last_metrics = metrics
         if self.monitor.enabled:
@@ -76,12 +83,6 @@ class ChunkFlowMixin:
 
 
 class ChunkFlowEngine(ChunkFlowMixin, DeepSpeedEngine):
-
-    def _cost_model(self) -> CostModel:
-        weight = self.chunkflow_config.balance.attention_cost_weight
-        if weight is None:
-            weight = 1.0 / (6 * getattr(self.module.config, "hidden_size", 4096))
-        return CostModel(linear=1.0, attention=weight)
 
     def _plan(self, sequences: Sequence[SequenceDict]) -> BatchPlan:
         cf = self.chunkflow_config

@@ -51,8 +51,9 @@ class ChunkFlowPipelineEngine(ChunkFlowMixin, PipelineEngine):
         sequences = self.next_global_batch() if sequences is None else sequences
         cf = self.chunkflow_config
         dp_world = self.grid.get_data_parallel_world_size()
+        cost = self._cost_model()
         batch = plan_batch(sequences, chunk_size=cf.chunk_size, keep_chunks=cf.keep_chunks, num_ranks=dp_world,
-                           max_seq_len=cf.max_seq_len, on_overlong=cf.on_overlong)
+                           cost=cost, max_seq_len=cf.max_seq_len, on_overlong=cf.on_overlong)
         share = batch.shares[self.grid.get_data_parallel_rank()]
         self._chunks = [c for g in share.groups for c in g] + share.standalone
         self._sequences = batch.sequences
@@ -64,7 +65,7 @@ class ChunkFlowPipelineEngine(ChunkFlowMixin, PipelineEngine):
         self._slot.num_loss_tokens = batch.num_loss_tokens
         self._slot.loss_scale = float(dp_world)  # DeepSpeed averages gradients over replicas
         sched = ChunkFlowTrainSchedule(self._chunks, stages=self.num_stages, stage_id=self.stage_id,
-                                       keep_chunks=cf.keep_chunks)
+                                       keep_chunks=cf.keep_chunks, costs=[cost.chunk_cost(c) for c in self._chunks])
         self.module.train()
         with use_chunkflow_attention(self.module.hf_config):
             self._exec_schedule(sched)

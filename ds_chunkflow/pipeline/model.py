@@ -75,6 +75,8 @@ def chunk_loss(slot: ChunkSlot):
     """``loss_fn(logits, targets)``: summed CE over the chunk's targets / the global count."""
 
     def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if logits.shape[0] != 1:
+            raise ValueError(f"chunk_loss expects one chunk per micro-batch (batch 1), got batch {logits.shape[0]}")
         logits = logits[0] if logits.dtype == torch.float64 else logits[0].float()
         ce = F.cross_entropy(logits, targets[0], ignore_index=-100, reduction="sum")
         return ce * (slot.loss_scale / slot.num_loss_tokens)
