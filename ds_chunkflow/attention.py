@@ -79,19 +79,20 @@ def _stackable(b: kernels.Block, n_rep: int, dropout: float) -> bool:
 def _gqa_forward(q, k, v, b: kernels.Block, n_rep: int, scale, dropout, seed):
     if _stackable(b, n_rep, dropout):
         rows = kernels.Block(b.q_pos, b.k_pos, n_rep * b.tq, b.tk)
-        o, l = kernels.block_forward(_stack(q, n_rep), k, v, rows, scale)
-        return _unstack(o, n_rep), _unstack(l, n_rep)
+        out, lse = kernels.block_forward(_stack(q, n_rep), k, v, rows, scale)
+        return _unstack(out, n_rep), _unstack(lse, n_rep)
     return kernels.block_forward(q, _expand(k, n_rep), _expand(v, n_rep), b, scale, dropout, seed)
 
 
-def _gqa_backward(do, q, k, v, o, l, b: kernels.Block, n_rep: int, scale, dropout, seed):
+def _gqa_backward(do, q, k, v, out, lse, b: kernels.Block, n_rep: int, scale, dropout, seed):
     """Gradients for q ``[1, H, ...]`` and k, v ``[1, Hkv, ...]``."""
     if _stackable(b, n_rep, dropout):
         rows = kernels.Block(b.q_pos, b.k_pos, n_rep * b.tq, b.tk)
-        dq, dk, dv = kernels.block_backward(_stack(do, n_rep), _stack(q, n_rep), k, v, _stack(o, n_rep),
-                                            _stack(l, n_rep), rows, scale)
+        dq, dk, dv = kernels.block_backward(_stack(do, n_rep), _stack(q, n_rep), k, v, _stack(out, n_rep),
+                                            _stack(lse, n_rep), rows, scale)
         return _unstack(dq, n_rep), dk, dv
-    dq, dk, dv = kernels.block_backward(do, q, _expand(k, n_rep), _expand(v, n_rep), o, l, b, scale, dropout, seed)
+    dq, dk, dv = kernels.block_backward(do, q, _expand(k, n_rep), _expand(v, n_rep), out, lse, b, scale, dropout,
+                                        seed)
     return dq, _reduce(dk, n_rep), _reduce(dv, n_rep)
 
 
@@ -115,9 +116,9 @@ class _ChunkAttention(torch.autograd.Function):
                      for kp, vp, b, _ in _blocks(seg, layer, window, q.device)]
             own = kernels.Block(seg.position, seg.position, seg.length, seg.length, window)
             parts.append(_gqa_forward(qs, k[:, :, rows], v[:, :, rows], own, n_rep, scale, dropout, seed))
-            o, l = kernels.merge([p[0] for p in parts], [p[1] for p in parts])
-            outs.append(o)
-            lses.append(l)
+            seg_out, seg_lse = kernels.merge([p[0] for p in parts], [p[1] for p in parts])
+            outs.append(seg_out)
+            lses.append(seg_lse)
         out = torch.cat(outs, dim=2)
         lse = torch.cat(lses, dim=2)
         ctx.save_for_backward(q, k, v, out, lse)

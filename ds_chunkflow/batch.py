@@ -32,7 +32,8 @@ def validate_sequences(sequences: Sequence[SequenceDict]) -> list[int]:
                 raise ValueError(f"sequences[{i}]['{key}'] must be a 1-D torch.long tensor, got {got}")
         if seq["input_ids"].numel() != seq["labels"].numel():
             raise ValueError(
-                f"sequences[{i}]: input_ids has {seq['input_ids'].numel()} tokens but labels has {seq['labels'].numel()}"
+                f"sequences[{i}]: input_ids has {seq['input_ids'].numel()} tokens "
+                f"but labels has {seq['labels'].numel()}"
             )
         if seq["input_ids"].numel() == 0:
             raise ValueError(f"sequences[{i}] is empty")

@@ -103,7 +103,7 @@ class ChunkLayout:
         return math.ceil(self.num_real_tokens / self.chunk_size)
 
 
-def _best_fit_decreasing(items: list[tuple[int, int]], capacity: int) -> list[list[int]]:
+def best_fit_decreasing(items: list[tuple[int, int]], capacity: int) -> list[list[int]]:
     """Pack ``(length, seq_index)`` items into bins; returns bins as lists of seq indices.
 
     Bins are kept in buckets keyed by remaining capacity; ``caps`` is the sorted list of
@@ -159,7 +159,7 @@ def build_chunks(lengths: Sequence[int], chunk_size: int) -> ChunkLayout:
     lens = dict((seq, n) for n, seq in short)
     standalone = [
         Chunk(tuple(Segment(seq, 0, lens[seq]) for seq in sorted(b)))
-        for b in _best_fit_decreasing(short, chunk_size)
+        for b in best_fit_decreasing(short, chunk_size)
     ]
     return ChunkLayout(chunk_size, standalone, groups, int(sum(lengths)))
 

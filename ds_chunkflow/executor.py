@@ -22,8 +22,18 @@ from .attention import ChunkContext, SegmentSpec
 from .batch import SequenceDict, materialize, shifted_targets
 from .chunking import Chunk
 from .memory import ActivationMeter, saved_tensor_hooks
-from .scheduler import (Backward, Forward, Instruction, PadBackward, PadForward, Recompute, ReleaseState,
-                        StateForward, Step, flatten)
+from .scheduler import (
+    Backward,
+    Forward,
+    Instruction,
+    PadBackward,
+    PadForward,
+    Recompute,
+    ReleaseState,
+    StateForward,
+    Step,
+    flatten,
+)
 from .state import GroupState
 
 BackwardFn = Callable[[torch.Tensor, bool], None]

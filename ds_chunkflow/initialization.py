@@ -38,9 +38,8 @@ def initialize(args: Any = None, model: torch.nn.Module | None = None, optimizer
     from deepspeed import comm as dist
     from deepspeed import zero
     from deepspeed.accelerator import get_accelerator
-    from deepspeed.runtime.config import DeepSpeedConfig
-
     from deepspeed.pipe import PipelineModule
+    from deepspeed.runtime.config import DeepSpeedConfig
 
     from .engine import ChunkFlowEngine
 

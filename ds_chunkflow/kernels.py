@@ -177,7 +177,7 @@ def merge(outs: list[torch.Tensor], lses: list[torch.Tensor]) -> tuple[torch.Ten
     lse = torch.logsumexp(torch.stack(lses), dim=0)
     safe = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
     ct = lse.dtype
-    out = sum(torch.exp(l - safe)[..., None] * o.to(ct) for o, l in zip(outs, lses))
+    out = sum(torch.exp(lse_b - safe)[..., None] * o.to(ct) for o, lse_b in zip(outs, lses))
     return out.to(outs[0].dtype), lse
 
 

@@ -85,7 +85,8 @@ class GroupState:
         buf.dk[:, lo:hi].add_(dk[0].to(buf.dk.device, buf.dk.dtype))
         buf.dv[:, lo:hi].add_(dv[0].to(buf.dv.device, buf.dv.dtype))
 
-    def pending_grad(self, layer: int, offset: int, length: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def pending_grad(self, layer: int, offset: int, length: int,
+                     like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Gradient that later chunks sent to tokens ``[offset, offset + length)``, as ``like``."""
         buf = self._grads(layer)
         sl = slice(offset, offset + length)

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-
 from distributed import run_ranks
 from workers import mismatched_batches, reference_steps, train_steps, train_with_resume
 

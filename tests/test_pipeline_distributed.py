@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-
 from distributed import run_ranks
 from workers import pipeline_refuses_zero2, reference_steps, train_pipeline
 

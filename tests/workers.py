@@ -48,8 +48,9 @@ def train_steps(rank, world, stage, steps, out_path, chunkflow=None, extra=None)
 
 def reference_steps(steps):
     """Single process, plain PyTorch: the same model, optimizer and global batches."""
-    from ds_chunkflow.toy import build_tiny_model
     from reference import reference_loss_and_grads
+
+    from ds_chunkflow.toy import build_tiny_model
 
     model = build_tiny_model("qwen2", seed=0)
     opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
@@ -63,8 +64,9 @@ def reference_steps(steps):
 
 
 def _dataset(vocab_size):
-    from ds_chunkflow.data import SFTDataset
     from reference import make_sequences
+
+    from ds_chunkflow.data import SFTDataset
 
     g = torch.Generator().manual_seed(7)
     lengths = [int(x) for x in torch.randint(1, 30, (40,), generator=g)] + [70, 45, 100]
@@ -96,9 +98,10 @@ def train_with_resume(rank, world, ckpt_dir, out_path, total_steps, stop_at):
 
 def mismatched_batches(rank, world, out_path):
     """Ranks given different global batches: every rank must raise, none may hang."""
+    from reference import make_sequences
+
     import ds_chunkflow
     from ds_chunkflow.toy import build_tiny_model
-    from reference import make_sequences
 
     model = build_tiny_model("qwen2", seed=0)
     engine, *_ = ds_chunkflow.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
