@@ -96,6 +96,10 @@ def _gqa_backward(do, q, k, v, out, lse, b: kernels.Block, n_rep: int, scale, dr
     return dq, _reduce(dk, n_rep), _reduce(dv, n_rep)
 
 
+def _cat_rows(parts: list[torch.Tensor]) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+
+
 def _blocks(seg: SegmentSpec, layer: int, window: int | None, device):
     """(key, value, Block, first key) of the state prefix a segment attends to, if any."""
     lo = 0 if window is None else max(0, seg.position - window + 1)
@@ -119,8 +123,7 @@ class _ChunkAttention(torch.autograd.Function):
             seg_out, seg_lse = kernels.merge([p[0] for p in parts], [p[1] for p in parts])
             outs.append(seg_out)
             lses.append(seg_lse)
-        out = torch.cat(outs, dim=2)
-        lse = torch.cat(lses, dim=2)
+        out, lse = _cat_rows(outs), _cat_rows(lses)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.args = (chunk, layer, scale, window, dropout, seed)
         return out
@@ -130,25 +133,24 @@ class _ChunkAttention(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         chunk, layer, scale, window, dropout, seed = ctx.args
         n_rep = q.shape[1] // k.shape[1]
-        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        dqs, dks, dvs = [], [], []  # per segment, in row order (segments tile the chunk)
         for seg in chunk.segments:
             rows = slice(seg.start, seg.start + seg.length)
             qs, dos, os_, ls = q[:, :, rows], dout[:, :, rows], out[:, :, rows], lse[:, :, rows]
-            for kp, vp, b, lo in _blocks(seg, layer, window, q.device):
-                gq, gk, gv = _gqa_backward(dos, qs, kp, vp, os_, ls, b, n_rep, scale, dropout, seed)
-                dq[:, :, rows] += gq
-                seg.state.add_grad(layer, lo, seg.position, gk, gv)
             own = kernels.Block(seg.position, seg.position, seg.length, seg.length, window)
             gq, gk, gv = _gqa_backward(dos, qs, k[:, :, rows], v[:, :, rows], os_, ls, own, n_rep, scale, dropout,
                                        seed)
-            dq[:, :, rows] += gq
-            dk[:, :, rows] += gk
-            dv[:, :, rows] += gv
+            for kp, vp, b, lo in _blocks(seg, layer, window, q.device):
+                pq, pk, pv = _gqa_backward(dos, qs, kp, vp, os_, ls, b, n_rep, scale, dropout, seed)
+                gq = gq + pq
+                seg.state.add_grad(layer, lo, seg.position, pk, pv)
             if seg.state is not None:  # what later chunks' queries sent to these keys
-                pk, pv = seg.state.pending_grad(layer, seg.position, seg.length, k)
-                dk[:, :, rows] += pk
-                dv[:, :, rows] += pv
-        return dq, dk, dv, None, None, None, None, None, None
+                sk, sv = seg.state.pending_grad(layer, seg.position, seg.length, k)
+                gk, gv = gk + sk, gv + sv
+            dqs.append(gq)
+            dks.append(gk)
+            dvs.append(gv)
+        return _cat_rows(dqs), _cat_rows(dks), _cat_rows(dvs), None, None, None, None, None, None
 
 
 def chunkflow_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,

@@ -12,7 +12,6 @@ averages gradients over the W data-parallel ranks, so each backward is given
 
 from __future__ import annotations
 
-import logging
 import time
 from typing import Any, Sequence
 
@@ -29,7 +28,6 @@ from .memory import peak_rss_bytes
 from .monitor import step_metrics
 from .plan import BatchPlan, plan_batch
 
-logger = logging.getLogger(__name__)
 SAMPLER_KEY = "ds_chunkflow_sampler"
 
 
@@ -95,9 +93,9 @@ class ChunkFlowEngine(ChunkFlowMixin, DeepSpeedEngine):
             error = e
         agree_on_errors(error, group=self.data_parallel_group, device=self.device)
         # every rank must hold the same global batch, or the plans would not line up
-        lo, hi = all_reduce([batch.num_loss_tokens, -batch.num_loss_tokens], "max", self.data_parallel_group,
-                            self.device)
-        if lo != -hi:
+        shape = [batch.num_loss_tokens, batch.layout.num_real_tokens, len(batch.sequences)]
+        extremes = all_reduce(shape + [-x for x in shape], "max", self.data_parallel_group, self.device)
+        if extremes[:3] != [-x for x in extremes[3:]]:
             raise RuntimeError("data-parallel ranks were given different global batches: train_batch needs the "
                                "same list of sequences on every rank")
         return batch

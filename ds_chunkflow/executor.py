@@ -106,12 +106,10 @@ class Executor:
 
     # ------------------------------------------------------------------ helpers
     def _state(self, chunk: Chunk) -> GroupState:
-        st = self._states.get(chunk.group)
-        if st is None:
+        if chunk.group not in self._states:
             seq_len = int(self.sequences[chunk.group]["input_ids"].numel())
-            offload = self.state_offload_min_tokens is not None and seq_len >= self.state_offload_min_tokens
-            st = self._states[chunk.group] = GroupState(seq_len, offload=offload)
-        return st
+            self._states[chunk.group] = GroupState.for_sequence(seq_len, self.state_offload_min_tokens)
+        return self._states[chunk.group]
 
     def _call(self, chunk: Chunk, with_loss: bool, offload: bool = False) -> torch.Tensor | None:
         inputs = materialize(chunk, self.sequences, self._targets, device=self.device)

@@ -42,6 +42,11 @@ class GroupState:
     layers: dict[int, _LayerBuffers] = field(default_factory=dict)
     bytes_moved: int = 0
 
+    @classmethod
+    def for_sequence(cls, seq_len: int, offload_min_tokens: int | None) -> "GroupState":
+        """State of a sequence of ``seq_len`` tokens, on the CPU if it is at least ``offload_min_tokens`` long."""
+        return cls(seq_len, offload=offload_min_tokens is not None and seq_len >= offload_min_tokens)
+
     @property
     def storage_device(self) -> torch.device | None:
         return torch.device("cpu") if self.offload else None

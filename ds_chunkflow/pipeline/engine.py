@@ -95,8 +95,8 @@ class ChunkFlowPipelineEngine(ChunkFlowMixin, PipelineEngine):
             return None
         if chunk.group not in self._states:
             seq_len = int(self._sequences[chunk.group]["input_ids"].numel())
-            min_tokens = self.chunkflow_config.offload.kv_state_min_tokens
-            self._states[chunk.group] = GroupState(seq_len, offload=min_tokens is not None and seq_len >= min_tokens)
+            self._states[chunk.group] = GroupState.for_sequence(seq_len,
+                                                                self.chunkflow_config.offload.kv_state_min_tokens)
         return self._states[chunk.group]
 
     def _exec_load_chunk(self, buffer_id):
