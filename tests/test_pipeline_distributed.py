@@ -31,3 +31,24 @@ def test_zero2_is_refused_with_a_clear_error(tmp_path):
     run_ranks(pipeline_refuses_zero2, str(out))
     for r in range(2):
         assert "zero_optimization.stage: 2" in (tmp_path / f"err.{r}").read_text()
+
+
+def test_two_stages_times_two_replicas_match_reference(tmp_path):
+    """4 ranks = 2 stages x 2 data-parallel replicas: chunks split over replicas, same parameters as the reference."""
+    out = tmp_path / "pipe"
+    run_ranks(train_pipeline, 1, 2, str(out), 1, world=4, timeout=400)
+    parts = [torch.load(f"{out}.{r}") for r in range(4)]
+    ref_losses, ref_state = reference_steps(2)
+    for p in parts:
+        for a, b in zip(p["losses"], ref_losses):
+            assert abs(a - b) / abs(b) < 1e-5, (p["losses"], ref_losses)
+    state = {}
+    for p in parts:
+        for name, t in p["state"].items():
+            if name in state:  # replicas hold the same stage: they must agree
+                assert torch.allclose(state[name], t, rtol=0, atol=1e-6), name
+            state[name] = t
+    assert state.keys() == ref_state.keys()
+    for name, ref in ref_state.items():
+        err = (state[name] - ref).abs().max() / ref.abs().max()
+        assert err < 1e-5, (name, err.item())

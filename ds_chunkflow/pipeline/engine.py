@@ -69,7 +69,7 @@ class ChunkFlowPipelineEngine(ChunkFlowMixin, PipelineEngine):
         self.module.train()
         with use_chunkflow_attention(self.module.hf_config):
             self._exec_schedule(sched)
-        mine = self._loss_sum / dp_world if self.is_last_stage() else 0.0
+        mine = self._loss_sum if self.is_last_stage() else 0.0
         loss, = all_reduce([mine], "sum", None, self.device)  # sum over replicas' last stages
         self.agg_train_loss = torch.tensor(loss)
         self._write_metrics(step_metrics(batch, loss, time.perf_counter() - start, peak_rss_bytes()))
