@@ -13,6 +13,7 @@ averages gradients over the W data-parallel ranks, so each backward is given
 from __future__ import annotations
 
 import time
+import warnings
 from typing import Any, Sequence
 
 import torch
@@ -81,6 +82,18 @@ class ChunkFlowMixin:
 
 
 class ChunkFlowEngine(ChunkFlowMixin, DeepSpeedEngine):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        cf = self.chunkflow_config
+        if self.zero_optimization_stage() == 3 and (cf.keep_chunks > 1 or cf.offload.activations != "none"):
+            # DeepSpeed 0.19.8's ZeRO-3 resets its backward-hook accounting at every forward, so
+            # two chunks with live graphs (forward, forward, backward, backward) get wrong
+            # gradients (measured: 50% off). One live graph at a time (K=1, recompute) is exact.
+            warnings.warn("chunkflow.keep_chunks > 1 and chunkflow.offload.activations: far keep several graphs "
+                          "alive, which ZeRO-3 does not support; running with keep_chunks=1 and recompute",
+                          stacklevel=2)
+            self.chunkflow_config = cf.model_copy(update={
+                "keep_chunks": 1, "offload": cf.offload.model_copy(update={"activations": "none"})})
 
     def _plan(self, sequences: Sequence[SequenceDict]) -> BatchPlan:
         cf = self.chunkflow_config

@@ -8,11 +8,15 @@ from workers import mismatched_batches, reference_steps, train_steps, train_with
 pytestmark = pytest.mark.distributed
 
 
-@pytest.mark.parametrize("stage", [0, 1, 2, 3])
-def test_two_ranks_match_reference(stage, tmp_path):
+@pytest.mark.parametrize("stage, chunkflow", [
+    (0, None), (1, None), (2, None), (3, None),
+    (2, {"keep_chunks": 2, "offload": {"activations": "far", "kv_state_min_tokens": 40}}),
+    (3, {"keep_chunks": 2, "offload": {"activations": "far", "kv_state_min_tokens": 40}}),
+], ids=["zero0", "zero1", "zero2", "zero3", "zero2-K2-offload", "zero3-K2-offload-falls-back"])
+def test_two_ranks_match_reference(stage, chunkflow, tmp_path):
     """Parameters after 3 SGD-momentum steps (split + packed sequences) match the reference to 1e-5."""
     out = tmp_path / "result.pt"
-    run_ranks(train_steps, stage, 3, str(out))
+    run_ranks(train_steps, stage, 3, str(out), chunkflow)
     result = torch.load(out)
     ref_losses, ref_state = reference_steps(3)
     for a, b in zip(result["losses"], ref_losses):

@@ -18,6 +18,7 @@ through the module's :class:`~ds_chunkflow.pipeline.model.ChunkSlot`.
 from __future__ import annotations
 
 import time
+import warnings
 from types import MethodType
 from typing import Sequence
 
@@ -41,6 +42,9 @@ class ChunkFlowPipelineEngine(ChunkFlowMixin, PipelineEngine):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._slot = self.module.chunk_slot
+        if self.chunkflow_config.offload.activations != "none":
+            warnings.warn("chunkflow.offload.activations has no effect in pipeline mode: chunks beyond keep_chunks "
+                          "are recomputed", stacklevel=2)
 
     # ------------------------------------------------------------------ step
     def train_batch(self, sequences: Sequence[SequenceDict] | None = None, data_iter=None) -> torch.Tensor:
