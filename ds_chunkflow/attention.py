@@ -28,7 +28,10 @@ from . import kernels
 from .state import GroupState
 
 ATTN_NAME = "chunkflow"
-_UNSUPPORTED_ROPE = ("dynamic", "longrope")
+
+
+class MissingChunkContext(RuntimeError):
+    """The attention was called without the chunk layout: a layer did not pass the model's kwargs through."""
 
 
 @dataclass
@@ -157,7 +160,8 @@ def chunkflow_attention(module, query, key, value, attention_mask, scaling=None,
                         sliding_window=None, softcap=None, chunkflow: ChunkContext | None = None, **kwargs):
     """transformers attention-interface function: ``[B,H,T,d]`` in, ``([B,T,H,d], None)`` out."""
     if chunkflow is None:
-        raise RuntimeError("attention 'chunkflow' needs a ChunkContext: call the model through ds_chunkflow")
+        raise MissingChunkContext(f"{type(module).__name__} (layer {getattr(module, 'layer_idx', '?')}) was called "
+                                  "without the chunk layout: its decoder layer does not pass attention kwargs through")
     if attention_mask is not None:
         raise ValueError("attention 'chunkflow' defines visibility from the chunk layout; got an attention_mask")
     if softcap is not None or kwargs.get("s_aux") is not None:
@@ -187,27 +191,10 @@ def _register() -> None:
     AttentionInterface.register(ATTN_NAME, chunkflow_attention)
 
 
-def check_model_config(config) -> None:
-    """Refuses models whose chunked training would not be exact."""
-    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    kinds = set()
-    if isinstance(rope, dict):  # flat, or one entry per layer type
-        kinds.add(rope.get("rope_type", rope.get("type")))
-        kinds |= {v.get("rope_type") for v in rope.values() if isinstance(v, dict)}
-    bad = kinds & set(_UNSUPPORTED_ROPE)
-    if bad:
-        raise NotImplementedError(
-            f"rope_type {sorted(bad)} depends on the longest position of each call, so chunked training would "
-            "differ from full-sequence training; use a static RoPE type (default, linear, llama3, yarn)")
-    if getattr(config, "is_encoder_decoder", False):
-        raise NotImplementedError("ChunkFlow trains decoder-only causal LMs")
-
-
 @contextlib.contextmanager
 def use_chunkflow_attention(config):
     """Selects the chunkflow attention in a model ``config`` for the block, restores it afterwards."""
     _register()
-    check_model_config(config)
     previous = config._attn_implementation
     config._attn_implementation = ATTN_NAME
     try:

@@ -12,6 +12,7 @@ averages gradients over the W data-parallel ranks, so each backward is given
 
 from __future__ import annotations
 
+import logging
 import time
 import warnings
 from typing import Any, Sequence
@@ -25,11 +26,13 @@ from .chunking import CostModel
 from .config import ChunkFlowConfig
 from .distributed import agree_on_errors, all_reduce
 from .executor import Executor
+from .guard import check_model
 from .memory import peak_rss_bytes
 from .monitor import step_metrics
 from .plan import BatchPlan, plan_batch
 
 SAMPLER_KEY = "ds_chunkflow_sampler"
+logger = logging.getLogger(__name__)
 
 
 class ChunkFlowMixin:
@@ -94,6 +97,14 @@ class ChunkFlowEngine(ChunkFlowMixin, DeepSpeedEngine):
                           stacklevel=2)
             self.chunkflow_config = cf.model_copy(update={
                 "keep_chunks": 1, "offload": cf.offload.model_copy(update={"activations": "none"})})
+        # every rank probes (under ZeRO-3 the forward gathers parameters collectively); the
+        # worst error over the data-parallel group decides, so all ranks refuse together
+        group, device = self.data_parallel_group, self.device
+        report = check_model(self.module, forward_fn=self,
+                             reduce_max=lambda xs: all_reduce(xs, "max", group, device))
+        self.guard_report = report
+        logger.info("ds_chunkflow guard: %s passed (probe error %.1e <= %.0e) in %.2f s", report.model_class,
+                    report.max_error, report.tolerance, report.seconds)
 
     def _plan(self, sequences: Sequence[SequenceDict]) -> BatchPlan:
         cf = self.chunkflow_config

@@ -151,23 +151,41 @@ def flash_attn_backward(dout, q, k, v, out, lse, b: Block, scale: float):
     return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
 
 
+def _pad_last(t: torch.Tensor, size: int) -> torch.Tensor:
+    return t if t.shape[-1] == size else torch.nn.functional.pad(t, (0, size - t.shape[-1]))
+
+
+def _fused_kernels(q, b: Block, dropout: float):
+    """(forward, backward) of the fused backend for this block, or None for the math kernel."""
+    if dropout != 0 or not (b.fully_visible or b.causal_square):
+        return None
+    if _flash_attn_available(q):
+        return flash_attn_forward, flash_attn_backward
+    if q.device.type == "cpu":
+        return cpu_flash_forward, cpu_flash_backward
+    return None
+
+
+# The fused kernels need one head dim for q, k and v. MLA (DeepSeek-V3: qk 192, v 128) gets
+# v zero-padded to the qk head dim: the padded output columns are exactly zero and are cut off,
+# and the padded gradient columns of v are cut off too.
 def block_forward(q, k, v, b: Block, scale: float, dropout: float = 0.0, seed: int = 0):
     """Dispatches one block to the fastest kernel that expresses it exactly."""
-    fused = dropout == 0 and (b.fully_visible or b.causal_square)
-    if fused and _flash_attn_available(q):
-        return flash_attn_forward(q, k, v, b, scale)
-    if fused and q.device.type == "cpu":
-        return cpu_flash_forward(q, k, v, b, scale)
-    return math_forward(q, k, v, b, scale, dropout, seed)
+    fused = _fused_kernels(q, b, dropout)
+    if fused is None:
+        return math_forward(q, k, v, b, scale, dropout, seed)
+    dv = v.shape[-1]
+    out, lse = fused[0](q, k, _pad_last(v, q.shape[-1]), b, scale)
+    return out[..., :dv], lse
 
 
 def block_backward(dout, q, k, v, out, lse, b: Block, scale: float, dropout: float = 0.0, seed: int = 0):
-    fused = dropout == 0 and (b.fully_visible or b.causal_square)
-    if fused and _flash_attn_available(q):
-        return flash_attn_backward(dout, q, k, v, out, lse, b, scale)
-    if fused and q.device.type == "cpu":
-        return cpu_flash_backward(dout, q, k, v, out, lse, b, scale)
-    return math_backward(dout, q, k, v, out, lse, b, scale, dropout, seed)
+    fused = _fused_kernels(q, b, dropout)
+    if fused is None:
+        return math_backward(dout, q, k, v, out, lse, b, scale, dropout, seed)
+    d, dv_size = q.shape[-1], v.shape[-1]
+    dq, dk, dv = fused[1](_pad_last(dout, d), q, k, _pad_last(v, d), _pad_last(out, d), lse, b, scale)
+    return dq, dk, dv[..., :dv_size]
 
 
 def merge(outs: list[torch.Tensor], lses: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,7 +1,8 @@
 """The K/V state of one dependent group (one long sequence split into chunks).
 
 Per layer, one preallocated buffer holds the keys and values of the whole sequence,
-``[num_kv_heads, seq_len, head_dim]``, before GQA repetition. Chunk i writes its K/V
+``[num_kv_heads, seq_len, head_dim]`` (K and V head dims may differ, as in MLA), before
+GQA repetition. Chunk i writes its K/V
 at ``[offset_i, offset_i + T_i)`` during its forward and reads the prefix
 ``[0, offset_i)`` as a view: no per-chunk concatenation.
 
@@ -55,9 +56,10 @@ class GroupState:
         """Stores chunk K/V ``[1, Hkv, T, d]`` at ``offset`` (data only, no autograd)."""
         buf = self.layers.get(layer)
         if buf is None:
-            shape = (k.shape[1], self.seq_len, k.shape[3])
+            # K and V head dims may differ (MLA: 192 vs 128)
             dev = self.storage_device or k.device
-            buf = _LayerBuffers(k.new_empty(shape, device=dev), v.new_empty(shape, device=dev))
+            buf = _LayerBuffers(k.new_empty((k.shape[1], self.seq_len, k.shape[3]), device=dev),
+                                v.new_empty((v.shape[1], self.seq_len, v.shape[3]), device=dev))
             self.layers[layer] = buf
         t = k.shape[2]
         with torch.no_grad():

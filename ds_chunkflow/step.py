@@ -9,6 +9,7 @@ import torch
 from .attention import use_chunkflow_attention
 from .batch import SequenceDict
 from .executor import ExecStats, Executor
+from .guard import check_model
 from .memory import ActivationMeter
 from .plan import plan_batch
 
@@ -17,6 +18,7 @@ def chunked_step(model, sequences: Sequence[SequenceDict], *, chunk_size: int, k
                  num_loss_tokens: int | None = None, offload_activations: bool = False,
                  state_offload_min_tokens: int | None = None, meter: ActivationMeter | None = None) -> ExecStats:
     """Like :func:`chunked_forward_backward`, returning the run's statistics too."""
+    check_model(model)  # refuses, before anything reaches .grad, what would not be exact (cached)
     batch = plan_batch(sequences, chunk_size=chunk_size, keep_chunks=keep_chunks,
                        offload_activations=offload_activations, num_loss_tokens=num_loss_tokens)
     device = next(model.parameters()).device
@@ -35,6 +37,9 @@ def chunked_forward_backward(model, sequences: Sequence[SequenceDict], chunk_siz
     split into dependent chunks, shorter ones packed; at most ``keep_chunks`` chunks of a
     sequence hold activations at once. The gradients equal those of unchunked training.
     ``options``: ``offload_activations``, ``state_offload_min_tokens``, ``meter``.
+
+    A model ChunkFlow cannot train exactly is refused with
+    :class:`~ds_chunkflow.guard.ModelRefused` at its first call (see :mod:`ds_chunkflow.guard`).
     """
     stats = chunked_step(model, sequences, chunk_size=chunk_size, keep_chunks=keep_chunks,
                          num_loss_tokens=num_loss_tokens, **options)

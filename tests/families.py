@@ -1,0 +1,102 @@
+"""Tiny random configs of transformers causal-LM families, and what ChunkFlow should do with each.
+
+``EXACT``: chunked training must match the full-sequence reference. ``REFUSED``: the guard
+must refuse before training, with a message that names ``reason`` (a substring).
+Shapes are tiny (hidden 64, 2-4 layers, vocab 128) so the whole matrix runs in seconds.
+"""
+
+from __future__ import annotations
+
+import torch
+
+COMMON = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+# family -> (model_type, kind, overrides[, tolerance]); default tolerance float64 1e-8.
+# Gemma 1-3 and Cohere compute norms / rotary in float32 even in a float64 model (``x.float()``),
+# so their reference is only float32-exact: tolerance 1e-5.
+FP32_INSIDE = 1e-5
+EXACT = {
+    "llama3_rope": ("llama", "dense", dict(rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0,
+                                                            "factor": 8.0, "low_freq_factor": 1.0,
+                                                            "high_freq_factor": 4.0,
+                                                            "original_max_position_embeddings": 64})),
+    "llama_yarn": ("llama", "dense", dict(rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0,
+                                                           "factor": 4.0, "original_max_position_embeddings": 64})),
+    "qwen2_tied": ("qwen2", "dense, tied, biased qkv", dict(tie_word_embeddings=True)),
+    "qwen3": ("qwen3", "dense, qk-norm", dict(head_dim=16)),
+    "mistral_window": ("mistral", "sliding window", dict(sliding_window=12)),
+    "gemma": ("gemma", "dense, embedding scale", dict(head_dim=16), FP32_INSIDE),
+    "gemma2_no_softcap": ("gemma2", "sliding / full hybrid", dict(head_dim=16, sliding_window=12,
+                                                                  attn_logit_softcapping=None,
+                                                                  final_logit_softcapping=30.0), FP32_INSIDE),
+    "gemma3_text": ("gemma3_text", "sliding / full, rope per layer type", dict(head_dim=16, sliding_window=12,
+                                                                              num_hidden_layers=3,
+                                                                              layer_types=["sliding_attention",
+                                                                                           "sliding_attention",
+                                                                                           "full_attention"]),
+                    FP32_INSIDE),
+    "cohere": ("cohere", "parallel block, logit scale", dict(logit_scale=0.5), FP32_INSIDE),
+    "smollm3_nope": ("smollm3", "NoPE layers", dict(no_rope_layer_interval=2)),
+    "starcoder2": ("starcoder2", "biased attention, sliding", dict(sliding_window=12, use_bias=True)),
+    "gpt_neox": ("gpt_neox", "partial rotary", dict(rotary_pct=0.5, use_parallel_residual=True)),
+    "phi": ("phi", "partial rotary, biased", dict(partial_rotary_factor=0.5)),
+    "glm": ("glm", "partial rotary", dict(head_dim=16)),
+    "granite": ("granite", "multipliers", dict(embedding_multiplier=2.0, residual_multiplier=0.5,
+                                               attention_multiplier=0.2, logits_scaling=4.0)),
+    "mixtral": ("mixtral", "MoE", dict(num_local_experts=4, num_experts_per_tok=2, experts_implementation="eager")),
+    "qwen2_moe": ("qwen2_moe", "MoE + shared expert", dict(num_experts=4, num_experts_per_tok=2,
+                                                           moe_intermediate_size=32,
+                                                           shared_expert_intermediate_size=64,
+                                                           experts_implementation="eager")),
+    "deepseek_v3_mla": ("deepseek_v3", "MLA, qk 24 / v 16 head dims", dict(num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=16,
+                                                                  qk_rope_head_dim=8, qk_nope_head_dim=16,
+                                                                  v_head_dim=16, n_routed_experts=4,
+                                                                  num_experts_per_tok=2, moe_intermediate_size=32,
+                                                                  n_shared_experts=1, first_k_dense_replace=2,
+                                                                  n_group=1, topk_group=1,
+                                                                  experts_implementation="eager")),
+    "olmo2": ("olmo2", "dense, post-norm", dict()),
+}
+
+# family -> (model_type, kind, overrides, reason substring)
+REFUSED = {
+    "lfm2": ("lfm2", "short convolution", dict(layer_types=["conv", "full_attention"], num_heads=4), "mixes tokens"),
+    "jamba": ("jamba", "Mamba hybrid", dict(attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2,
+                                            expert_layer_offset=1, num_experts=2, mamba_d_state=8,
+                                            mamba_dt_rank=8, use_mamba_kernels=False), "mixes tokens"),
+    "bamba": ("bamba", "Mamba2 hybrid", dict(attn_layer_indices=[1], mamba_n_heads=4, mamba_d_head=32,
+                                             mamba_d_state=8, mamba_n_groups=1), "mixes tokens"),
+    "granitemoehybrid": ("granitemoehybrid", "Mamba2 hybrid (Granite-4)",
+                         dict(layer_types=["mamba", "attention"], mamba_n_heads=4, mamba_d_head=32,
+                              mamba_d_state=8, mamba_n_groups=1, num_local_experts=2, num_experts_per_tok=1),
+                         "mixes tokens"),
+    "qwen3_next": ("qwen3_next", "gated delta net", dict(head_dim=16, linear_num_value_heads=4,
+                                                         linear_num_key_heads=2, linear_key_head_dim=16,
+                                                         linear_value_head_dim=16, num_experts=2,
+                                                         num_experts_per_tok=1, moe_intermediate_size=32,
+                                                         shared_expert_intermediate_size=32,
+                                                         layer_types=["linear_attention", "full_attention"]),
+                   "mixes tokens"),
+    "recurrent_gemma": ("recurrent_gemma", "RG-LRU", dict(num_hidden_layers=3, lru_width=64, head_dim=16,
+                                                          block_types=["recurrent", "recurrent", "attention"]),
+                        "mixes tokens"),
+    "mamba2": ("mamba2", "pure SSM", dict(num_heads=4, head_dim=32, state_size=8, n_groups=1), "mixes tokens"),
+    "falcon": ("falcon", "attention outside the interface", dict(num_kv_heads=2, new_decoder_architecture=True),
+               "AttentionInterface"),
+    "mpt": ("mpt", "attention outside the interface", dict(d_model=64, n_heads=4, n_layers=2), "AttentionInterface"),
+}
+
+
+def build(model_type: str, overrides: dict, dtype=torch.float64, seed: int = 0):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(model_type, **{**COMMON, **overrides})
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+def exact_case(family: str):
+    """(model_type, kind, overrides, float64 tolerance) of an EXACT family."""
+    entry = EXACT[family]
+    return (*entry[:3], entry[3] if len(entry) > 3 else 1e-8)
