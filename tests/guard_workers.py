@@ -1,0 +1,45 @@
+"""Spawned-rank functions for the data-parallel guard and family tests (importable by name)."""
+
+import torch
+from families import REFUSED, build, exact_case
+from workers import ds_config, gathered_state
+
+DP_FAMILIES = ("deepseek_v3_mla", "gemma3_text", "mixtral", "granite", "qwen2_tied")
+
+
+def dp_family_batch(vocab_size):
+    from reference import make_sequences
+
+    return make_sequences([5 * 16 + 3, 21, 9, 4, 1], vocab_size, seed=11)
+
+
+def train_families(rank, world, stage, out_path):
+    """One SGD step per family under ZeRO-``stage``; rank 0 saves loss and gathered parameters."""
+    import ds_chunkflow
+
+    results = {}
+    for family in DP_FAMILIES:
+        model_type, _, overrides, _ = exact_case(family)
+        model = build(model_type, overrides, dtype=torch.float32)
+        engine, *_ = ds_chunkflow.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
+                                             config=ds_config(stage, keep_chunks=2))
+        loss = engine.train_batch(dp_family_batch(model.config.vocab_size)).item()
+        results[family] = {"loss": loss, "state": gathered_state(engine)}
+    if rank == 0:
+        torch.save(results, out_path)
+
+
+def refused_everywhere(rank, world, stage, out_path):
+    """A hybrid model under ZeRO-``stage``: every rank must raise ModelRefused from initialize."""
+    import ds_chunkflow
+    from ds_chunkflow.guard import ModelRefused
+
+    model_type, _, overrides, _ = REFUSED["lfm2"]
+    model = build(model_type, overrides, dtype=torch.float32)
+    try:
+        ds_chunkflow.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                                config=ds_config(stage))
+    except ModelRefused as e:
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        with open(f"{out_path}.{rank}", "w") as f:
+            f.write(f"{e}\ngrads written: {len(grads)}")
