@@ -206,7 +206,7 @@ def _engine(system, cfg):
         config["chunkflow"] = {"chunk_size": cfg["chunk_size"], "keep_chunks": keep,
                                "pad_token_id": cfg["pad_id"]}
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.0)
-    ds_chunkflow.distributed.skip_shm_comm_build()
+    ds_chunkflow.deepspeed_adapter.decide_shm_comm_build()
     init = ds_chunkflow.initialize if system.startswith("chunkflow") else deepspeed.initialize
     return init(model=model, optimizer=optimizer, config=config)[0]
 

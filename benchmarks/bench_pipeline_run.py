@@ -211,7 +211,7 @@ def worker(rank, world, system, cfg, warmup, batches, out_prefix):
 
     import ds_chunkflow
 
-    ds_chunkflow.init_distributed()  # PipelineModule needs the process group; skips the shm op build
+    ds_chunkflow.init_distributed()  # PipelineModule needs the process group
     t = time.perf_counter()
     engine, step = (_chunkflow_engine if system == "chunkflow" else _deepspeed_engine)(cfg)
     rec = {"init_s": time.perf_counter() - t, "rss_after_init": _rss_bytes(), "step_s": [], "busy_s": [], "losses": []}

@@ -110,10 +110,14 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def split_config(config: dict[str, Any] | str | Path) -> tuple[ChunkFlowConfig | None, dict[str, Any]]:
-    """Separates the ``chunkflow`` section from the rest of a ds_config and validates it.
+def split_config(config: dict[str, Any] | str | Path,
+                 pipeline: bool = False) -> tuple[ChunkFlowConfig | None, dict[str, Any]]:
+    """Separates the ``chunkflow`` section from the rest of a ds_config and validates both.
 
-    Returns ``(None, ds_config)`` when the section is absent or disabled.
+    Returns ``(None, ds_config)`` when the section is absent or disabled; otherwise the
+    DeepSpeed keys ChunkFlow depends on are checked and given their ChunkFlow values
+    (``train_micro_batch_size_per_gpu: 1``, ``gradient_accumulation_steps: 1``).
+    ``pipeline``: the model is a ``PipelineModule``.
     """
     if not isinstance(config, dict):
         config = load_config_file(config)
@@ -129,12 +133,26 @@ def split_config(config: dict[str, Any] | str | Path) -> tuple[ChunkFlowConfig |
         raise ConfigError(_format(e, "chunkflow")) from None
     if not cf.enabled:
         return None, ds_config
-    check_deepspeed_keys(cf, ds_config)
+    check_deepspeed_keys(cf, ds_config, pipeline)
+    ds_config.setdefault("train_micro_batch_size_per_gpu", 1)
+    ds_config.setdefault("gradient_accumulation_steps", 1)
     return cf, ds_config
 
 
-def check_deepspeed_keys(cf: ChunkFlowConfig, ds_config: dict[str, Any]) -> None:
+def check_deepspeed_keys(cf: ChunkFlowConfig, ds_config: dict[str, Any], pipeline: bool = False) -> None:
     """DeepSpeed keys that ChunkFlow replaces are refused or warned about, never silently ignored."""
+    if "train_batch_size" in ds_config:
+        raise ConfigError(
+            f"train_batch_size: not used with chunkflow (got {ds_config['train_batch_size']}); a train_batch is one "
+            "whole global batch, set by chunkflow.data.global_batch_size / global_batch_tokens or by the list "
+            "passed to train_batch; remove train_batch_size")
+    stage = (ds_config.get("zero_optimization") or {}).get("stage", 0)
+    if pipeline and stage > 1:
+        raise ConfigError(f"zero_optimization.stage: {stage} is not possible with pipeline parallelism "
+                          "(DeepSpeed's PipelineEngine supports ZeRO 0 or 1); use stage 0 or 1")
+    for key in ("hybrid_engine", "tensor_parallel"):
+        if (ds_config.get(key) or {}).get("enabled") or (ds_config.get(key) or {}).get("autotp_size"):
+            raise ConfigError(f"{key}: not supported with chunkflow")
     gas = ds_config.get("gradient_accumulation_steps", 1)
     if gas != 1:
         raise ConfigError(

@@ -2,28 +2,8 @@
 
 from __future__ import annotations
 
-import os
-import sys
-
 import torch
 import torch.distributed as dist
-
-
-def skip_shm_comm_build() -> None:
-    """Stops DeepSpeed compiling its shared-memory CPU comm op at init.
-
-    On the CPU accelerator every ``init_distributed`` builds ``deepspeed_shm_comm``
-    (50-90 s on a cold cache); gloo does not need it. ``DS_CHUNKFLOW_BUILD_SHM=1`` keeps it.
-    The module must be taken from ``sys.modules``: ``import deepspeed.comm.torch`` binds
-    the name ``torch`` inside ``deepspeed.comm``, not the module.
-    """
-    if os.environ.get("DS_CHUNKFLOW_BUILD_SHM") == "1":
-        return
-    import deepspeed.comm.comm  # noqa: F401  (imports deepspeed.comm.torch)
-
-    module = sys.modules.get("deepspeed.comm.torch")
-    if module is not None and hasattr(module, "build_shm_op"):
-        module.build_shm_op = lambda: None
 
 
 def agree_on_errors(error: BaseException | None, group=None, device="cpu") -> None:
@@ -54,9 +34,11 @@ def all_reduce(values: list[float], op: str = "sum", group=None, device="cpu") -
 
 
 def init_distributed() -> None:
-    """``deepspeed.init_distributed`` on the accelerator's backend, without the shm op build."""
+    """``deepspeed.init_distributed`` on the accelerator's backend (shm op: see :mod:`ds_chunkflow.deepspeed_adapter`)."""
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
-    skip_shm_comm_build()
+    from .deepspeed_adapter import decide_shm_comm_build
+
+    decide_shm_comm_build()
     deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())

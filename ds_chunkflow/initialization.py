@@ -1,79 +1,62 @@
-"""``ds_chunkflow.initialize``: ``deepspeed.initialize`` with a ``chunkflow`` config section."""
+"""``ds_chunkflow.initialize``: DeepSpeed's own ``initialize`` with ChunkFlow's engine classes.
+
+The ``chunkflow`` section is split off and validated (with the DeepSpeed keys it depends
+on) by :func:`ds_chunkflow.config.split_config`, then ``deepspeed.initialize`` runs
+unchanged except for the engine class it constructs (see
+:func:`ds_chunkflow.deepspeed_adapter.engine_classes`), so every DeepSpeed argument
+(``mpu``, ``mesh_param``, ``config_params``, ``distributed_port``, ``collate_fn``,
+``dist_init_required``) means what it means there.
+"""
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
-import deepspeed
 import torch
 
-from .config import ConfigError, load_config_file, split_config
-from .distributed import skip_shm_comm_build
+from .config import ChunkFlowConfig, split_config
+from .deepspeed_adapter import decide_shm_comm_build, engine_classes
 
 
 def initialize(args: Any = None, model: torch.nn.Module | None = None, optimizer=None, model_parameters=None,
-               training_data=None, lr_scheduler=None, config: dict | str | Path | None = None, **kwargs):
+               training_data=None, lr_scheduler=None, config: dict | str | Path | None = None,
+               config_params: dict | str | Path | None = None, **kwargs):
     """Same arguments and 4-tuple as ``deepspeed.initialize``.
 
-    ``config`` (or ``args.deepspeed_config``) may be a dict or a JSON/YAML path. With a
-    ``chunkflow`` section (enabled) the engine is a :class:`ChunkFlowEngine`, and
-    ``training_data`` (an :class:`~ds_chunkflow.data.SFTDataset`) feeds its global-batch
+    ``config`` (or ``config_params``, or ``args.deepspeed_config``) may be a dict or a
+    JSON/YAML path. With a ``chunkflow`` section (enabled) the engine is a
+    :class:`~ds_chunkflow.engine.ChunkFlowEngine` (a
+    :class:`~ds_chunkflow.pipeline.engine.ChunkFlowPipelineEngine` for a ``PipelineModule``)
+    and ``training_data`` (an :class:`~ds_chunkflow.data.SFTDataset`) feeds its global-batch
     sampler; without one this is plain ``deepspeed.initialize``.
     """
+    import deepspeed
+
     if model is None:
         raise ValueError("initialize: model is required")
+    config = config if config is not None else config_params
     if config is None and getattr(args, "deepspeed_config", None):
-        config, args.deepspeed_config = args.deepspeed_config, None
+        config, args.deepspeed_config = args.deepspeed_config, None  # read here, not twice
     if config is None:
         raise ValueError("initialize: pass config= (dict, or path to a JSON/YAML ds_config) or args.deepspeed_config")
-    if not isinstance(config, dict):
-        config = load_config_file(config)
-    cf, ds_config = split_config(config)
-    skip_shm_comm_build()
+    from deepspeed.pipe import PipelineModule
+
+    cf, ds_config = split_config(config, pipeline=isinstance(model, PipelineModule))
+    decide_shm_comm_build()
     if cf is None:
         return deepspeed.initialize(args=args, model=model, optimizer=optimizer, model_parameters=model_parameters,
                                     training_data=training_data, lr_scheduler=lr_scheduler, config=ds_config,
                                     **kwargs)
-    from deepspeed import comm as dist
-    from deepspeed import zero
-    from deepspeed.accelerator import get_accelerator
-    from deepspeed.pipe import PipelineModule
-    from deepspeed.runtime.config import DeepSpeedConfig
+    with engine_classes(*_engine_factories(cf, training_data)):
+        return deepspeed.initialize(args=args, model=model, optimizer=optimizer, model_parameters=model_parameters,
+                                    training_data=None, lr_scheduler=lr_scheduler, config=ds_config, **kwargs)
 
+
+def _engine_factories(cf: ChunkFlowConfig, training_data):
     from .engine import ChunkFlowEngine
+    from .pipeline.engine import ChunkFlowPipelineEngine
 
-    is_pipe = isinstance(model, PipelineModule)
-    if is_pipe:
-        stage = (ds_config.get("zero_optimization") or {}).get("stage", 0)
-        if stage > 1:
-            raise ConfigError(f"zero_optimization.stage: {stage} is not possible with pipeline parallelism "
-                              "(DeepSpeed's PipelineEngine supports ZeRO 0 or 1); use stage 0 or 1")
-    ds_config.setdefault("train_micro_batch_size_per_gpu", 1)
-    ds_config.setdefault("gradient_accumulation_steps", 1)
-    dist.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
-                          dist_init_required=kwargs.get("dist_init_required"))
-    ds_config.pop("train_batch_size", None)  # derived: chunks, not samples, are the micro-batches
-    zero.partition_parameters.shutdown_init_context()
-    try:
-        if is_pipe:
-            from .pipeline.engine import ChunkFlowPipelineEngine
-
-            config_class = DeepSpeedConfig(ds_config, model.mpu())
-            deepspeed.set_optimizer_flags(config_class, model)
-            engine = ChunkFlowPipelineEngine(args=args, model=model, optimizer=optimizer,
-                                             model_parameters=model_parameters, training_data=None,
-                                             lr_scheduler=lr_scheduler, mpu=model.mpu(), config=ds_config,
-                                             config_class=config_class, chunkflow_config=cf,
-                                             chunkflow_data=training_data, **kwargs)
-        else:
-            config_class = DeepSpeedConfig(ds_config)
-            deepspeed.set_optimizer_flags(config_class, model)
-            engine = ChunkFlowEngine(args=args, model=model, optimizer=optimizer, model_parameters=model_parameters,
-                                     training_data=None, lr_scheduler=lr_scheduler, config=ds_config,
-                                     config_class=config_class, chunkflow_config=cf, chunkflow_data=training_data,
-                                     **kwargs)
-    finally:
-        zero.partition_parameters.restore_init_context()
-    engine._configure_python_gc()
-    return engine, engine.optimizer, engine.training_dataloader, engine.lr_scheduler
+    extra = dict(chunkflow_config=cf, chunkflow_data=training_data)
+    return functools.partial(ChunkFlowEngine, **extra), functools.partial(ChunkFlowPipelineEngine, **extra)

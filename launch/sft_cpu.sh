@@ -7,4 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}   # the launcher does not set it; 2.8x slower without on 2 cores
 export WANDB_MODE=${WANDB_MODE:-offline}
+# DeepSpeed compiles a shared-memory comm op on CPU at first init (about a minute); gloo does not
+# need it, so the CPU example skips it. Set DS_CHUNKFLOW_SKIP_SHM_BUILD=0 to build it.
+export DS_CHUNKFLOW_SKIP_SHM_BUILD=${DS_CHUNKFLOW_SKIP_SHM_BUILD:-1}
 exec deepspeed --num_gpus "${NUM_RANKS:-2}" examples/sft.py --deepspeed_config "${CONFIG:-ds_configs/sft_zero3.yaml}" "$@"

@@ -9,4 +9,4 @@ fi
 python -m pip install -q --upgrade pip
 # pinned here, not in setup.cfg: GPU users bring their own torch
 python -m pip install -q "torch==2.13.0"
-python -m pip install -q -e ".[test]"
+python -m pip install -q -c .ci/constraints.txt -e ".[test]"

@@ -15,7 +15,7 @@ def free_port() -> int:
 def _entry(fn, rank, world, port, args, errors):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
-                      DS_ACCELERATOR="cpu", WANDB_MODE="offline")
+                      DS_ACCELERATOR="cpu", WANDB_MODE="offline", DS_CHUNKFLOW_SKIP_SHM_BUILD="1")
     try:
         import torch
 

@@ -90,3 +90,16 @@ def test_overlong_skip_is_counted():
     assert batch.num_skipped == 1
     assert [s["input_ids"].numel() for s in batch.sequences] == [10, 20]
     assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(batch.sequences, [seqs[0], seqs[2]]))
+
+
+def test_deepspeed_keys_chunkflow_replaces_are_refused_not_dropped():
+    """train_batch_size (a step is one global batch), ZeRO-2/3 with a pipeline and the hybrid engine are errors
+    naming the key; the micro-batch and accumulation keys get ChunkFlow's values."""
+    with pytest.raises(ConfigError, match="train_batch_size: not used with chunkflow"):
+        split_config({"train_batch_size": 16, "chunkflow": {}})
+    with pytest.raises(ConfigError, match="zero_optimization.stage: 2"):
+        split_config({"zero_optimization": {"stage": 2}, "chunkflow": {}}, pipeline=True)
+    with pytest.raises(ConfigError, match="hybrid_engine"):
+        split_config({"hybrid_engine": {"enabled": True}, "chunkflow": {}})
+    _, ds = split_config({"zero_optimization": {"stage": 2}, "chunkflow": {}})
+    assert ds["train_micro_batch_size_per_gpu"] == 1 and ds["gradient_accumulation_steps"] == 1

@@ -1,0 +1,92 @@
+"""Every place ds_chunkflow touches a DeepSpeed name that is not public API.
+
+Each touch point says which DeepSpeed release it was read from (0.19.8, the tested
+release; ``setup.cfg`` pins the range and ``tests/test_deepspeed_adapter.py`` fails if
+an installed DeepSpeed moves one of them). The pipeline engine's hooks into
+``PipelineEngine`` are listed in :data:`PIPELINE_ENGINE_PRIVATE_NAMES` and checked the same
+way.
+
+1. ``deepspeed.initialize`` builds ``deepspeed.DeepSpeedEngine`` / ``deepspeed.PipelineEngine``
+   by their module-global names (deepspeed/__init__.py, 0.19.8). :func:`engine_classes`
+   swaps in ChunkFlow's engines for the duration of one call, so ``ds_chunkflow.initialize``
+   is DeepSpeed's own ``initialize`` (``mpu``, ``mesh_param``, ``config_params``,
+   ``distributed_port``, ``collate_fn``, ...) with another engine class.
+2. On the CPU accelerator, ``deepspeed.comm.torch.TorchBackend`` compiles the shared-memory
+   comm op ``deepspeed_shm_comm`` at every first init (``build_shm_op``, deepspeed/comm/torch.py,
+   0.19.8): 50-90 s on a cold cache, and a process killed during the build leaves a lock
+   that blocks every later build on the machine. gloo does not need it. ds_chunkflow keeps
+   DeepSpeed's default (build) and warns once on the CPU accelerator;
+   ``DS_CHUNKFLOW_SKIP_SHM_BUILD=1`` skips it (the test harness and the CPU launch scripts
+   set it explicitly).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import warnings
+from typing import Callable
+
+SKIP_SHM_ENV = "DS_CHUNKFLOW_SKIP_SHM_BUILD"
+
+# Read from deepspeed/runtime/pipe/engine.py (0.19.8): what ChunkFlowPipelineEngine uses of
+# PipelineEngine beyond its public methods.
+PIPELINE_ENGINE_PRIVATE_NAMES = ("_INSTRUCTION_MAP", "_exec_backward_pass", "_reserve_pipe_buffers",
+                                 "pipe_buffers")
+# deepspeed/__init__.py (0.19.8): the names deepspeed.initialize constructs engines by.
+ENGINE_GLOBALS = ("DeepSpeedEngine", "PipelineEngine")
+
+
+@contextlib.contextmanager
+def engine_classes(engine: Callable, pipeline_engine: Callable):
+    """Makes ``deepspeed.initialize`` construct ``engine`` / ``pipeline_engine`` inside the block."""
+    import deepspeed
+
+    saved = {name: getattr(deepspeed, name) for name in ENGINE_GLOBALS}
+    deepspeed.DeepSpeedEngine, deepspeed.PipelineEngine = engine, pipeline_engine
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(deepspeed, name, value)
+
+
+_warned_shm = False
+
+
+def decide_shm_comm_build() -> None:
+    """Before DeepSpeed's first ``init_distributed``: skip the shm op build if asked, else warn on CPU.
+
+    ``deepspeed.comm.torch`` must be taken from ``sys.modules``: ``import deepspeed.comm.torch``
+    binds the name ``torch`` inside ``deepspeed.comm`` to PyTorch, not to the module.
+    """
+    global _warned_shm
+    import deepspeed.comm.comm  # noqa: F401  (imports deepspeed.comm.torch)
+
+    module = sys.modules.get("deepspeed.comm.torch")
+    if os.environ.get(SKIP_SHM_ENV) == "1":
+        if module is not None and hasattr(module, "build_shm_op"):
+            module.build_shm_op = lambda: None
+        return
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() == "cpu" and not _warned_shm:
+        _warned_shm = True
+        warnings.warn(f"DeepSpeed compiles its shared-memory CPU comm op at init (about a minute the first time); "
+                      f"gloo does not need it: set {SKIP_SHM_ENV}=1 to skip the build", stacklevel=3)
+
+
+def missing_names() -> list[str]:
+    """The touch points above that the installed DeepSpeed does not have (empty when all are there)."""
+    import deepspeed
+    from deepspeed.runtime.pipe.engine import PipelineEngine
+
+    missing = [f"deepspeed.{n}" for n in ENGINE_GLOBALS if not hasattr(deepspeed, n)]
+    missing += [f"PipelineEngine.{n}" for n in PIPELINE_ENGINE_PRIVATE_NAMES
+                if n != "pipe_buffers" and not hasattr(PipelineEngine, n)]
+    import deepspeed.comm.comm  # noqa: F401
+
+    if not hasattr(sys.modules.get("deepspeed.comm.torch"), "build_shm_op"):
+        missing.append("deepspeed.comm.torch.build_shm_op")
+    return missing

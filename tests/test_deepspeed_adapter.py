@@ -1,0 +1,56 @@
+"""The DeepSpeed seam: every internal name ds_chunkflow touches exists, and initialize is DeepSpeed's own."""
+
+import pytest
+import torch
+from distributed import run_ranks
+
+from ds_chunkflow import deepspeed_adapter
+
+
+def test_installed_deepspeed_has_every_touched_name():
+    """Fails when a DeepSpeed release moves one of the internals listed in ds_chunkflow.deepspeed_adapter."""
+    assert deepspeed_adapter.missing_names() == []
+
+
+def test_installed_versions_are_the_tested_ones():
+    """The installed deepspeed / transformers / torch lie in the ranges setup.cfg declares."""
+    import configparser
+    from importlib.metadata import version
+    from pathlib import Path
+
+    from packaging.requirements import Requirement
+
+    cfg = configparser.ConfigParser()
+    cfg.read(Path(__file__).parents[1] / "setup.cfg")
+    reqs = [Requirement(line) for line in cfg["options"]["install_requires"].split("\n") if line.strip()]
+    for req in reqs:
+        installed = version(req.name).split("+")[0]
+        assert req.specifier.contains(installed, prereleases=True), (req, installed)
+
+
+def _initialize_through_deepspeed(rank, world, out_path):
+    import deepspeed
+
+    import ds_chunkflow
+    from ds_chunkflow.engine import ChunkFlowEngine
+    from ds_chunkflow.toy import build_tiny_model
+
+    model = build_tiny_model("qwen2")
+    original = deepspeed.DeepSpeedEngine
+    config = {"zero_optimization": {"stage": 1}, "gradient_clipping": 0.0, "zero_allow_untested_optimizer": True,
+              "chunkflow": {"chunk_size": 16}}
+    engine, opt, loader, _ = ds_chunkflow.initialize(model=model, config_params=config,
+                                                     optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    torch.save({"is_chunkflow": isinstance(engine, ChunkFlowEngine), "restored": deepspeed.DeepSpeedEngine is original,
+                "micro": engine.train_micro_batch_size_per_gpu(), "gas": engine.gradient_accumulation_steps(),
+                "loader": loader is None}, out_path)
+
+
+@pytest.mark.distributed
+def test_initialize_is_deepspeeds_with_chunkflow_engine(tmp_path):
+    """config_params= (a deepspeed.initialize argument) works; the engine is a ChunkFlowEngine; DeepSpeed's
+    engine class is restored afterwards; micro-batch 1 and no gradient accumulation are set for the user."""
+    out = tmp_path / "init.pt"
+    run_ranks(_initialize_through_deepspeed, str(out), world=1)
+    got = torch.load(out)
+    assert got == {"is_chunkflow": True, "restored": True, "micro": 1, "gas": 1, "loader": True}
