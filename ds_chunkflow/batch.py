@@ -46,9 +46,14 @@ def shifted_targets(labels: torch.Tensor) -> torch.Tensor:
     return torch.cat([labels[1:], labels.new_full((1,), IGNORE_INDEX)])
 
 
+def num_targets(labels: torch.Tensor) -> int:
+    """Predicted tokens of one sequence: label positions t >= 1 that are not -100."""
+    return int((labels[1:] != IGNORE_INDEX).sum())
+
+
 def count_loss_tokens(sequences: Sequence[SequenceDict]) -> int:
-    """Number of predicted tokens: label positions t >= 1 that are not -100."""
-    return int(sum((s["labels"][1:] != IGNORE_INDEX).sum().item() for s in sequences))
+    """Predicted tokens of a batch (the loss normaliser)."""
+    return sum(num_targets(s["labels"]) for s in sequences)
 
 
 @dataclass

@@ -28,7 +28,7 @@ Guarantees of :func:`load_jsonl`:
 * nothing is dropped or truncated silently. Every bad line raises :class:`DataError`
   naming file, 1-based line and problem; ``on_error="skip"`` skips it instead and counts
   it by reason in :class:`LoadStats`. A sample longer than ``max_seq_len`` is governed by
-  ``on_overlong`` alone (``"raise"`` raises even when ``on_error="skip"``; ``"skip"`` and
+  ``on_overlong`` alone (``"error"`` raises even when ``on_error="skip"``; ``"skip"`` and
   ``"truncate"`` count). Blank lines are skipped and counted. The stats are logged once;
 * checks run in this order: JSON, shape, field types, empty sample, lengths, overlong
   (truncate keeps the first ``max_seq_len`` tokens), no loss tokens (a chat without an
@@ -54,15 +54,17 @@ from typing import Any, Literal
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from .batch import num_targets
+from .chunking import IGNORE_INDEX
 from .sampler import GlobalBatchSampler, _is_positive_int  # noqa: F401  (GlobalBatchSampler re-exported)
 
 logger = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
 """Label value that carries no loss (the HF / PyTorch ``CrossEntropyLoss`` default)."""
 
-OnError = Literal["raise", "skip"]
-OnOverlong = Literal["raise", "skip", "truncate"]
+# the same vocabulary as the chunkflow config's on_overlong; truncation only here, opt-in and counted
+OnError = Literal["error", "skip"]
+OnOverlong = Literal["error", "skip", "truncate"]
 
 # Reasons a line is rejected (keys of ``LoadStats.skipped``).
 MALFORMED_JSON = "malformed_json"
@@ -128,11 +130,6 @@ class LoadStats:
                 f"{r}: {n} (first at line {self.first_skipped_line[r]})" for r, n in sorted(self.skipped.items())
             ) + "]"
         return text
-
-
-def num_targets(labels: torch.Tensor) -> int:
-    """Loss tokens of one sample: ``labels[0]`` is never a target (see module docstring)."""
-    return int((labels[1:] != IGNORE_INDEX).sum())
 
 
 class SFTDataset:
@@ -284,17 +281,17 @@ def load_jsonl(
     tokenizer: PreTrainedTokenizerBase,
     *,
     max_seq_len: int | None = None,
-    on_error: OnError = "raise",
-    on_overlong: OnOverlong = "raise",
+    on_error: OnError = "error",
+    on_overlong: OnOverlong = "error",
 ) -> SFTDataset:
     """Read a JSONL SFT file (see the module docstring for shapes, checks and guarantees)."""
-    if on_error not in ("raise", "skip"):
-        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
-    if on_overlong not in ("raise", "skip", "truncate"):
-        raise ValueError(f"on_overlong must be 'raise', 'skip' or 'truncate', got {on_overlong!r}")
+    if on_error not in ("error", "skip"):
+        raise ValueError(f"on_error must be 'error' or 'skip', got {on_error!r}")
+    if on_overlong not in ("error", "skip", "truncate"):
+        raise ValueError(f"on_overlong must be 'error', 'skip' or 'truncate', got {on_overlong!r}")
     if max_seq_len is not None and not _is_positive_int(max_seq_len):
         raise ValueError(f"max_seq_len must be a positive int or None, got {max_seq_len!r}")
-    if max_seq_len is None and on_overlong != "raise":
+    if max_seq_len is None and on_overlong != "error":
         logger.warning("load_jsonl: on_overlong=%r has no effect without max_seq_len", on_overlong)
 
     path = os.fspath(path)
@@ -312,7 +309,7 @@ def load_jsonl(
                 ids, labels, truncated = _fit(*_parse_line(raw, tokenizer, checked), max_seq_len, on_overlong)
             except _Bad as bad:
                 policy = on_overlong if bad.reason == OVERLONG else on_error
-                if policy == "raise":
+                if policy == "error":
                     raise DataError(path, lineno, bad.reason, bad.problem) from None
                 stats.skipped[bad.reason] += 1
                 stats.first_skipped_line.setdefault(bad.reason, lineno)

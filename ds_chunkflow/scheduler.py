@@ -33,8 +33,6 @@ from .chunking import Chunk, RankShare
 class Instruction:
     """Base class; executors map each subclass to one method and refuse unknown ones."""
 
-    collective = True
-
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
         return f"{type(self).__name__}({args})"
@@ -102,9 +100,7 @@ class PadBackward(Instruction):
 
 
 class ReleaseState(Instruction):
-    """Free a dependent group's K/V state after its last backward."""
-
-    collective = False
+    """Free a dependent group's K/V state after its last backward (local: no model call)."""
 
     def __init__(self, group: int):
         self.group = group
