@@ -17,7 +17,7 @@ from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import ds_chunkflow
-from ds_chunkflow.config import load_config_file
+from ds_chunkflow.config import load_config_file, split_config
 from ds_chunkflow.data import load_jsonl
 
 # ----------------------------------------------------------------------------- config
@@ -32,6 +32,8 @@ parser.add_argument("--save_every", type=int, default=0, help="checkpoint every 
 parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
 parser.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)))  # set by the launcher
 args = parser.parse_args()
+config = load_config_file(args.deepspeed_config)  # read once, validated before any data is read
+split_config(config)
 os.environ.setdefault("WANDB_MODE", "offline")  # no network by default; `wandb sync` later
 os.environ.setdefault("WANDB_DIR", args.output_dir)
 Path(args.output_dir).mkdir(parents=True, exist_ok=True)
@@ -50,7 +52,7 @@ if args.model is None:
         torch.distributed.barrier()
 tokenizer = AutoTokenizer.from_pretrained(args.model)
 model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
-stages = load_config_file(args.deepspeed_config).get("pipeline", {}).get("stages", 1)
+stages = (config.get("pipeline") or {}).get("stages", 1)
 if stages > 1:  # pipeline parallelism: the model's layers become a DeepSpeed PipelineModule
     from ds_chunkflow.pipeline.model import pipeline_module
 
@@ -63,8 +65,11 @@ dataset = load_jsonl(args.data, tokenizer)
 # ----------------------------------------------------------------------------- engine
 optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
 engine, *_ = ds_chunkflow.initialize(model=model, optimizer=optimizer, training_data=dataset,
-                                     config=args.deepspeed_config)
+                                     config=config)
 is_main = engine.global_rank == 0
+if is_main:
+    g = engine.guard_report  # the model guard's probe: chunked == unchunked forward, checked at start-up
+    print(f"guard: {g.model_class} exact under chunking (probe error {g.max_error:.1e}) in {g.seconds:.2f} s")
 if args.resume:
     path, _ = engine.load_checkpoint(args.output_dir)
     if is_main:
@@ -80,9 +85,9 @@ for step in bar:
     history.append(m)
     bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{m['tokens_per_sec']:.0f}", chunks=int(m["chunks_standalone"] +
                     m["chunks_dependent"]))
-    if args.save_every and (step + 1) % args.save_every == 0:
+    if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
         engine.save_checkpoint(args.output_dir)
-engine.save_checkpoint(args.output_dir)
+engine.save_checkpoint(args.output_dir)  # the final step, saved once
 
 # ----------------------------------------------------------------------------- summary
 if is_main and history:

@@ -3,7 +3,7 @@
 import pytest
 import torch
 from distributed import run_ranks
-from families import build, exact_case
+from ds_chunkflow.testing.families import build, exact_case
 from guard_workers import DP_FAMILIES, dp_family_batch, refused_everywhere, train_families
 from reference import reference_loss_and_grads
 

@@ -6,7 +6,7 @@ reference in :mod:`reference` (stock attention, one call per sequence).
 
 import pytest
 import torch
-from families import EXACT, REFUSED, build, exact_case
+from ds_chunkflow.testing.families import EXACT, REFUSED, build, exact_case
 from reference import grads_of, make_sequences, max_rel_err, reference_loss_and_grads
 
 import ds_chunkflow

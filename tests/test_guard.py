@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from families import REFUSED, build
+from ds_chunkflow.testing.families import REFUSED, build
 from reference import make_sequences
 
 import ds_chunkflow
