@@ -11,13 +11,27 @@ the extra instructions:
     RecomputeForward  forward again from the RNG state of the StateForward, with autograd
     BackwardPass      DeepSpeed's backward on the buffer; K/V gradients flow through the state
 
-Each stage keeps the K/V state of its own layers; the chunk being run reaches the layers
-through the module's :class:`~ds_chunkflow.pipeline.model.ChunkSlot`.
+Each instruction names its chunk (``micro_batch`` in its kwargs, the index into the chunk
+list); each stage keeps the K/V state of its own layers; the chunk being run reaches the
+layers through the module's :class:`~ds_chunkflow.pipeline.model.ChunkSlot`.
+
+Errors. Every rank plans the whole global batch; a planning error (a sample over
+``max_seq_len``, an empty batch) is agreed over all ranks of the pipeline, and so is the
+batch itself (same size on every rank), so every stage raises the same way and none is
+left waiting. An exception while the schedule runs cannot be agreed on: its neighbour may
+be blocked in a receive from this stage. So the failing rank prints its rank, the message
+and the traceback to stderr and ends its process with exit code 1 (``os._exit``, no
+cleanup that could block on a collective); its sockets close, the neighbours' receives fail
+and they end the same way, and the launcher (deepspeed, torchrun) stops the rest. A single
+process (world size 1) re-raises instead.
 """
 
 from __future__ import annotations
 
+import os
+import sys
 import time
+import traceback
 import warnings
 from types import MethodType
 from typing import Sequence
@@ -28,14 +42,36 @@ from deepspeed.runtime.pipe.engine import PipelineEngine
 
 from ..attention import use_chunkflow_attention
 from ..batch import SequenceDict, materialize, shifted_targets
-from ..distributed import all_reduce
+from ..chunking import CostModel
+from ..distributed import agree_on_errors, all_reduce
 from ..engine import ChunkFlowMixin
 from ..executor import chunk_context, get_rng, set_rng
 from ..memory import peak_rss_bytes
 from ..monitor import step_metrics
-from ..plan import plan_batch
+from ..plan import BatchPlan, plan_batch
 from ..state import GroupState
 from .schedule import ChunkFlowTrainSchedule, RecomputeForward, StateForward
+
+_STOCK_BUFFER_OPS = (ds_schedule.SendActivation, ds_schedule.RecvActivation, ds_schedule.SendGrad,
+                     ds_schedule.RecvGrad)
+
+
+def _buffer_only(handler):
+    """A stock DeepSpeed handler (``buffer_id`` only) for an instruction that also names its chunk."""
+
+    def run(self, buffer_id, micro_batch):
+        return handler(self, buffer_id)
+
+    return run
+
+
+def _terminate(rank: int) -> None:
+    """Ends this process after an error inside the schedule; see the module docstring."""
+    sys.stderr.write(f"ds_chunkflow pipeline: rank {rank} failed while running the pipeline schedule; ending this "
+                     "process (exit code 1) so that no other stage waits on it\n" + traceback.format_exc())
+    sys.stderr.flush()
+    sys.stdout.flush()
+    os._exit(1)
 
 
 class ChunkFlowPipelineEngine(ChunkFlowMixin, PipelineEngine):
@@ -54,10 +90,8 @@ class ChunkFlowPipelineEngine(ChunkFlowMixin, PipelineEngine):
         start = time.perf_counter()
         sequences = self.next_global_batch() if sequences is None else sequences
         cf = self.chunkflow_config
-        dp_world = self.grid.get_data_parallel_world_size()
         cost = self._cost_model()
-        batch = plan_batch(sequences, chunk_size=cf.chunk_size, keep_chunks=cf.keep_chunks, num_ranks=dp_world,
-                           cost=cost, max_seq_len=cf.max_seq_len, on_overlong=cf.on_overlong)
+        batch = self._plan(sequences, cost)
         share = batch.shares[self.grid.get_data_parallel_rank()]
         self._chunks = [c for g in share.groups for c in g] + share.standalone
         self._sequences = batch.sequences
@@ -67,17 +101,44 @@ class ChunkFlowPipelineEngine(ChunkFlowMixin, PipelineEngine):
         self._losses: dict[int, torch.Tensor] = {}
         self._loss_sum = 0.0
         self._slot.num_loss_tokens = batch.num_loss_tokens
-        self._slot.loss_scale = float(dp_world)  # DeepSpeed averages gradients over replicas
+        self._slot.loss_scale = float(self.grid.get_data_parallel_world_size())  # DeepSpeed averages over replicas
         sched = ChunkFlowTrainSchedule(self._chunks, stages=self.num_stages, stage_id=self.stage_id,
                                        keep_chunks=cf.keep_chunks, costs=[cost.chunk_cost(c) for c in self._chunks])
         self.module.train()
-        with use_chunkflow_attention(self.module.hf_config):
-            self._exec_schedule(sched)
+        self._run_schedule(sched)
         mine = self._loss_sum if self.is_last_stage() else 0.0
         loss, = all_reduce([mine], "sum", None, self.device)  # sum over replicas' last stages
         self.agg_train_loss = torch.tensor(loss)
         self._write_metrics(step_metrics(batch, loss, time.perf_counter() - start, peak_rss_bytes()))
         return self.agg_train_loss
+
+    def _plan(self, sequences: Sequence[SequenceDict], cost: CostModel) -> BatchPlan:
+        """The batch plan, or the same error on every rank of the pipeline (all stages and replicas)."""
+        cf = self.chunkflow_config
+        error, batch = None, None
+        try:
+            batch = plan_batch(sequences, chunk_size=cf.chunk_size, keep_chunks=cf.keep_chunks,
+                               num_ranks=self.grid.get_data_parallel_world_size(), cost=cost,
+                               max_seq_len=cf.max_seq_len, on_overlong=cf.on_overlong)
+        except (ValueError, TypeError) as e:
+            error = e
+        agree_on_errors(error, group=None, device=self.device)
+        # every stage and replica must hold the same global batch, or the schedules would not line up
+        shape = [batch.num_loss_tokens, batch.layout.num_real_tokens, len(batch.sequences)]
+        extremes = all_reduce(shape + [-x for x in shape], "max", None, self.device)
+        if extremes[:3] != [-x for x in extremes[3:]]:
+            raise RuntimeError("pipeline ranks were given different global batches: train_batch needs the same "
+                               "list of sequences on every rank (every stage and every replica)")
+        return batch
+
+    def _run_schedule(self, sched: ChunkFlowTrainSchedule) -> None:
+        try:
+            with use_chunkflow_attention(self.module.hf_config):
+                self._exec_schedule(sched)
+        except Exception:
+            if self.world_size == 1:
+                raise
+            _terminate(self.global_rank)
 
     def _exec_schedule(self, pipe_schedule):
         self._reserve_pipe_buffers(pipe_schedule.num_pipe_buffers())
@@ -87,13 +148,9 @@ class ChunkFlowPipelineEngine(ChunkFlowMixin, PipelineEngine):
                 handler = self._INSTRUCTION_MAP.get(type(cmd))
                 if handler is None:
                     raise RuntimeError(f"{type(self).__name__} does not understand instruction {cmd!r}")
-                self._cmd = cmd
                 MethodType(handler, self)(**cmd.kwargs)
 
     # ------------------------------------------------------------------ instructions
-    def _chunk(self):
-        return self._chunks[self._cmd.micro_batch]
-
     def _state(self, chunk) -> GroupState | None:
         if not chunk.is_dependent:
             return None
@@ -103,15 +160,15 @@ class ChunkFlowPipelineEngine(ChunkFlowMixin, PipelineEngine):
                                                                 self.chunkflow_config.offload.kv_state_min_tokens)
         return self._states[chunk.group]
 
-    def _exec_load_chunk(self, buffer_id):
-        inputs = materialize(self._chunk(), self._sequences, self._targets, device=self.device)
+    def _exec_load_chunk(self, buffer_id, micro_batch):
+        inputs = materialize(self._chunks[micro_batch], self._sequences, self._targets, device=self.device)
         if self.is_first_stage():
             self.pipe_buffers["inputs"][buffer_id] = (inputs.input_ids, inputs.position_ids)
         if self.is_last_stage():
             self.pipe_buffers["labels"][buffer_id] = inputs.targets
 
-    def _run_forward(self, buffer_id, grad: bool):
-        chunk = self._chunk()
+    def _run_forward(self, buffer_id, micro_batch, grad: bool):
+        chunk = self._chunks[micro_batch]
         self._slot.ctx = chunk_context(chunk, self._state(chunk))
         # a copy: the buffer itself is the leaf whose .grad SendGrad ships upstream
         inputs = tuple(t.clone() for t in self.pipe_buffers["inputs"][buffer_id])
@@ -123,34 +180,35 @@ class ChunkFlowPipelineEngine(ChunkFlowMixin, PipelineEngine):
             self._losses[buffer_id] = loss
             self._loss_sum += loss.item() / self._slot.loss_scale
 
-    def _exec_chunk_forward(self, buffer_id):
-        if self._chunk().is_dependent:
-            self._rng[self._cmd.micro_batch] = get_rng()
-        self._run_forward(buffer_id, grad=True)
+    def _exec_chunk_forward(self, buffer_id, micro_batch):
+        if self._chunks[micro_batch].is_dependent:
+            self._rng[micro_batch] = get_rng()
+        self._run_forward(buffer_id, micro_batch, grad=True)
 
-    def _exec_state_forward(self, buffer_id, micro_batch=None):
-        self._rng[self._cmd.micro_batch] = get_rng()
-        self._run_forward(buffer_id, grad=False)
+    def _exec_state_forward(self, buffer_id, micro_batch):
+        self._rng[micro_batch] = get_rng()
+        self._run_forward(buffer_id, micro_batch, grad=False)
 
-    def _exec_recompute(self, buffer_id, micro_batch=None):
+    def _exec_recompute(self, buffer_id, micro_batch):
         current = get_rng()
-        set_rng(self._rng[self._cmd.micro_batch])
+        set_rng(self._rng[micro_batch])
         try:
-            self._run_forward(buffer_id, grad=True)
+            self._run_forward(buffer_id, micro_batch, grad=True)
         finally:
             set_rng(current)
 
-    def _exec_chunk_backward(self, buffer_id):
-        chunk = self._chunk()
+    def _exec_chunk_backward(self, buffer_id, micro_batch):
+        chunk = self._chunks[micro_batch]
         if self.is_last_stage():
             self.loss = self._losses.pop(buffer_id)
         super()._exec_backward_pass(buffer_id)
-        self._rng.pop(self._cmd.micro_batch, None)
+        self._rng.pop(micro_batch, None)
         if chunk.is_dependent and chunk.index == 0:  # the group's last backward
             del self._states[chunk.group]
 
     _INSTRUCTION_MAP = {
         **PipelineEngine._INSTRUCTION_MAP,
+        **{cls: _buffer_only(PipelineEngine._INSTRUCTION_MAP[cls]) for cls in _STOCK_BUFFER_OPS},
         ds_schedule.LoadMicroBatch: _exec_load_chunk,
         ds_schedule.ForwardPass: _exec_chunk_forward,
         ds_schedule.BackwardPass: _exec_chunk_backward,

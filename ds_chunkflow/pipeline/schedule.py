@@ -38,9 +38,10 @@ loaded once, and the last stage keeps the labels. Buffers hold boundary tensors 
 activation memory that matters is the autograd graph of F/R chunks in flight
 (``SimResult.peak_in_flight``). Ids are reused lowest first.
 
-Every yielded instruction carries ``micro_batch`` (an attribute; DeepSpeed's own classes keep
-only ``buffer_id`` in ``kwargs`` so the stock engine can still run them): the index into
-``ChunkFlowTrainSchedule.chunks``, i.e. which chunk and which K/V state it belongs to.
+Every yielded buffer instruction carries ``micro_batch`` in its ``kwargs``: the index into
+``ChunkFlowTrainSchedule.chunks``, i.e. which chunk and which K/V state it belongs to. (So
+DeepSpeed's stock send/receive handlers, which take only ``buffer_id``, need the adapter of
+:class:`~ds_chunkflow.pipeline.engine.ChunkFlowPipelineEngine`.)
 """
 
 from __future__ import annotations
@@ -188,11 +189,7 @@ def _assign_buffers(raw: list[list[tuple[type, int]]]) -> tuple[dict[tuple[int, 
 
 
 def _make(cls: type, micro_batch: int, buffer_id: int) -> PipeInstruction:
-    if cls in (StateForward, RecomputeForward):
-        return cls(buffer_id, micro_batch)
-    cmd = cls(buffer_id)
-    cmd.micro_batch = micro_batch  # not in kwargs: the stock engine calls cls's handler(**kwargs)
-    return cmd
+    return cls(buffer_id, micro_batch=micro_batch)
 
 
 def default_costs(chunks: Sequence) -> list[float]:
