@@ -146,7 +146,10 @@ class ChunkFlowEngine(ChunkFlowMixin, DeepSpeedEngine):
         self.step()
         self.set_gradient_accumulation_boundary(None)
         loss, = all_reduce([stats.loss.item()], "sum", self.data_parallel_group, self.device)
-        peak_act, = all_reduce([executor.meter.peak], "max", self.data_parallel_group, self.device)
+        peak_act, stats.peak_state_bytes = all_reduce([executor.meter.peak, stats.peak_state_bytes], "max",
+                                                      self.data_parallel_group, self.device)
+        stats.offloaded_bytes, stats.state_bytes_moved = (int(x) for x in all_reduce(
+            [stats.offloaded_bytes, stats.state_bytes_moved], "sum", self.data_parallel_group, self.device))
         self._write_metrics(step_metrics(batch, loss, time.perf_counter() - start, peak_rss_bytes(), stats,
                                          peak_act))
         return torch.tensor(loss)

@@ -94,6 +94,7 @@ class Executor:
         backwards = [i for i, ins in enumerate(instructions) if isinstance(ins, (Backward, PadBackward))]
         self._last_backward = backwards[-1] if backwards else -1
         self.stats = ExecStats(loss=torch.zeros((), dtype=torch.float64))
+        offloaded_before = self.meter.offloaded  # the meter may be shared across runs
         for i, ins in enumerate(instructions):
             handler = self._HANDLERS.get(type(ins))
             if handler is None:
@@ -101,7 +102,7 @@ class Executor:
             self._boundary = i == self._last_backward
             handler(self, ins)
         assert not self._losses and not self._pads and not self._states, "plan left work pending"
-        self.stats.offloaded_bytes = self.meter.offloaded
+        self.stats.offloaded_bytes = self.meter.offloaded - offloaded_before
         return self.stats
 
     # ------------------------------------------------------------------ helpers

@@ -8,7 +8,14 @@ from .plan import BatchPlan
 
 def step_metrics(batch: BatchPlan, loss: float, seconds: float, peak_rss: int, stats: ExecStats | None = None,
                  peak_activation_bytes: float | None = None) -> dict[str, float]:
-    """Global-batch figures (the same on every rank, except the memory ones: the max over ranks)."""
+    """Global-batch figures (the same on every rank, except the memory ones: the max over ranks).
+
+    From ``stats``: ``offloaded_bytes``, the activation bytes saved for backward that were
+    moved to the CPU, and ``kv_state_bytes_moved``, the K/V state bytes copied between the
+    CPU-resident state and the compute device; both 0 when nothing is offloaded. Both are
+    traffic volumes: the caller passes them summed over the data-parallel ranks (the
+    engine all-reduces them), ``peak_kv_state_bytes`` as the max over ranks.
+    """
     layout = batch.layout
     tokens = layout.num_real_tokens
     metrics = {
@@ -27,6 +34,8 @@ def step_metrics(batch: BatchPlan, loss: float, seconds: float, peak_rss: int, s
     }
     if stats is not None:
         metrics["peak_kv_state_bytes"] = float(stats.peak_state_bytes)
+        metrics["offloaded_bytes"] = float(stats.offloaded_bytes)
+        metrics["kv_state_bytes_moved"] = float(stats.state_bytes_moved)
     if peak_activation_bytes is not None:
         metrics["peak_activation_bytes"] = float(peak_activation_bytes)
     return metrics

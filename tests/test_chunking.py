@@ -11,8 +11,13 @@ the shape of real SFT data, and chunk sizes 1..64 plus realistic ones::
 from __future__ import annotations
 
 import itertools
+import json
 import math
+import os
+import subprocess
+import sys
 from collections import defaultdict
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -38,6 +43,7 @@ from ds_chunkflow.chunking import (
 
 SETTINGS = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 REALISTIC_CHUNK_SIZES = [128, 1000, 2048, 4096, 8192]
+REPO = Path(__file__).resolve().parents[1]
 
 
 # --------------------------------------------------------------------------- strategies
@@ -132,12 +138,70 @@ def test_sequences_reassemble_from_their_segments(batch):
     assert layout.num_real_tokens == sum(lengths)
 
 
-@SETTINGS
-@given(batches())
-def test_build_chunks_is_deterministic(batch):
-    """The same lengths and chunk_size give an identical layout."""
-    lengths, chunk_size = batch
-    assert build_chunks(lengths, chunk_size) == build_chunks(list(lengths), chunk_size)
+# Run in a fresh interpreter: plans one fixed set of global batches (ties in length, many ranks,
+# every K, with and without offload) and prints a canonical JSON of each: the layout, every
+# rank's share and every rank's aligned plan.
+PLAN_DUMP = r"""
+import json, sys
+import numpy as np
+import torch
+from ds_chunkflow.plan import plan_batch
+
+def chunk(c):
+    return [c.group, c.index, c.count, [[s.seq_index, s.start, s.length] for s in c.segments]]
+
+def instruction(ins):
+    args = {k: chunk(v) if k == "chunk" else v for k, v in sorted(vars(ins).items())}
+    return [type(ins).__name__, args]
+
+out = []
+for case in json.load(sys.stdin):
+    rng = np.random.default_rng(case["seed"])
+    size = case["chunk_size"]
+    lengths = [int(n) for n in np.clip(rng.lognormal(np.log(size / 3), 1.2, case["n"]), 1, 12 * size)]
+    lengths += [size // 2] * 5 + [2 * size + 1] * 3  # equal lengths: ties
+    seqs = [{"input_ids": torch.ones(n, dtype=torch.long), "labels": torch.ones(n, dtype=torch.long)} for n in lengths]
+    b = plan_batch(seqs, chunk_size=size, keep_chunks=case["keep"], num_ranks=case["ranks"],
+                   offload_activations=case["offload"])
+    out.append({
+        "standalone": [chunk(c) for c in b.layout.standalone],
+        "groups": [[chunk(c) for c in g] for g in b.layout.groups],
+        "shares": [{"rank": s.rank, "groups": [[chunk(c) for c in g] for g in s.groups],
+                    "standalone": [chunk(c) for c in s.standalone], "cost": repr(s.cost)} for s in b.shares],
+        "plans": [[[[instruction(i) for i in part] for part in (st.pre, st.fwd, st.bwd, st.post)] for st in plan]
+                  for plan in b.plans],
+    })
+print(json.dumps(out, sort_keys=True))
+"""
+
+PLAN_CASES = [dict(seed=seed, n=n, chunk_size=cs, ranks=ranks, keep=keep, offload=offload)
+              for seed, n, cs, ranks, keep, offload in [
+                  (0, 150, 64, 8, 1, False), (1, 60, 7, 3, 2, True), (2, 200, 128, 5, 3, False),
+                  (3, 40, 16, 1, 1, True), (4, 90, 33, 16, 2, False)]]
+
+
+def _plans_under_hash_seed(seed: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONHASHSEED": seed, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-c", PLAN_DUMP], cwd=REPO, env=env, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_plans_do_not_depend_on_the_hash_seed():
+    """Every data-parallel rank plans the global batch on its own, in its own interpreter, so the
+    plan must be a function of the lengths alone: two interpreters with different PYTHONHASHSEED
+    (str hashes, hence set and dict-of-str orders, differ) print the same layout, rank shares and
+    aligned per-rank plans."""
+    procs = {seed: _plans_under_hash_seed(seed) for seed in ("0", "12345")}
+    outputs = {}
+    for seed, proc in procs.items():
+        out, err = proc.communicate(json.dumps(PLAN_CASES), timeout=300)
+        assert proc.returncode == 0, err
+        outputs[seed] = json.loads(out)
+    assert len(outputs["0"]) == len(PLAN_CASES) and all(p["groups"] and p["standalone"] for p in outputs["0"])
+    for case, a, b in zip(PLAN_CASES, outputs["0"], outputs["12345"]):
+        for key in ("groups", "standalone", "shares", "plans"):
+            assert a[key] == b[key], (case, key)
+        assert a == b
 
 
 # --------------------------------------------------------------------------- materialize

@@ -6,6 +6,7 @@ runs every stage's instruction stream with blocking send/receive semantics.
 
 from __future__ import annotations
 
+import collections
 import itertools
 
 import pytest
@@ -25,6 +26,7 @@ from hypothesis import strategies as st
 from ds_chunkflow.chunking import build_chunks
 from ds_chunkflow.pipeline import ChunkFlowTrainSchedule, simulate, stage_steps
 from ds_chunkflow.pipeline.schedule import RecomputeForward, StateForward
+from ds_chunkflow.pipeline.simulate import SimResult
 
 PAPER = [4, 2, 1, 1]  # the paper's worked example: 4 stages, sequences of 4, 2, 1, 1 units
 
@@ -181,21 +183,64 @@ def rendezvous(programs, chunks, recomputed):
     assert all(p == len(prog) for p, prog in zip(pos, programs)), f"deadlock at {pos}"
 
 
+KIND = {ForwardPass: "F", StateForward: "S", RecomputeForward: "R", BackwardPass: "B"}
+
+
+def check_stage(r, s, steps, num_buffers):
+    """Stage ``s``'s stream on its own, for every stage including the middle ones: its compute ops
+    are the plan's (kind and chunk); the first and last stages load every chunk once, in
+    ``load_order``, right before its first forward, the others never; each link carries one
+    activation per F/S/R and one gradient per B of every chunk, received before the op that
+    consumes it and sent after the op that produces it; the optimizer closes the last step."""
+    n, order = r.num_stages, r.plan.orders[s]
+    flat = [c for step in steps for c in step]
+    assert [(KIND[type(c)], c.micro_batch) for c in flat if type(c) in KIND] == \
+        [(op.kind, op.micro_batch) for op in order], f"stage {s}: compute differs from the plan"
+    assert all(c.buffer_id < num_buffers for c in flat if hasattr(c, "buffer_id"))
+    assert [type(c).__name__ for c in steps[-1][-3:]] == ["ReduceTiedGrads", "ReduceGrads", "OptimizerStep"]
+
+    loads = [i for i, c in enumerate(flat) if type(c) is LoadMicroBatch]
+    load_order = [op.micro_batch for op in r.plan.forward if op.kind in ("F", "S")]
+    assert [flat[i].micro_batch for i in loads] == (load_order if s in (0, n - 1) else []), f"stage {s} loads"
+    for i in loads:
+        nxt = flat[i + 1]
+        assert type(nxt) in (ForwardPass, StateForward) and (nxt.micro_batch, nxt.buffer_id) == \
+            (flat[i].micro_batch, flat[i].buffer_id), f"stage {s}: load not right before its forward"
+
+    expected = collections.Counter((op.kind != "B", op.micro_batch) for op in order)
+    prev, nxt = links(steps)
+    assert collections.Counter(prev) == (expected if s > 0 else collections.Counter()), f"stage {s}, prev link"
+    assert collections.Counter(nxt) == (expected if s < n - 1 else collections.Counter()), f"stage {s}, next link"
+    received, produced, grads_due = collections.Counter(), collections.Counter(), set()
+    for c, d in itertools.pairwise(flat + [None]):
+        mb = getattr(c, "micro_batch", None)
+        if type(c) is RecvActivation:
+            received[mb] += 1
+        elif type(c) in (ForwardPass, StateForward, RecomputeForward):
+            if s > 0:
+                assert received.pop(mb, 0) == 1, f"stage {s}: {c} without exactly one received input"
+            produced[mb] += 1
+        elif type(c) is SendActivation:
+            assert produced.pop(mb, 0) == 1, f"stage {s}: {c} sends what no forward produced"
+        elif type(c) is RecvGrad:  # DeepSpeed receives gradients into one shared buffer
+            assert type(d) is BackwardPass and d.micro_batch == mb, f"stage {s}: {c} not right before its backward"
+        elif type(c) is BackwardPass and s > 0:
+            grads_due.add(mb)
+        elif type(c) is SendGrad:
+            assert mb in grads_due, f"stage {s}: {c} before its backward"
+            grads_due.remove(mb)
+    assert not received and not grads_due and (s == n - 1 or not produced), f"stage {s}: messages left over"
+
+
 def check_schedule(r, keep):
-    """Neighbouring stages exchange the same messages in the same order, and the streams run."""
+    """Every stage's stream is right on its own (``check_stage``), neighbouring stages exchange the
+    same messages in the same order on every link, and the streams run together."""
     n = r.num_stages
     built = [stage_steps(r.plan, n, s) for s in range(n)]
-    for s in range(n - 1):
-        assert links(built[s][0])[1] == links(built[s + 1][0])[0]
     for s, (steps, num_buffers) in enumerate(built):
-        compute = [c for step in steps for c in step if type(c) in (ForwardPass, StateForward, RecomputeForward,
-                                                                    BackwardPass)]
-        assert [c.micro_batch for c in compute] == [op.micro_batch for op in r.plan.orders[s]]
-        assert all(c.buffer_id < num_buffers for step in steps for c in step if hasattr(c, "buffer_id"))
-        flat = [c for step in steps for c in step]
-        for c, d in itertools.pairwise(flat):  # DeepSpeed receives gradients into one shared buffer
-            if type(c) is RecvGrad:
-                assert type(d) is BackwardPass and d.micro_batch == c.micro_batch
+        check_stage(r, s, steps, num_buffers)
+    for s in range(n - 1):
+        assert links(built[s][0])[1] == links(built[s + 1][0])[0], f"link {s} -> {s + 1}"
     recomputed = {op.micro_batch for op in r.plan.forward if op.kind == "R"}
     rendezvous([[c for step in steps for c in step] for steps, _ in built], r.chunks, recomputed)
 
@@ -255,15 +300,26 @@ def test_keep_all_means_no_recompute():
     assert r.recompute_time == 0 and not any(op.kind in "RS" for op in r.plan.forward)
 
 
-def test_schedule_class():
-    """ChunkFlowTrainSchedule yields this stage's steps, loads in load_order, ends with the optimizer."""
-    chunks = chunk_list([9, 3, 2, 1, 6], 3)
-    for stage in (0, 2):
-        sched = ChunkFlowTrainSchedule(chunks, 3, stage, keep_chunks=1)
+@pytest.mark.parametrize("stages", range(2, 9))
+def test_schedule_class(stages):
+    """ChunkFlowTrainSchedule on every stage of 2..8: all stages plan alike, each yields its own
+    ``stage_steps`` (fresh objects every pass) with that many buffers, and the whole set is a
+    consistent schedule (``check_schedule``)."""
+    chunks = chunk_list([9, 3, 2, 1, 6, 13], 3)
+    scheds = [ChunkFlowTrainSchedule(chunks, stages, s, keep_chunks=1) for s in range(stages)]
+    assert all(sched.plan.forward == scheds[0].plan.forward for sched in scheds)
+    assert sorted(scheds[0].load_order) == list(range(len(chunks)))
+
+    def as_data(steps):
+        return [[(type(c), vars(c)) for c in step] for step in steps]
+
+    for s, sched in enumerate(scheds):
         steps = list(sched)
-        loads = [c.micro_batch for step in steps for c in step if type(c) is LoadMicroBatch]
-        assert loads == (sched.load_order if stage in (0, 2) else [])
-        assert sorted(sched.load_order) == list(range(len(chunks)))
-        assert [type(c).__name__ for c in steps[-1][-3:]] == ["ReduceTiedGrads", "ReduceGrads", "OptimizerStep"]
-        assert sched.num_pipe_buffers() >= 1 and list(sched) is not steps
+        expected, num_buffers = stage_steps(sched.plan, stages, s)
+        assert as_data(steps) == as_data(expected) and sched.num_pipe_buffers() == num_buffers
+        again = list(sched)
+        assert as_data(again) == as_data(steps) and again[0][0] is not steps[0][0]
+    r = SimResult(stages, chunks, scheds[0].plan, 1)
+    check_plan(r, 1)
+    check_schedule(r, 1)
     assert "RecomputeForward(buffer_id=" in repr(RecomputeForward(0, micro_batch=3))

@@ -1,5 +1,8 @@
 """Exactness of ``ds_chunkflow.chunked_forward_backward`` against full-sequence training."""
 
+import math
+from dataclasses import dataclass
+
 import pytest
 import torch
 from reference import grads_of, make_sequences, max_rel_err, reference_loss_and_grads
@@ -73,21 +76,94 @@ def test_low_precision_close_to_reference(dtype):
     assert loss_err < 1e-2 and grad_err < 5e-2, (loss_err, grad_err)
 
 
-def test_offload_policies_do_not_change_gradients():
-    """Activation offload and K/V-state offload give bit-identical gradients."""
+@dataclass
+class SavedBytesMeter(ActivationMeter):
+    """Also sums the bytes of every tensor kept on the device for backward, per tensor, as the
+    offload path counts the ones it moves (parameters excluded in both)."""
+
+    kept: int = 0
+
+    def _acquire(self, t: torch.Tensor) -> object:
+        self.kept += t.numel() * t.element_size()
+        return super()._acquire(t)
+
+
+def _far_tokens(lengths, keep):
+    """Tokens of the chunks that are neither standalone nor among the last ``keep`` of their group."""
+    return sum(min(CHUNK, n - i * CHUNK) for n in lengths if n > CHUNK for i in range(math.ceil(n / CHUNK) - keep))
+
+
+def test_activation_offload_moves_the_far_chunks_saved_tensors():
+    """Activation offload moves to the CPU exactly what the far chunks (all but the last K of each
+    group) save for backward: every saved byte is kept or offloaded (kept + offloaded = what the
+    K = N run keeps), the offloaded bytes shrink as K grows, are 0 for K >= N and at least one
+    hidden state per layer per far token; loss and gradients equal the reference's, and bitwise
+    those of the recompute run (K=1 without offload)."""
     model = build_tiny_model("qwen2")
     seqs = make_sequences(LENGTHS, model.config.vocab_size)
-    results = []
-    for options in ({}, {"offload_activations": True}, {"state_offload_min_tokens": 0}):
+    model.zero_grad(set_to_none=True)
+    ref_loss, ref_grads = reference_loss_and_grads(model, seqs)
+
+    def run(keep, offload):
         model.zero_grad(set_to_none=True)
-        meter = ActivationMeter()
-        loss = ds_chunkflow.chunked_forward_backward(model, seqs, chunk_size=CHUNK, keep_chunks=1, meter=meter,
-                                                     **options)
-        results.append((loss, grads_of(model), meter.offloaded))
-    for loss, grads, _ in results[1:]:
-        assert loss == results[0][0]
-        assert all(torch.equal(grads[n], results[0][1][n]) for n in grads)
-    assert results[1][2] > 0, "activation offload moved nothing"
+        meter = SavedBytesMeter()
+        stats = ds_chunkflow.chunked_step(model, seqs, chunk_size=CHUNK, keep_chunks=keep,
+                                          offload_activations=offload, meter=meter)
+        assert stats.offloaded_bytes == meter.offloaded
+        assert abs(stats.loss.item() - ref_loss.item()) / ref_loss.item() < TOL[torch.float32]
+        assert max_rel_err(grads_of(model), ref_grads) < TOL[torch.float32]
+        return stats, meter, grads_of(model)
+
+    _, all_kept, _ = run(9, False)  # K = N of the longest group (9 chunks): every chunk keeps its activations
+    recompute_stats, _, recompute_grads = run(1, False)
+    assert recompute_stats.offloaded_bytes == 0
+    offloaded = {}
+    for keep in (1, 2, 3, 9):
+        stats, meter, grads = run(keep, True)
+        assert meter.kept + stats.offloaded_bytes == all_kept.kept, (keep, meter.kept, stats.offloaded_bytes)
+        offloaded[keep] = stats.offloaded_bytes
+        if keep == 1:
+            assert stats.loss == recompute_stats.loss
+            assert all(torch.equal(grads[n], recompute_grads[n]) for n in grads)
+    assert offloaded[1] > offloaded[2] > offloaded[3] > offloaded[9] == 0, offloaded
+    per_token = model.config.num_hidden_layers * model.config.hidden_size * 4
+    assert offloaded[1] >= _far_tokens(LENGTHS, 1) * per_token, offloaded
+
+
+def test_state_offload_moves_the_long_groups_state():
+    """K/V state offload copies the state of exactly the groups of at least ``state_offload_min_tokens``
+    tokens to and from the CPU: 0 bytes when no group qualifies, and per offloaded group at least every
+    token's K/V written once plus every chunk's prefix read once; gradients stay bitwise those of the
+    run without offload (and so match the reference)."""
+    model = build_tiny_model("qwen2")
+    seqs = make_sequences(LENGTHS, model.config.vocab_size)
+    model.zero_grad(set_to_none=True)
+    ref_loss, ref_grads = reference_loss_and_grads(model, seqs)
+    cfg = model.config
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    kv_bytes_per_token = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * head_dim * 4  # K and V, float32
+
+    def least(*lengths):
+        """Each token's K/V written once, each chunk's prefix read once."""
+        return kv_bytes_per_token * sum(n + sum(range(CHUNK, n, CHUNK)) for n in lengths)
+
+    moved, base = {}, None
+    for threshold in (None, 200, 132, 131, 100, 48, 18, 17, 0):
+        model.zero_grad(set_to_none=True)
+        stats = ds_chunkflow.chunked_step(model, seqs, chunk_size=CHUNK, keep_chunks=1,
+                                          state_offload_min_tokens=threshold)
+        grads = grads_of(model)
+        if base is None:
+            base = stats, grads
+            assert abs(stats.loss.item() - ref_loss.item()) / ref_loss.item() < TOL[torch.float32]
+            assert max_rel_err(grads, ref_grads) < TOL[torch.float32]
+        assert stats.loss == base[0].loss and all(torch.equal(grads[n], base[1][n]) for n in grads), threshold
+        moved[threshold] = stats.state_bytes_moved
+    # dependent groups: 131 (9 chunks), 48 (3), 17 and 17 (2 each); each group's traffic is its own
+    assert moved[None] == moved[200] == moved[132] == 0, moved
+    assert moved[131] == moved[100] >= least(131), moved
+    assert moved[48] == moved[18] and moved[18] - moved[100] >= least(48), moved
+    assert moved[17] == moved[0] and moved[0] - moved[18] >= least(17, 17), moved
 
 
 def test_dropout_is_replayed_on_recompute():

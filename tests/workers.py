@@ -1,8 +1,11 @@
 """Functions run inside spawned ranks (must be importable by name)."""
 
+import contextlib
+
 import torch
 
 CHUNK = 16
+LR = 0.5  # train_steps / reference_steps SGD-momentum: large, so the updates stand far above bf16 noise
 
 
 def global_batch(step: int, vocab_size: int):
@@ -32,18 +35,55 @@ def gathered_state(engine):
         return {n: p.detach().clone().float() for n, p in engine.module.named_parameters()}
 
 
+def master_state(engine):
+    """Every parameter in float32 as the optimizer holds it: the fp32 master copy where DeepSpeed keeps
+    one (ZeRO-1/2/3, bf16), else the parameter itself (collective: call on every rank)."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    out = {}
+    for n, p in engine.module.named_parameters():
+        master = safe_get_full_fp32_param(p)
+        out[n] = (p if master is None else master).detach().clone().float().cpu()
+    return out
+
+
+@contextlib.contextmanager
+def recorded_exec_stats():
+    """Records ``(offloaded_bytes, state_bytes_moved)`` of every ``Executor.run`` in this process,
+    as the executor returned them (this rank's own counts, before the engine reduces anything)."""
+    from ds_chunkflow.executor import Executor
+
+    run, records = Executor.run, []
+
+    def spy(self, plan):
+        stats = run(self, plan)
+        records.append((stats.offloaded_bytes, stats.state_bytes_moved))
+        return stats
+
+    Executor.run = spy
+    try:
+        yield records
+    finally:
+        Executor.run = run
+
+
 def train_steps(rank, world, stage, steps, out_path, chunkflow=None, extra=None):
+    """``steps`` SGD-momentum steps; every rank saves ``{out_path}.{rank}``: the losses, the fp32
+    parameters before and after (``master_state``), the module's parameters and their dtype, the
+    last step's metrics and this rank's own byte counts of the last step (``recorded_exec_stats``)."""
     import ds_chunkflow
     from ds_chunkflow.toy import build_tiny_model
 
     model = build_tiny_model("qwen2", seed=0)
-    opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
     config = {**ds_config(stage, **(chunkflow or {})), **(extra or {})}
     engine, *_ = ds_chunkflow.initialize(model=model, optimizer=opt, config=config)
-    losses = [engine.train_batch(global_batch(s, model.config.vocab_size)).item() for s in range(steps)]
-    state = gathered_state(engine)
-    if rank == 0:
-        torch.save({"losses": losses, "state": state, "metrics": engine.last_metrics}, out_path)
+    before = master_state(engine)
+    with recorded_exec_stats() as moved:
+        losses = [engine.train_batch(global_batch(s, model.config.vocab_size)).item() for s in range(steps)]
+    torch.save({"losses": losses, "before": before, "after": master_state(engine), "module": gathered_state(engine),
+                "dtype": next(engine.module.parameters()).dtype, "metrics": engine.last_metrics,
+                "moved": moved[-1]}, f"{out_path}.{rank}")
 
 
 def reference_steps(steps):
@@ -53,7 +93,7 @@ def reference_steps(steps):
     from ds_chunkflow.toy import build_tiny_model
 
     model = build_tiny_model("qwen2", seed=0)
-    opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
     losses = []
     for s in range(steps):
         opt.zero_grad(set_to_none=True)
@@ -113,35 +153,3 @@ def mismatched_batches(rank, world, out_path):
         with open(f"{out_path}.{rank}", "w") as f:
             f.write(str(e))
 
-
-def train_pipeline(rank, world, stage, steps, out_path, keep_chunks=1):
-    """2 pipeline stages; each rank saves the parameters of its own stage (HF names)."""
-    import ds_chunkflow
-    from ds_chunkflow.pipeline.model import pipeline_module
-    from ds_chunkflow.toy import build_tiny_model
-
-    ds_chunkflow.init_distributed()
-    model = build_tiny_model("qwen2", seed=0)
-    module = pipeline_module(model, num_stages=2)
-    opt = torch.optim.SGD([p for p in module.parameters()], lr=0.5, momentum=0.9)
-    engine, *_ = ds_chunkflow.initialize(model=module, optimizer=opt,
-                                         config=ds_config(stage, keep_chunks=keep_chunks))
-    losses = [engine.train_batch(global_batch(s, model.config.vocab_size)).item() for s in range(steps)]
-    mine = {id(p) for p in engine.module.parameters()}
-    state = {n: p.detach().clone() for n, p in model.named_parameters() if id(p) in mine}
-    torch.save({"losses": losses, "state": state}, f"{out_path}.{rank}")
-
-
-def pipeline_refuses_zero2(rank, world, out_path):
-    import ds_chunkflow
-    from ds_chunkflow.pipeline.model import pipeline_module
-    from ds_chunkflow.toy import build_tiny_model
-
-    ds_chunkflow.init_distributed()
-    module = pipeline_module(build_tiny_model("qwen2", seed=0), num_stages=2)
-    try:
-        ds_chunkflow.initialize(model=module, optimizer=torch.optim.SGD(module.parameters(), lr=0.1),
-                                config=ds_config(2))
-    except ds_chunkflow.ConfigError as e:
-        with open(f"{out_path}.{rank}", "w") as f:
-            f.write(str(e))
