@@ -20,7 +20,7 @@ def agree_on_errors(error: BaseException | None, group=None, device="cpu") -> No
     if error is not None:
         raise error
     if flag.item() > 0:
-        raise RuntimeError("another data-parallel rank failed while preparing this batch (see its error)")
+        raise RuntimeError("another rank failed before this collective section (see its error)")
 
 
 def all_reduce(values: list[float], op: str = "sum", group=None, device="cpu") -> list[float]:
@@ -34,7 +34,7 @@ def all_reduce(values: list[float], op: str = "sum", group=None, device="cpu") -
 
 
 def init_distributed() -> None:
-    """``deepspeed.init_distributed`` on the accelerator's backend (shm op: see :mod:`ds_chunkflow.deepspeed_adapter`)."""
+    """``deepspeed.init_distributed`` on the accelerator's backend (shm op: :mod:`ds_chunkflow.deepspeed_adapter`)."""
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 

@@ -55,6 +55,29 @@ class ChunkFlowMixin:
         indices = next(self.chunkflow_sampler)
         return [self.chunkflow_dataset[i] for i in indices]
 
+    def _plan_agreed(self, sequences: Sequence[SequenceDict], num_ranks: int, cost: CostModel,
+                     group) -> BatchPlan:
+        """The batch plan, or the same error on every rank of ``group``; the batch itself is checked equal.
+
+        Under ZeRO every forward / backward is a collective and in a pipeline every chunk a message,
+        so one rank failing to plan, or planning a different batch, would leave the others waiting.
+        """
+        cf = self.chunkflow_config
+        error, batch = None, None
+        try:
+            batch = plan_batch(sequences, chunk_size=cf.chunk_size, keep_chunks=cf.keep_chunks, num_ranks=num_ranks,
+                               offload_activations=cf.offload.activations == "far", cost=cost,
+                               max_seq_len=cf.max_seq_len, on_overlong=cf.on_overlong)
+        except (ValueError, TypeError) as e:
+            error = e
+        agree_on_errors(error, group=group, device=self.device)
+        shape = [batch.num_loss_tokens, batch.layout.num_real_tokens, len(batch.sequences)]
+        extremes = all_reduce(shape + [-x for x in shape], "max", group, self.device)
+        if extremes[:3] != [-x for x in extremes[3:]]:
+            raise RuntimeError("ranks were given different global batches: train_batch needs the same list of "
+                               "sequences on every rank (every data-parallel rank and every pipeline stage)")
+        return batch
+
     def _cost_model(self) -> CostModel:
         weight = self.chunkflow_config.balance.attention_cost_weight
         if weight is None:
@@ -106,24 +129,6 @@ class ChunkFlowEngine(ChunkFlowMixin, DeepSpeedEngine):
         logger.info("ds_chunkflow guard: %s passed (probe error %.1e <= %.0e) in %.2f s", report.model_class,
                     report.max_error, report.tolerance, report.seconds)
 
-    def _plan(self, sequences: Sequence[SequenceDict]) -> BatchPlan:
-        cf = self.chunkflow_config
-        error, batch = None, None
-        try:
-            batch = plan_batch(sequences, chunk_size=cf.chunk_size, keep_chunks=cf.keep_chunks,
-                               num_ranks=self.dp_world_size, offload_activations=cf.offload.activations == "far",
-                               cost=self._cost_model(), max_seq_len=cf.max_seq_len, on_overlong=cf.on_overlong)
-        except (ValueError, TypeError) as e:
-            error = e
-        agree_on_errors(error, group=self.data_parallel_group, device=self.device)
-        # every rank must hold the same global batch, or the plans would not line up
-        shape = [batch.num_loss_tokens, batch.layout.num_real_tokens, len(batch.sequences)]
-        extremes = all_reduce(shape + [-x for x in shape], "max", self.data_parallel_group, self.device)
-        if extremes[:3] != [-x for x in extremes[3:]]:
-            raise RuntimeError("data-parallel ranks were given different global batches: train_batch needs the "
-                               "same list of sequences on every rank")
-        return batch
-
     # ------------------------------------------------------------------ step
     def train_batch(self, sequences: Sequence[SequenceDict] | None = None, data_iter=None) -> torch.Tensor:
         """One optimizer step over a whole global batch; returns the global-batch loss on every rank."""
@@ -131,7 +136,7 @@ class ChunkFlowEngine(ChunkFlowMixin, DeepSpeedEngine):
             raise TypeError("ChunkFlowEngine.train_batch takes a list of sequences, not a data iterator")
         start = time.perf_counter()
         sequences = self.next_global_batch() if sequences is None else sequences
-        batch = self._plan(sequences)
+        batch = self._plan_agreed(sequences, self.dp_world_size, self._cost_model(), self.data_parallel_group)
         world = self.dp_world_size
 
         def backward(loss: torch.Tensor, boundary: bool) -> None:

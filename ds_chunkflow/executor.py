@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 from typing import Callable, ClassVar, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from .attention import ChunkContext, SegmentSpec
-from .batch import SequenceDict, materialize, shifted_targets
+from .batch import SequenceDict
+from .chunk_core import ChunkRun, chunk_loss
 from .chunking import Chunk
 from .memory import ActivationMeter, saved_tensor_hooks
 from .scheduler import (
@@ -34,29 +34,8 @@ from .scheduler import (
     Step,
     flatten,
 )
-from .state import GroupState
 
 BackwardFn = Callable[[torch.Tensor, bool], None]
-
-
-def chunk_context(chunk: Chunk, state: GroupState | None) -> ChunkContext:
-    """The attention's view of a chunk: one segment per packed sequence, or one dependent piece."""
-    specs, row = [], 0
-    for s in chunk.segments:
-        specs.append(SegmentSpec(row, s.length, s.start if chunk.is_dependent else 0, state))
-        row += s.length
-    return ChunkContext(specs)
-
-
-def get_rng() -> tuple:
-    cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
-    return torch.get_rng_state(), cuda
-
-
-def set_rng(state: tuple) -> None:
-    torch.set_rng_state(state[0])
-    if state[1] is not None:
-        torch.cuda.set_rng_state(state[1])
 
 
 @dataclass
@@ -81,13 +60,11 @@ class Executor:
     state_offload_min_tokens: int | None = None
     meter: ActivationMeter = field(default_factory=ActivationMeter)
     pad_token_id: int = 0
-    _states: dict = field(default_factory=dict)
-    _rng: dict = field(default_factory=dict)
     _losses: dict = field(default_factory=dict)
     _pads: collections.deque = field(default_factory=collections.deque)
 
     def __post_init__(self) -> None:
-        self._targets = [shifted_targets(s["labels"]) for s in self.sequences]
+        self.run_state = ChunkRun(self.sequences, self.device, self.state_offload_min_tokens)
 
     def run(self, plan: list[Step]) -> ExecStats:
         instructions = flatten(plan)
@@ -101,20 +78,15 @@ class Executor:
                 raise TypeError(f"executor has no handler for instruction {ins!r}")
             self._boundary = i == self._last_backward
             handler(self, ins)
-        assert not self._losses and not self._pads and not self._states, "plan left work pending"
+        assert not self._losses and not self._pads and not self.run_state.pending, "plan left work pending"
         self.stats.offloaded_bytes = self.meter.offloaded - offloaded_before
+        self.stats.state_bytes_moved = self.run_state.bytes_moved
         return self.stats
 
     # ------------------------------------------------------------------ helpers
-    def _state(self, chunk: Chunk) -> GroupState:
-        if chunk.group not in self._states:
-            seq_len = int(self.sequences[chunk.group]["input_ids"].numel())
-            self._states[chunk.group] = GroupState.for_sequence(seq_len, self.state_offload_min_tokens)
-        return self._states[chunk.group]
-
     def _call(self, chunk: Chunk, with_loss: bool, offload: bool = False) -> torch.Tensor | None:
-        inputs = materialize(chunk, self.sequences, self._targets, device=self.device)
-        ctx = chunk_context(chunk, self._state(chunk) if chunk.is_dependent else None)
+        inputs = self.run_state.inputs(chunk)
+        ctx = self.run_state.context(chunk)
         kwargs = {} if with_loss else {"logits_to_keep": 1}
         with saved_tensor_hooks(self.meter, offload):
             out = self.forward_fn(input_ids=inputs.input_ids, position_ids=inputs.position_ids, use_cache=False,
@@ -124,14 +96,11 @@ class Executor:
                                    "ChunkFlow cannot train it exactly")
             self.stats.num_forwards += 1
             if chunk.is_dependent:
-                st = self._state(chunk)
-                self.stats.peak_state_bytes = max(self.stats.peak_state_bytes, st.nbytes)
+                self.stats.peak_state_bytes = max(self.stats.peak_state_bytes, self.run_state.state(chunk).nbytes)
             if not with_loss:
                 return None
             logits = out.logits if hasattr(out, "logits") else out[0]
-            logits = logits[0] if logits.dtype == torch.float64 else logits[0].float()
-            ce = F.cross_entropy(logits, inputs.targets[0], ignore_index=-100, reduction="sum")
-            loss = ce / self.num_loss_tokens
+            loss = chunk_loss(logits, inputs.targets, self.num_loss_tokens)
         self.stats.loss += loss.detach().double().cpu()
         return loss
 
@@ -141,25 +110,21 @@ class Executor:
 
     # ------------------------------------------------------------------ instructions
     def _exec_state_forward(self, ins: StateForward) -> None:
-        self._rng[ins.chunk] = get_rng()
+        self.run_state.remember_rng(ins.chunk)
         with torch.no_grad():
             self._call(ins.chunk, with_loss=False)
 
     def _exec_forward(self, ins: Forward) -> None:
         if ins.chunk.is_dependent:
-            self._rng[ins.chunk] = get_rng()
+            self.run_state.remember_rng(ins.chunk)
         self._losses[ins.chunk] = self._call(ins.chunk, with_loss=True, offload=ins.offload)
 
     def _exec_recompute(self, ins: Recompute) -> None:
-        current = get_rng()
-        set_rng(self._rng[ins.chunk])
-        try:
+        with self.run_state.replayed_rng(ins.chunk):
             self._losses[ins.chunk] = self._call(ins.chunk, with_loss=True)
-        finally:
-            set_rng(current)
 
     def _exec_backward(self, ins: Backward) -> None:
-        self._rng.pop(ins.chunk, None)
+        self.run_state.forget_rng(ins.chunk)
         self._backward(self._losses.pop(ins.chunk))
 
     def _exec_pad_forward(self, ins: PadForward) -> None:
@@ -177,8 +142,7 @@ class Executor:
         self._backward(self._pads.popleft())
 
     def _exec_release(self, ins: ReleaseState) -> None:
-        st = self._states.pop(ins.group)
-        self.stats.state_bytes_moved += st.bytes_moved
+        self.run_state.release(ins.group)
 
     _HANDLERS: ClassVar[dict[type[Instruction], Callable]] = {
         StateForward: _exec_state_forward,

@@ -38,10 +38,8 @@ from typing import Callable
 import torch
 
 from .attention import MissingChunkContext, use_chunkflow_attention
-from .batch import materialize
+from .chunk_core import ChunkRun
 from .chunking import build_chunks
-from .executor import chunk_context
-from .state import GroupState
 
 PROBE_CHUNK = 8
 PROBE_LENGTHS = (5, 3, 19)  # a + b packed into one chunk; c split into 8 + 8 + 3
@@ -130,14 +128,11 @@ def _chunked_logits(forward_fn: Callable, model, sequences, device) -> list[torc
     """Per sequence, its logits as ChunkFlow computes them."""
     layout = build_chunks([int(s["input_ids"].numel()) for s in sequences], PROBE_CHUNK)
     pieces: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(sequences))}
-    states: dict[int, GroupState] = {}
+    run = ChunkRun(sequences, device)  # the same per-chunk core as training
     chunks = [c for group in layout.groups for c in group] + list(layout.standalone)
     with use_chunkflow_attention(model.config):
         for chunk in chunks:
-            state = states.setdefault(chunk.group, GroupState(int(sequences[chunk.group]["input_ids"].numel()))) \
-                if chunk.is_dependent else None
-            inputs = materialize(chunk, sequences, device=device)
-            ctx = chunk_context(chunk, state)
+            inputs, ctx = run.inputs(chunk), run.context(chunk)
             out = forward_fn(input_ids=inputs.input_ids, position_ids=inputs.position_ids, use_cache=False,
                              chunkflow=ctx)
             if ctx.num_layer_calls == 0:

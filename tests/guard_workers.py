@@ -1,8 +1,9 @@
 """Spawned-rank functions for the data-parallel guard and family tests (importable by name)."""
 
 import torch
-from ds_chunkflow.testing.families import REFUSED, build, exact_case
 from workers import ds_config, gathered_state
+
+from ds_chunkflow.testing.families import REFUSED, build, exact_case
 
 DP_FAMILIES = ("deepseek_v3_mla", "gemma3_text", "mixtral", "granite", "qwen2_tied")
 

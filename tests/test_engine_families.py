@@ -3,9 +3,10 @@
 import pytest
 import torch
 from distributed import run_ranks
-from ds_chunkflow.testing.families import build, exact_case
 from guard_workers import DP_FAMILIES, dp_family_batch, refused_everywhere, train_families
 from reference import reference_loss_and_grads
+
+from ds_chunkflow.testing.families import build, exact_case
 
 pytestmark = pytest.mark.distributed
 

@@ -6,11 +6,11 @@ reference in :mod:`reference` (stock attention, one call per sequence).
 
 import pytest
 import torch
-from ds_chunkflow.testing.families import EXACT, REFUSED, build, exact_case
 from reference import grads_of, make_sequences, max_rel_err, reference_loss_and_grads
 
 import ds_chunkflow
 from ds_chunkflow.guard import ModelRefused
+from ds_chunkflow.testing.families import EXACT, REFUSED, build, exact_case
 
 CHUNK = 8
 LENGTHS = [37, 11, 5, 3, 1]  # 37 = 5 dependent chunks; the rest packed

@@ -2,12 +2,12 @@
 
 import pytest
 import torch
-from ds_chunkflow.testing.families import REFUSED, build
 from reference import make_sequences
 
 import ds_chunkflow
 from ds_chunkflow import guard
 from ds_chunkflow.guard import ModelRefused, check_model
+from ds_chunkflow.testing.families import REFUSED, build
 from ds_chunkflow.toy import build_tiny_model
 
 

@@ -41,15 +41,13 @@ from deepspeed.runtime.pipe import schedule as ds_schedule
 from deepspeed.runtime.pipe.engine import PipelineEngine
 
 from ..attention import use_chunkflow_attention
-from ..batch import SequenceDict, materialize, shifted_targets
-from ..chunking import CostModel
-from ..distributed import agree_on_errors, all_reduce
+from ..batch import SequenceDict
+from ..chunk_core import ChunkRun
+from ..distributed import all_reduce
 from ..engine import ChunkFlowMixin
-from ..executor import chunk_context, get_rng, set_rng
+from ..executor import ExecStats
 from ..memory import peak_rss_bytes
 from ..monitor import step_metrics
-from ..plan import BatchPlan, plan_batch
-from ..state import GroupState
 from .schedule import ChunkFlowTrainSchedule, RecomputeForward, StateForward
 
 _STOCK_BUFFER_OPS = (ds_schedule.SendActivation, ds_schedule.RecvActivation, ds_schedule.SendGrad,
@@ -78,6 +76,7 @@ class ChunkFlowPipelineEngine(ChunkFlowMixin, PipelineEngine):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._slot = self.module.chunk_slot
+        self.guard_report = self.module.guard_report
         if self.chunkflow_config.offload.activations != "none":
             warnings.warn("chunkflow.offload.activations has no effect in pipeline mode: chunks beyond keep_chunks "
                           "are recomputed", stacklevel=2)
@@ -91,13 +90,11 @@ class ChunkFlowPipelineEngine(ChunkFlowMixin, PipelineEngine):
         sequences = self.next_global_batch() if sequences is None else sequences
         cf = self.chunkflow_config
         cost = self._cost_model()
-        batch = self._plan(sequences, cost)
+        # every stage and replica plans the whole batch; errors and the batch itself agreed over all ranks
+        batch = self._plan_agreed(sequences, self.grid.get_data_parallel_world_size(), cost, group=None)
         share = batch.shares[self.grid.get_data_parallel_rank()]
         self._chunks = [c for g in share.groups for c in g] + share.standalone
-        self._sequences = batch.sequences
-        self._targets = [shifted_targets(s["labels"]) for s in batch.sequences]
-        self._states: dict[int, GroupState] = {}
-        self._rng: dict[int, tuple] = {}
+        self._run = ChunkRun(batch.sequences, self.device, cf.offload.kv_state_min_tokens)
         self._losses: dict[int, torch.Tensor] = {}
         self._loss_sum = 0.0
         self._slot.num_loss_tokens = batch.num_loss_tokens
@@ -109,27 +106,10 @@ class ChunkFlowPipelineEngine(ChunkFlowMixin, PipelineEngine):
         mine = self._loss_sum if self.is_last_stage() else 0.0
         loss, = all_reduce([mine], "sum", None, self.device)  # sum over replicas' last stages
         self.agg_train_loss = torch.tensor(loss)
-        self._write_metrics(step_metrics(batch, loss, time.perf_counter() - start, peak_rss_bytes()))
+        moved, = all_reduce([self._run.bytes_moved], "sum", None, self.device)
+        stats = ExecStats(loss=torch.tensor(loss), state_bytes_moved=int(moved))
+        self._write_metrics(step_metrics(batch, loss, time.perf_counter() - start, peak_rss_bytes(), stats))
         return self.agg_train_loss
-
-    def _plan(self, sequences: Sequence[SequenceDict], cost: CostModel) -> BatchPlan:
-        """The batch plan, or the same error on every rank of the pipeline (all stages and replicas)."""
-        cf = self.chunkflow_config
-        error, batch = None, None
-        try:
-            batch = plan_batch(sequences, chunk_size=cf.chunk_size, keep_chunks=cf.keep_chunks,
-                               num_ranks=self.grid.get_data_parallel_world_size(), cost=cost,
-                               max_seq_len=cf.max_seq_len, on_overlong=cf.on_overlong)
-        except (ValueError, TypeError) as e:
-            error = e
-        agree_on_errors(error, group=None, device=self.device)
-        # every stage and replica must hold the same global batch, or the schedules would not line up
-        shape = [batch.num_loss_tokens, batch.layout.num_real_tokens, len(batch.sequences)]
-        extremes = all_reduce(shape + [-x for x in shape], "max", None, self.device)
-        if extremes[:3] != [-x for x in extremes[3:]]:
-            raise RuntimeError("pipeline ranks were given different global batches: train_batch needs the same "
-                               "list of sequences on every rank (every stage and every replica)")
-        return batch
 
     def _run_schedule(self, sched: ChunkFlowTrainSchedule) -> None:
         try:
@@ -151,25 +131,15 @@ class ChunkFlowPipelineEngine(ChunkFlowMixin, PipelineEngine):
                 MethodType(handler, self)(**cmd.kwargs)
 
     # ------------------------------------------------------------------ instructions
-    def _state(self, chunk) -> GroupState | None:
-        if not chunk.is_dependent:
-            return None
-        if chunk.group not in self._states:
-            seq_len = int(self._sequences[chunk.group]["input_ids"].numel())
-            self._states[chunk.group] = GroupState.for_sequence(seq_len,
-                                                                self.chunkflow_config.offload.kv_state_min_tokens)
-        return self._states[chunk.group]
-
     def _exec_load_chunk(self, buffer_id, micro_batch):
-        inputs = materialize(self._chunks[micro_batch], self._sequences, self._targets, device=self.device)
+        inputs = self._run.inputs(self._chunks[micro_batch])
         if self.is_first_stage():
             self.pipe_buffers["inputs"][buffer_id] = (inputs.input_ids, inputs.position_ids)
         if self.is_last_stage():
             self.pipe_buffers["labels"][buffer_id] = inputs.targets
 
     def _run_forward(self, buffer_id, micro_batch, grad: bool):
-        chunk = self._chunks[micro_batch]
-        self._slot.ctx = chunk_context(chunk, self._state(chunk))
+        self._slot.ctx = self._run.context(self._chunks[micro_batch])
         # a copy: the buffer itself is the leaf whose .grad SendGrad ships upstream
         inputs = tuple(t.clone() for t in self.pipe_buffers["inputs"][buffer_id])
         with torch.set_grad_enabled(grad):
@@ -182,29 +152,25 @@ class ChunkFlowPipelineEngine(ChunkFlowMixin, PipelineEngine):
 
     def _exec_chunk_forward(self, buffer_id, micro_batch):
         if self._chunks[micro_batch].is_dependent:
-            self._rng[micro_batch] = get_rng()
+            self._run.remember_rng(micro_batch)
         self._run_forward(buffer_id, micro_batch, grad=True)
 
     def _exec_state_forward(self, buffer_id, micro_batch):
-        self._rng[micro_batch] = get_rng()
+        self._run.remember_rng(micro_batch)
         self._run_forward(buffer_id, micro_batch, grad=False)
 
     def _exec_recompute(self, buffer_id, micro_batch):
-        current = get_rng()
-        set_rng(self._rng[micro_batch])
-        try:
+        with self._run.replayed_rng(micro_batch):
             self._run_forward(buffer_id, micro_batch, grad=True)
-        finally:
-            set_rng(current)
 
     def _exec_chunk_backward(self, buffer_id, micro_batch):
         chunk = self._chunks[micro_batch]
         if self.is_last_stage():
             self.loss = self._losses.pop(buffer_id)
         super()._exec_backward_pass(buffer_id)
-        self._rng.pop(micro_batch, None)
+        self._run.forget_rng(micro_batch)
         if chunk.is_dependent and chunk.index == 0:  # the group's last backward
-            del self._states[chunk.group]
+            self._run.release(chunk.group)
 
     _INSTRUCTION_MAP = {
         **PipelineEngine._INSTRUCTION_MAP,

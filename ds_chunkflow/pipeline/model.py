@@ -44,12 +44,11 @@ from functools import partial
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from deepspeed.runtime.pipe.module import TiedLayerSpec
 from torch import nn
 
 from ..attention import ChunkContext, SegmentSpec, use_chunkflow_attention
-from ..chunking import IGNORE_INDEX
+from ..chunk_core import chunk_loss as core_chunk_loss
 from ..distributed import agree_on_errors
 from ..guard import PROBE_TOLERANCE, check_model
 
@@ -184,15 +183,11 @@ def _tied_logits(module: TiedEmbeddingPipe, hidden):
     return module.head(hidden)
 
 
-def chunk_loss(slot: ChunkSlot):
-    """``loss_fn(logits, targets)``: summed CE over the chunk's targets / the global count."""
+def chunk_loss_fn(slot: ChunkSlot):
+    """``loss_fn(logits, targets)`` of the last stage: the shared per-chunk loss, times the replica count."""
 
     def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        if logits.shape[0] != 1:
-            raise ValueError(f"chunk_loss expects one chunk per micro-batch (batch 1), got batch {logits.shape[0]}")
-        logits = logits[0] if logits.dtype == torch.float64 else logits[0].float()
-        ce = F.cross_entropy(logits, targets[0], ignore_index=IGNORE_INDEX, reduction="sum")
-        return ce * (slot.loss_scale / slot.num_loss_tokens)
+        return core_chunk_loss(logits, targets, slot.num_loss_tokens) * slot.loss_scale
 
     return loss_fn
 
@@ -335,8 +330,9 @@ def pipeline_module(model, num_stages: int, partition_method: str = "type:Decode
     except Exception as e:  # re-raised by agree_on_errors, here and (as a RuntimeError) on every other rank
         error = e
     agree_on_errors(error, device=get_accelerator().current_device_name())
-    module = PipelineModule(layers=layers, num_stages=num_stages, loss_fn=chunk_loss(slot),
+    module = PipelineModule(layers=layers, num_stages=num_stages, loss_fn=chunk_loss_fn(slot),
                             partition_method=partition_method, dynamic_shape=True)
     module.chunk_slot = slot
     module.hf_config = model.config
+    module.guard_report = check_model(model)  # cached: the verdict of the wrap-time check above
     return module
