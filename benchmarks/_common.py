@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import os
 import platform
+import resource
 import sys
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
+REPO = Path(__file__).resolve().parents[1]
 
 
 def environment() -> dict:
@@ -41,3 +43,27 @@ def save_json(name: str, payload: dict) -> Path:
     path = RESULTS / name
     path.write_text(json.dumps({"environment": environment(), **payload}, indent=2))
     return path
+
+
+# ----------------------------------------------------------------------------- sample data
+def load_samples(max_len: int | None) -> list[dict]:
+    """Tokenised sample chats as plain lists (cheap to send to spawned ranks)."""
+    from ds_chunkflow.data import load_jsonl
+    from ds_chunkflow.testing.tokenizer import build_tokenizer
+
+    data = load_jsonl(REPO / "examples/data/sample_sft.jsonl", build_tokenizer())
+    out = [{k: data[i][k].tolist() for k in ("input_ids", "labels")} for i in range(len(data))]
+    return [s for s in out if max_len is None or len(s["input_ids"]) <= max_len]
+
+
+def targets_of(labels: list[int]) -> list[int]:
+    """HF labels (unshifted) -> per-position targets: position t predicts labels[t + 1]."""
+    return labels[1:] + [-100]
+
+
+def num_loss_tokens(batch: list[dict]) -> int:
+    return sum(sum(t != -100 for t in s["labels"][1:]) for s in batch)
+
+
+def rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB

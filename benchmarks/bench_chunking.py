@@ -61,7 +61,7 @@ def sample_lengths() -> tuple[list[int] | None, str]:
         return None, f"skipped: {os.path.relpath(SAMPLE, ROOT)} not found"
     try:
         from ds_chunkflow.data import load_jsonl
-        from ds_chunkflow.toy_tokenizer import build_tokenizer
+        from ds_chunkflow.testing.tokenizer import build_tokenizer
     except ImportError as e:
         return None, f"skipped: {e}"
     data = load_jsonl(SAMPLE, build_tokenizer())

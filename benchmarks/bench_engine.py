@@ -3,7 +3,7 @@
     OMP_NUM_THREADS=1 python benchmarks/bench_engine.py            # full (~4 min on 2 idle cores)
     OMP_NUM_THREADS=1 python benchmarks/bench_engine.py --quick    # smoke run (< 1 min)
 
-Two gloo ranks (DeepSpeed's CPU accelerator, spawned by ``tests/distributed.py``), a tiny
+Two gloo ranks (DeepSpeed's CPU accelerator, spawned by ``ds_chunkflow.testing.spawn``), a tiny
 random Qwen2, ZeRO-2, fp32, a client ``torch.optim.AdamW``, ``gradient_clipping: 0``.
 Every system trains on the same global batches (``--global_batch`` chat samples of
 ``examples/data/sample_sft.jsonl``, seeded shuffle) with the same objective
@@ -43,7 +43,6 @@ import itertools
 import json
 import os
 import random
-import resource
 import sys
 import tempfile
 import time
@@ -53,8 +52,8 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-sys.path[:0] = [str(REPO), str(REPO / "tests"), str(HERE)]
-from _common import save_json, table  # noqa: E402
+sys.path[:0] = [str(REPO), str(HERE)]
+from _common import load_samples, num_loss_tokens, rss_bytes, save_json, table, targets_of  # noqa: E402
 
 MODEL = {"family": "qwen2", "vocab_size": 512, "hidden_size": 128, "num_layers": 4}
 SYSTEMS = ("chunkflow", "chunkflow_k4", "padded", "packed", "packed_varlen")
@@ -63,16 +62,6 @@ VARLEN = "bench_varlen"
 
 
 # ----------------------------------------------------------------------------- data (pure)
-def load_samples(max_len: int | None) -> list[dict]:
-    """Tokenised sample chats as plain lists (cheap to send to spawned ranks)."""
-    from ds_chunkflow.data import load_jsonl
-    from ds_chunkflow.toy_tokenizer import build_tokenizer
-
-    data = load_jsonl(REPO / "examples/data/sample_sft.jsonl", build_tokenizer())
-    out = [{k: data[i][k].tolist() for k in ("input_ids", "labels")} for i in range(len(data))]
-    return [s for s in out if max_len is None or len(s["input_ids"]) <= max_len]
-
-
 def make_batches(samples: list[dict], global_batch: int, steps: int, seed: int):
     """(warm-up batch, timed batches): a seeded shuffle cut into global batches; the warm-up
     batch is the next slice without samples over 2048 tokens (cheap, same for every system)."""
@@ -84,15 +73,6 @@ def make_batches(samples: list[dict], global_batch: int, steps: int, seed: int):
     rest = order[steps * global_batch:(steps + 1) * global_batch]
     warmup = [samples[i] for i in rest if len(samples[i]["input_ids"]) <= 2048]
     return warmup, batches
-
-
-def targets_of(labels: list[int]) -> list[int]:
-    """HF labels (unshifted) -> per-position targets: position t predicts labels[t + 1]."""
-    return labels[1:] + [-100]
-
-
-def num_loss_tokens(batch: list[dict]) -> int:
-    return sum(sum(t != -100 for t in s["labels"][1:]) for s in batch)
 
 
 def rank_share(batch: list[dict], rank: int, world: int) -> list[dict]:
@@ -186,7 +166,7 @@ def _engine(system, cfg):
     import deepspeed
 
     import ds_chunkflow
-    from ds_chunkflow.toy import build_tiny_model
+    from ds_chunkflow.testing.models import build_tiny_model
 
     model = build_tiny_model(MODEL["family"], **{k: v for k, v in MODEL.items() if k != "family"}, seed=0)
     model.config._attn_implementation = "sdpa"
@@ -241,10 +221,6 @@ def _baseline_step(engine, system, batch, cfg) -> float:
     return t.item()
 
 
-def _rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
-
-
 def worker(rank, world, system, cfg, warmup, batches, out_prefix):
     import warnings
 
@@ -262,7 +238,7 @@ def worker(rank, world, system, cfg, warmup, batches, out_prefix):
 
     t = time.perf_counter()
     engine = _engine(system, cfg)
-    rec = {"init_s": time.perf_counter() - t, "rss_after_init": _rss_bytes(), "step_s": [], "cpu_s": [],
+    rec = {"init_s": time.perf_counter() - t, "rss_after_init": rss_bytes(), "step_s": [], "cpu_s": [],
            "losses": [], "chunkflow": []}
     rec["warmup_loss"] = step(warmup)
     profiler = None
@@ -288,13 +264,13 @@ def worker(rank, world, system, cfg, warmup, batches, out_prefix):
         buf = io.StringIO()
         pstats.Stats(profiler, stream=buf).sort_stats("tottime").print_stats(25)
         rec["profile"] = buf.getvalue()
-    rec["peak_rss"] = _rss_bytes()
+    rec["peak_rss"] = rss_bytes()
     Path(f"{out_prefix}.{rank}").write_text(json.dumps(rec))
 
 
 # ----------------------------------------------------------------------------- driver
 def run_system(system, cfg, warmup, batches, world=2) -> list[dict]:
-    from distributed import run_ranks  # tests/distributed.py: spawned gloo ranks, OMP_NUM_THREADS=1
+    from ds_chunkflow.testing.spawn import run_ranks  # spawned gloo ranks, OMP_NUM_THREADS=1
 
     with tempfile.TemporaryDirectory() as tmp:
         prefix = os.path.join(tmp, system)
@@ -373,7 +349,7 @@ def ratios(rows) -> list[dict]:
 def main():
     args = parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    from ds_chunkflow.toy_tokenizer import build_tokenizer
+    from ds_chunkflow.testing.tokenizer import build_tokenizer
 
     samples = load_samples(2048 if args.quick else None)
     warmup, batches = make_batches(samples, args.global_batch, args.steps, args.seed)
@@ -405,7 +381,7 @@ def main():
     for r in rows:
         if r["profile"]:
             print(f"\n--- cProfile, rank 0, {r['system']} ---\n{r['profile']}")
-    from ds_chunkflow.toy import tiny_config
+    from ds_chunkflow.testing.models import tiny_config
 
     config = tiny_config(MODEL["family"], **{k: v for k, v in MODEL.items() if k != "family"})
     model = dict(MODEL, num_parameters=_count_parameters(config), attn_implementation="sdpa")

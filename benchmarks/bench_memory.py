@@ -27,7 +27,7 @@ from _common import RESULTS, save_json, table  # noqa: E402
 
 
 def _model(hidden: int, layers: int):
-    from ds_chunkflow.toy import build_tiny_model
+    from ds_chunkflow.testing.models import build_tiny_model
 
     return build_tiny_model("qwen2", vocab_size=512, hidden_size=hidden, num_layers=layers)
 

@@ -4,7 +4,7 @@
     OMP_NUM_THREADS=1 python benchmarks/bench_pipeline_run.py --quick    # smoke run (< 1 min)
 
 Two gloo ranks = two pipeline stages (DeepSpeed's CPU accelerator, spawned by
-``tests/distributed.py``), a tiny random Qwen2 (4 layers, hidden 128, vocab 512), fp32, a
+``ds_chunkflow.testing.spawn``), a tiny random Qwen2 (4 layers, hidden 128, vocab 512), fp32, a
 client ``torch.optim.AdamW``, ``gradient_clipping: 0``, ZeRO ``--zero_stage`` (0 or 1).
 Both systems train on the same global batches (``--global_batch`` chat samples of
 ``examples/data/sample_sft.jsonl``, toy tokenizer, samples over ``--max_len`` left out, seeded
@@ -50,9 +50,8 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-sys.path[:0] = [str(REPO), str(REPO / "tests"), str(HERE)]
-from _common import save_json, table  # noqa: E402  (after the sys.path line, like bench_engine)
-from bench_engine import _rss_bytes, load_samples, num_loss_tokens, targets_of  # noqa: E402
+sys.path[:0] = [str(REPO), str(HERE)]
+from _common import load_samples, num_loss_tokens, rss_bytes, save_json, table, targets_of  # noqa: E402
 
 MODEL = {"vocab_size": 512, "hidden_size": 128, "num_layers": 4}
 SYSTEMS = ("chunkflow", "deepspeed")
@@ -130,7 +129,7 @@ def simulated(system: str, batch: list[dict], cfg: dict) -> dict:
 
 # ----------------------------------------------------------------------------- inside a rank
 def _model():
-    from ds_chunkflow.toy import build_tiny_model
+    from ds_chunkflow.testing.models import build_tiny_model
 
     model = build_tiny_model("qwen2", **MODEL, seed=0)
     model.config._attn_implementation = "sdpa"
@@ -162,20 +161,18 @@ def _deepspeed_engine(cfg: dict):
     import torch.nn.functional as F
     from deepspeed.pipe import PipelineModule
 
-    from ds_chunkflow.pipeline.model import ChunkSlot, DecoderLayerPipe, EmbedPipe, NormHeadPipe
+    from ds_chunkflow.pipeline.model import ChunkSlot, pipe_layers
 
     model, gas = _model(), cfg["global_batch"] // cfg["micro_batch"]
-    inner, slot, norm = model.model, ChunkSlot(), {"loss_tokens": 1}
-    layers = [EmbedPipe(inner.embed_tokens)]
-    layers += [DecoderLayerPipe(layer, inner.rotary_emb, slot) for layer in inner.layers]
-    layers.append(NormHeadPipe(inner.norm, model.lm_head))
+    slot, norm = ChunkSlot(), {"loss_tokens": 1}
+    layers = pipe_layers(model, slot)
 
     def loss_fn(logits, targets):  # x gas: DeepSpeed divides each micro-batch's loss by gas
         ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="sum")
         return ce * (gas / norm["loss_tokens"])
 
-    module = PipelineModule(layers=layers, num_stages=STAGES, loss_fn=loss_fn, partition_method="uniform",
-                            dynamic_shape=True)
+    module = PipelineModule(layers=layers, num_stages=STAGES, loss_fn=loss_fn,
+                            partition_method="type:DecoderLayerPipe", dynamic_shape=True)
     optimizer = torch.optim.AdamW(module.parameters(), lr=cfg["lr"], weight_decay=0.0)
     engine = deepspeed.initialize(model=module, optimizer=optimizer, config=_ds_config(cfg, cfg["micro_batch"], gas))[0]
 
@@ -214,7 +211,7 @@ def worker(rank, world, system, cfg, warmup, batches, out_prefix):
     ds_chunkflow.init_distributed()  # PipelineModule needs the process group
     t = time.perf_counter()
     engine, step = (_chunkflow_engine if system == "chunkflow" else _deepspeed_engine)(cfg)
-    rec = {"init_s": time.perf_counter() - t, "rss_after_init": _rss_bytes(), "step_s": [], "busy_s": [], "losses": []}
+    rec = {"init_s": time.perf_counter() - t, "rss_after_init": rss_bytes(), "step_s": [], "busy_s": [], "losses": []}
     busy = [0.0]
     _time_compute(engine, busy)
     rec["warmup_loss"] = step(warmup).item()
@@ -225,13 +222,13 @@ def worker(rank, world, system, cfg, warmup, batches, out_prefix):
         dist.barrier()
         rec["step_s"].append(time.perf_counter() - t)
         rec["busy_s"].append(busy[0])
-    rec["peak_rss"] = _rss_bytes()
+    rec["peak_rss"] = rss_bytes()
     Path(f"{out_prefix}.{rank}").write_text(json.dumps(rec))
 
 
 # ----------------------------------------------------------------------------- driver
 def run_system(system, cfg, warmup, batches) -> list[dict]:
-    from distributed import run_ranks  # tests/distributed.py: spawned gloo ranks, OMP_NUM_THREADS=1
+    from ds_chunkflow.testing.spawn import run_ranks  # spawned gloo ranks, OMP_NUM_THREADS=1
 
     with tempfile.TemporaryDirectory() as tmp:
         prefix = os.path.join(tmp, system)
@@ -278,7 +275,7 @@ def main():
     if global_batch % args.micro_batch:
         p.error(f"--global_batch ({global_batch}) must be a multiple of --micro_batch ({args.micro_batch})")
 
-    from ds_chunkflow.toy_tokenizer import build_tokenizer
+    from ds_chunkflow.testing.tokenizer import build_tokenizer
 
     warmup, batches = make_batches(load_samples(max_len), global_batch, steps, args.seed)
     cfg = {"steps": steps, "global_batch": global_batch, "micro_batch": args.micro_batch, "max_len": max_len,

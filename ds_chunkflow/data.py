@@ -6,7 +6,7 @@ Input: one JSON object per line (UTF-8). Three shapes, told apart by their keys
 * chat            ``{"messages": [{"role": "user", "content": "..."}, ...]}``, rendered by
   ``tokenizer.apply_chat_template(..., return_assistant_tokens_mask=True)``; loss on the
   assistant spans that the template marks with ``{% generation %}`` (see
-  :mod:`ds_chunkflow.toy_tokenizer`), nothing else;
+  :mod:`ds_chunkflow.testing.tokenizer`), nothing else;
 * prompt/completion ``{"prompt": "...", "completion": "..."}``: ``tokenizer(prompt)``
   (with the tokenizer's own special tokens, e.g. a BOS), then the completion encoded on
   its own, then EOS; loss on completion + EOS;
@@ -231,7 +231,7 @@ def _check_tokenizer(tokenizer: PreTrainedTokenizerBase, shape: str) -> None:
     if shape == "chat" and not _GENERATION_TAG.search(tokenizer.chat_template or ""):
         raise ValueError(
             "tokenizer.chat_template has no {% generation %} markers, so chat lines cannot get "
-            "assistant-only labels; use a template with them (see ds_chunkflow.toy_tokenizer.CHAT_TEMPLATE)"
+            "assistant-only labels; use a template with them (see ds_chunkflow.testing.tokenizer.CHAT_TEMPLATE)"
         )
     if shape == "prompt/completion" and tokenizer.eos_token_id is None:
         raise ValueError("tokenizer.eos_token is not set; prompt/completion lines need it to end the completion")

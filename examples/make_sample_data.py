@@ -1,6 +1,6 @@
 """Write examples/data/sample_sft.jsonl: ~400 chat samples with a heavy-tailed length mix.
 
-The token lengths (under :mod:`ds_chunkflow.toy_tokenizer`) mimic LMSysChat1M, where most
+The token lengths (under :mod:`ds_chunkflow.testing.tokenizer`) mimic LMSysChat1M, where most
 conversations are short and a few are very long, which is the case ChunkFlow is built for:
 
     bucket (tokens)   samples   share
@@ -26,7 +26,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # the package is not installed; run straight from the checkout
 
-from ds_chunkflow.toy_tokenizer import build_tokenizer  # noqa: E402
+from ds_chunkflow.testing.tokenizer import build_tokenizer  # noqa: E402
 
 SEED = 1234
 OUT = REPO / "examples" / "data" / "sample_sft.jsonl"

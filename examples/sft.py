@@ -40,8 +40,8 @@ Path(args.output_dir).mkdir(parents=True, exist_ok=True)
 
 # ----------------------------------------------------------------------------- model
 if args.model is None:
-    from ds_chunkflow.toy import build_tiny_model
-    from ds_chunkflow.toy_tokenizer import VOCAB_SIZE, build_tokenizer
+    from ds_chunkflow.testing.models import build_tiny_model
+    from ds_chunkflow.testing.tokenizer import VOCAB_SIZE, build_tokenizer
 
     args.model = os.path.join(args.output_dir, "tiny-qwen2")
     if int(os.environ.get("RANK", 0)) == 0 and not os.path.exists(os.path.join(args.model, "config.json")):

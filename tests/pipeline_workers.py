@@ -22,14 +22,14 @@ PIPE_FAMILIES = {
     "gemma3_tied": _exact("gemma3_text", final_logit_softcapping=30.0),  # softcap, rope per layer type, sliding
     "qwen3": _exact("qwen3"),
 }
-TOY = "toy"  # ds_chunkflow.toy's Qwen2, float32
+TOY = "toy"  # ds_chunkflow.testing.models's Qwen2, float32
 
 
 def build_model(family):
     """float32 (DeepSpeed's pipeline engine reduces no float64 gradients), seed 0; ``TOY`` is
     ``build_tiny_model("qwen2")``."""
     if family == TOY:
-        from ds_chunkflow.toy import build_tiny_model
+        from ds_chunkflow.testing.models import build_tiny_model
 
         return build_tiny_model("qwen2", seed=0)
     model_type, overrides = PIPE_FAMILIES[family]

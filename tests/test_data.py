@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
 from ds_chunkflow.data import IGNORE_INDEX, DataError, GlobalBatchSampler, load_jsonl
-from ds_chunkflow.toy_tokenizer import CHAT_TEMPLATE, VOCAB_SIZE, build_tokenizer
+from ds_chunkflow.testing.tokenizer import CHAT_TEMPLATE, VOCAB_SIZE, build_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE_DATA = REPO / "examples" / "data" / "sample_sft.jsonl"

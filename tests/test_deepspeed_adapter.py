@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-from distributed import run_ranks
 
 from ds_chunkflow import deepspeed_adapter
+from ds_chunkflow.testing.spawn import run_ranks
 
 
 def test_installed_deepspeed_has_every_touched_name():
@@ -33,7 +33,7 @@ def _initialize_through_deepspeed(rank, world, out_path):
 
     import ds_chunkflow
     from ds_chunkflow.engine import ChunkFlowEngine
-    from ds_chunkflow.toy import build_tiny_model
+    from ds_chunkflow.testing.models import build_tiny_model
 
     model = build_tiny_model("qwen2")
     original = deepspeed.DeepSpeedEngine

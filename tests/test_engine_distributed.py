@@ -7,8 +7,9 @@ whatever the tolerance on the parameters themselves would have let through.
 
 import pytest
 import torch
-from distributed import run_ranks
 from workers import mismatched_batches, reference_steps, train_steps, train_with_resume
+
+from ds_chunkflow.testing.spawn import run_ranks
 
 pytestmark = pytest.mark.distributed
 
@@ -16,7 +17,7 @@ OFFLOAD = {"keep_chunks": 2, "offload": {"activations": "far", "kv_state_min_tok
 
 
 def _initial_state():
-    from ds_chunkflow.toy import build_tiny_model
+    from ds_chunkflow.testing.models import build_tiny_model
 
     return {n: p.detach().clone() for n, p in build_tiny_model("qwen2", seed=0).named_parameters()}
 

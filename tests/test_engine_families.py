@@ -2,11 +2,11 @@
 
 import pytest
 import torch
-from distributed import run_ranks
 from guard_workers import DP_FAMILIES, dp_family_batch, refused_everywhere, train_families
 from reference import reference_loss_and_grads
 
 from ds_chunkflow.testing.families import build, exact_case
+from ds_chunkflow.testing.spawn import run_ranks
 
 pytestmark = pytest.mark.distributed
 

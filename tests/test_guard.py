@@ -8,7 +8,7 @@ import ds_chunkflow
 from ds_chunkflow import guard
 from ds_chunkflow.guard import ModelRefused, check_model
 from ds_chunkflow.testing.families import REFUSED, build
-from ds_chunkflow.toy import build_tiny_model
+from ds_chunkflow.testing.models import build_tiny_model
 
 
 class _CumsumMixer(torch.nn.Module):

@@ -7,7 +7,6 @@ import time
 
 import pytest
 import torch
-from distributed import run_ranks
 from pipeline_workers import (
     INJECTED,
     PIPE_FAMILIES,
@@ -21,6 +20,7 @@ from pipeline_workers import (
 
 from ds_chunkflow.pipeline.model import pipeline_module
 from ds_chunkflow.testing.families import build
+from ds_chunkflow.testing.spawn import run_ranks
 
 pytestmark = pytest.mark.distributed
 

@@ -9,7 +9,7 @@ from reference import grads_of, make_sequences, max_rel_err, reference_loss_and_
 
 import ds_chunkflow
 from ds_chunkflow.memory import ActivationMeter
-from ds_chunkflow.toy import build_tiny_model
+from ds_chunkflow.testing.models import build_tiny_model
 
 CHUNK = 16
 # split (8.2, 3, 1.06 chunks), packed short ones incl. lengths 1 and 2, one all-masked

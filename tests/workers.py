@@ -72,7 +72,7 @@ def train_steps(rank, world, stage, steps, out_path, chunkflow=None, extra=None)
     parameters before and after (``master_state``), the module's parameters and their dtype, the
     last step's metrics and this rank's own byte counts of the last step (``recorded_exec_stats``)."""
     import ds_chunkflow
-    from ds_chunkflow.toy import build_tiny_model
+    from ds_chunkflow.testing.models import build_tiny_model
 
     model = build_tiny_model("qwen2", seed=0)
     opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
@@ -90,7 +90,7 @@ def reference_steps(steps):
     """Single process, plain PyTorch: the same model, optimizer and global batches."""
     from reference import reference_loss_and_grads
 
-    from ds_chunkflow.toy import build_tiny_model
+    from ds_chunkflow.testing.models import build_tiny_model
 
     model = build_tiny_model("qwen2", seed=0)
     opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
@@ -116,7 +116,7 @@ def _dataset(vocab_size):
 def train_with_resume(rank, world, ckpt_dir, out_path, total_steps, stop_at):
     """Runs total_steps uninterrupted, or stop_at steps + checkpoint + a fresh engine resuming."""
     import ds_chunkflow
-    from ds_chunkflow.toy import build_tiny_model
+    from ds_chunkflow.testing.models import build_tiny_model
 
     def make_engine():
         model = build_tiny_model("qwen2", seed=0)
@@ -141,7 +141,7 @@ def mismatched_batches(rank, world, out_path):
     from reference import make_sequences
 
     import ds_chunkflow
-    from ds_chunkflow.toy import build_tiny_model
+    from ds_chunkflow.testing.models import build_tiny_model
 
     model = build_tiny_model("qwen2", seed=0)
     engine, *_ = ds_chunkflow.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
