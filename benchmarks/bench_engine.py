@@ -126,8 +126,8 @@ def micro_batches(system, batch, rank, world, cfg):
 
 def work_per_rank(system, batch, world, cfg) -> list[dict]:
     """Real tokens, computed token slots and modelled cost (ChunkFlow's CostModel) per rank."""
+    from ds_chunkflow.batch_plan import plan_batch
     from ds_chunkflow.chunking import CostModel
-    from ds_chunkflow.plan import plan_batch
 
     cost = CostModel(attention=1.0 / (6 * MODEL["hidden_size"]))  # the engine's default weight
     if system.startswith("chunkflow"):
@@ -186,7 +186,9 @@ def _engine(system, cfg):
         config["chunkflow"] = {"chunk_size": cfg["chunk_size"], "keep_chunks": keep,
                                "pad_token_id": cfg["pad_id"]}
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.0)
-    ds_chunkflow.deepspeed_adapter.decide_shm_comm_build()
+    from ds_chunkflow.deepspeed_adapter import decide_shm_comm_build
+
+    decide_shm_comm_build()
     init = ds_chunkflow.initialize if system.startswith("chunkflow") else deepspeed.initialize
     return init(model=model, optimizer=optimizer, config=config)[0]
 

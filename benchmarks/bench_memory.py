@@ -57,8 +57,8 @@ def _point(system: str, multiple: int, chunk: int, hidden: int, layers: int, rep
     import torch
 
     from ds_chunkflow import chunked_step
+    from ds_chunkflow.batch_plan import plan_batch
     from ds_chunkflow.memory import ActivationMeter, peak_rss_bytes
-    from ds_chunkflow.plan import plan_batch
 
     torch.set_num_threads(1)
     model = _model(hidden, layers)

@@ -56,7 +56,7 @@ from _common import load_samples, num_loss_tokens, rss_bytes, save_json, table, 
 MODEL = {"vocab_size": 512, "hidden_size": 128, "num_layers": 4}
 SYSTEMS = ("chunkflow", "deepspeed")
 STAGES = 2
-COMPUTE = ("ForwardPass", "BackwardPass", "StateForward", "RecomputeForward")
+COMPUTE = ("ForwardPass", "BackwardPass", "StateForwardPass", "RecomputeForwardPass")
 
 
 # ----------------------------------------------------------------------------- data (pure)
@@ -87,7 +87,7 @@ def padded_micro_batches(batch: list[dict], micro_batch: int, pad_id: int) -> li
 
 def chunkflow_chunks(batch: list[dict], cfg: dict) -> list:
     """The chunks the engine runs, in its order (1 pipeline replica: one share)."""
-    from ds_chunkflow.plan import plan_batch
+    from ds_chunkflow.batch_plan import plan_batch
 
     seqs = [{k: torch.tensor(v) for k, v in s.items()} for s in batch]
     share = plan_batch(seqs, chunk_size=cfg["chunk_size"], keep_chunks=cfg["keep_chunks"], num_ranks=1).shares[0]
@@ -103,12 +103,12 @@ def _bubble(timeline) -> float:
 def simulated(system: str, batch: list[dict], cfg: dict) -> dict:
     """Simulated bubble of one batch: under the engine's planning cost, and under h = 128."""
     from ds_chunkflow.chunking import Chunk, CostModel, Segment
-    from ds_chunkflow.pipeline.simulate import plan, replay
+    from ds_chunkflow.pipeline.planner import plan_stages, replay
 
     planning, model = CostModel(), CostModel(attention=1.0 / (6 * MODEL["hidden_size"]))
     if system == "chunkflow":
         chunks = chunkflow_chunks(batch, cfg)
-        p = plan(chunks, STAGES, cfg["keep_chunks"], [planning.chunk_cost(c) for c in chunks])
+        p = plan_stages(chunks, STAGES, cfg["keep_chunks"], [planning.chunk_cost(c) for c in chunks])
         ops = sum(op.kind in "FSR" for op in p.forward)
         recomputes = sum(op.kind == "R" for op in p.forward)
         costs_h128 = [model.chunk_cost(c) for c in chunks]
@@ -119,7 +119,7 @@ def simulated(system: str, batch: list[dict], cfg: dict) -> dict:
         def cost(m, c):  # rows x T tokens, rows x T(T+1)/2 pairs: padding computes like real tokens
             return m["rows"] * (m["length"] * c.linear + m["length"] * (m["length"] + 1) / 2 * c.attention)
 
-        p = plan(chunks, STAGES, 1, [cost(m, planning) for m in mbs], strategy="given")
+        p = plan_stages(chunks, STAGES, 1, [cost(m, planning) for m in mbs], strategy="given")
         ops, recomputes = len(chunks), 0
         costs_h128 = [cost(m, model) for m in mbs]
     return {"micro_batches": len(chunks), "forward_ops": ops, "recomputes": recomputes,

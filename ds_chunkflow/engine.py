@@ -1,7 +1,7 @@
 """ChunkFlowEngine: a thin DeepSpeedEngine subclass that trains on ChunkFlow chunks.
 
 ``train_batch(sequences)`` takes one whole global batch (the same list on every
-data-parallel rank), plans it with :func:`ds_chunkflow.plan.plan_batch`, runs this
+data-parallel rank), plans it with :func:`ds_chunkflow.batch_plan.plan_batch`, runs this
 rank's share through :class:`ds_chunkflow.executor.Executor` with the engine as the
 forward and ``engine.backward`` as the backward, and takes one optimizer step.
 
@@ -22,6 +22,7 @@ from deepspeed.runtime.engine import DeepSpeedEngine
 
 from .attention import use_chunkflow_attention
 from .batch import SequenceDict
+from .batch_plan import BatchPlan, plan_batch
 from .chunking import CostModel
 from .config import ChunkFlowConfig
 from .distributed import agree_on_errors, all_reduce
@@ -29,7 +30,6 @@ from .executor import Executor
 from .guard import check_model
 from .memory import peak_rss_bytes
 from .monitor import step_metrics
-from .plan import BatchPlan, plan_batch
 
 SAMPLER_KEY = "ds_chunkflow_sampler"
 logger = logging.getLogger(__name__)
@@ -147,7 +147,7 @@ class ChunkFlowEngine(ChunkFlowMixin, DeepSpeedEngine):
         executor = Executor(self, backward, batch.sequences, batch.num_loss_tokens, self.device,
                             cf.offload.kv_state_min_tokens, pad_token_id=cf.pad_token_id)
         with use_chunkflow_attention(self.module.config):
-            stats = executor.run(batch.plans[self._dp_rank()])
+            stats = executor.run(batch.rank_plans[self._dp_rank()])
         self.step()
         self.set_gradient_accumulation_boundary(None)
         loss, = all_reduce([stats.loss.item()], "sum", self.data_parallel_group, self.device)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from .batch_plan import BatchPlan
 from .executor import ExecStats
-from .plan import BatchPlan
 
 
 def step_metrics(batch: BatchPlan, loss: float, seconds: float, peak_rss: int, stats: ExecStats | None = None,

@@ -8,10 +8,10 @@ import torch
 
 from .attention import use_chunkflow_attention
 from .batch import SequenceDict
+from .batch_plan import plan_batch
 from .executor import ExecStats, Executor
 from .guard import check_model
 from .memory import ActivationMeter
-from .plan import plan_batch
 
 
 def chunked_step(model, sequences: Sequence[SequenceDict], *, chunk_size: int, keep_chunks: int = 1,
@@ -25,7 +25,7 @@ def chunked_step(model, sequences: Sequence[SequenceDict], *, chunk_size: int, k
     executor = Executor(model, lambda loss, _boundary: loss.backward(), batch.sequences, batch.num_loss_tokens,
                         device, state_offload_min_tokens, meter or ActivationMeter())
     with use_chunkflow_attention(model.config):
-        return executor.run(batch.plans[0])
+        return executor.run(batch.rank_plans[0])
 
 
 def chunked_forward_backward(model, sequences: Sequence[SequenceDict], chunk_size: int, keep_chunks: int = 1,

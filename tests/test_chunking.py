@@ -145,7 +145,7 @@ PLAN_DUMP = r"""
 import json, sys
 import numpy as np
 import torch
-from ds_chunkflow.plan import plan_batch
+from ds_chunkflow.batch_plan import plan_batch
 
 def chunk(c):
     return [c.group, c.index, c.count, [[s.seq_index, s.start, s.length] for s in c.segments]]
@@ -169,7 +169,7 @@ for case in json.load(sys.stdin):
         "shares": [{"rank": s.rank, "groups": [[chunk(c) for c in g] for g in s.groups],
                     "standalone": [chunk(c) for c in s.standalone], "cost": repr(s.cost)} for s in b.shares],
         "plans": [[[[instruction(i) for i in part] for part in (st.pre, st.fwd, st.bwd, st.post)] for st in plan]
-                  for plan in b.plans],
+                  for plan in b.rank_plans],
     })
 print(json.dumps(out, sort_keys=True))
 """

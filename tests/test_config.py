@@ -6,8 +6,8 @@ import pytest
 import torch
 from reference import make_sequences
 
+from ds_chunkflow.batch_plan import plan_batch
 from ds_chunkflow.config import ChunkFlowConfig, ConfigError, load_config_file, split_config
-from ds_chunkflow.plan import plan_batch
 
 CONFIGS = sorted((Path(__file__).parent.parent / "ds_configs").glob("*"))
 

@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 
 from ds_chunkflow.chunking import build_chunks
 from ds_chunkflow.pipeline import ChunkFlowTrainSchedule, simulate, stage_steps
-from ds_chunkflow.pipeline.schedule import RecomputeForward, StateForward
+from ds_chunkflow.pipeline.schedule import RecomputeForwardPass, StateForwardPass
 from ds_chunkflow.pipeline.simulate import SimResult
 
 PAPER = [4, 2, 1, 1]  # the paper's worked example: 4 stages, sequences of 4, 2, 1, 1 units
@@ -168,8 +168,8 @@ def rendezvous(programs, chunks, recomputed):
                 elif type(cmd) is LoadMicroBatch:
                     inputs[s][b] = (mb, "load") if s == 0 else inputs[s].get(b)
                     labels[s][b] = mb
-                elif type(cmd) in (ForwardPass, StateForward, RecomputeForward):
-                    phase = "R" if type(cmd) is RecomputeForward else "fwd"
+                elif type(cmd) in (ForwardPass, StateForwardPass, RecomputeForwardPass):
+                    phase = "R" if type(cmd) is RecomputeForwardPass else "fwd"
                     assert inputs[s][b][0] == mb and inputs[s][b][1] in (("load",) if s == 0 else (phase,))
                     if s == n - 1:
                         assert labels[s][b] == mb
@@ -183,7 +183,7 @@ def rendezvous(programs, chunks, recomputed):
     assert all(p == len(prog) for p, prog in zip(pos, programs)), f"deadlock at {pos}"
 
 
-KIND = {ForwardPass: "F", StateForward: "S", RecomputeForward: "R", BackwardPass: "B"}
+KIND = {ForwardPass: "F", StateForwardPass: "S", RecomputeForwardPass: "R", BackwardPass: "B"}
 
 
 def check_stage(r, s, steps, num_buffers):
@@ -204,7 +204,7 @@ def check_stage(r, s, steps, num_buffers):
     assert [flat[i].micro_batch for i in loads] == (load_order if s in (0, n - 1) else []), f"stage {s} loads"
     for i in loads:
         nxt = flat[i + 1]
-        assert type(nxt) in (ForwardPass, StateForward) and (nxt.micro_batch, nxt.buffer_id) == \
+        assert type(nxt) in (ForwardPass, StateForwardPass) and (nxt.micro_batch, nxt.buffer_id) == \
             (flat[i].micro_batch, flat[i].buffer_id), f"stage {s}: load not right before its forward"
 
     expected = collections.Counter((op.kind != "B", op.micro_batch) for op in order)
@@ -216,7 +216,7 @@ def check_stage(r, s, steps, num_buffers):
         mb = getattr(c, "micro_batch", None)
         if type(c) is RecvActivation:
             received[mb] += 1
-        elif type(c) in (ForwardPass, StateForward, RecomputeForward):
+        elif type(c) in (ForwardPass, StateForwardPass, RecomputeForwardPass):
             if s > 0:
                 assert received.pop(mb, 0) == 1, f"stage {s}: {c} without exactly one received input"
             produced[mb] += 1
@@ -322,4 +322,4 @@ def test_schedule_class(stages):
     r = SimResult(stages, chunks, scheds[0].plan, 1)
     check_plan(r, 1)
     check_schedule(r, 1)
-    assert "RecomputeForward(buffer_id=" in repr(RecomputeForward(0, micro_batch=3))
+    assert "RecomputeForwardPass(buffer_id=" in repr(RecomputeForwardPass(0, micro_batch=3))

@@ -1,25 +1,20 @@
 """Pipeline parallelism for ChunkFlow: the state-aware 1F1B plan, its simulator, its schedule.
 
-``simulate`` and the plan are pure Python; the DeepSpeed schedule (``ChunkFlowTrainSchedule``,
-``StateForward``, ``RecomputeForward``, ``stage_steps``) is imported on first use, so the
-simulator does not pay for importing DeepSpeed.
+``planner`` (the runtime plan every stage runs) and ``simulate`` (times it) are pure Python;
+the DeepSpeed schedule (``ChunkFlowTrainSchedule``, ``StateForwardPass``,
+``RecomputeForwardPass``, ``stage_steps``) is imported on first use, so the simulator does not
+pay for importing DeepSpeed.
 """
 
-from ds_chunkflow.pipeline.simulate import (
-    Op,
-    Plan,
-    SimResult,
-    plan,
-    replay,
-    simulate,
-    stage_orders,
-)
+from ds_chunkflow.pipeline.planner import Op, OpKind, StagePlan, plan_stages, replay, stage_orders
+from ds_chunkflow.pipeline.simulate import SimResult, simulate
 
-_SCHEDULE_NAMES = ("ChunkFlowTrainSchedule", "RecomputeForward", "StateForward", "stage_steps", "default_costs")
+_SCHEDULE_NAMES = ("ChunkFlowTrainSchedule", "RecomputeForwardPass", "StateForwardPass", "stage_steps",
+                   "default_costs")
 
 __all__ = [
-    "ChunkFlowTrainSchedule", "Op", "Plan", "RecomputeForward", "SimResult", "StateForward", "default_costs", "plan",
-    "replay", "simulate", "stage_orders", "stage_steps",
+    "ChunkFlowTrainSchedule", "Op", "OpKind", "RecomputeForwardPass", "SimResult", "StagePlan", "StateForwardPass",
+    "default_costs", "plan_stages", "replay", "simulate", "stage_orders", "stage_steps",
 ]
 
 

@@ -7,8 +7,8 @@ the extra instructions:
 
     LoadMicroBatch    chunk tensors into the buffer (first stage: ids/positions, last: targets)
     ForwardPass       forward with autograd; the last stage keeps one loss per buffer
-    StateForward      forward without a graph: only this stage's K/V state of the chunk
-    RecomputeForward  forward again from the RNG state of the StateForward, with autograd
+    StateForwardPass  forward without a graph: only this stage's K/V state of the chunk
+    RecomputeForwardPass  forward again from the RNG state of the StateForwardPass, with autograd
     BackwardPass      DeepSpeed's backward on the buffer; K/V gradients flow through the state
 
 Each instruction names its chunk (``micro_batch`` in its kwargs, the index into the chunk
@@ -48,7 +48,7 @@ from ..engine import ChunkFlowMixin
 from ..executor import ExecStats
 from ..memory import peak_rss_bytes
 from ..monitor import step_metrics
-from .schedule import ChunkFlowTrainSchedule, RecomputeForward, StateForward
+from .schedule import ChunkFlowTrainSchedule, RecomputeForwardPass, StateForwardPass
 
 _STOCK_BUFFER_OPS = (ds_schedule.SendActivation, ds_schedule.RecvActivation, ds_schedule.SendGrad,
                      ds_schedule.RecvGrad)
@@ -178,6 +178,6 @@ class ChunkFlowPipelineEngine(ChunkFlowMixin, PipelineEngine):
         ds_schedule.LoadMicroBatch: _exec_load_chunk,
         ds_schedule.ForwardPass: _exec_chunk_forward,
         ds_schedule.BackwardPass: _exec_chunk_backward,
-        StateForward: _exec_state_forward,
-        RecomputeForward: _exec_recompute,
+        StateForwardPass: _exec_state_forward,
+        RecomputeForwardPass: _exec_recompute,
     }

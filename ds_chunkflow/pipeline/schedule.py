@@ -1,19 +1,19 @@
 """DeepSpeed pipeline schedule for ChunkFlow's state-aware 1F1B.
 
-:func:`~ds_chunkflow.pipeline.simulate.plan` fixes every stage's compute order (the same plan
+:func:`~ds_chunkflow.pipeline.planner.plan_stages` fixes every stage's compute order (the same plan
 the simulator times); this module turns one stage's order into DeepSpeed instructions:
 
-    F -> ForwardPass        S -> StateForward        R -> RecomputeForward      B -> BackwardPass
+    F -> ForwardPass        S -> StateForwardPass        R -> RecomputeForwardPass      B -> BackwardPass
 
 preceded by ``LoadMicroBatch`` at the first forward of a chunk on the first and last stages,
 and surrounded by the sends and receives of the neighbouring stages. A group of 3 chunks with
 K=1 on a middle stage (stage 0 has no Recv*, the last stage no RecvGrad / SendActivation)::
 
-    RecvActivation StateForward SendActivation      chunk 0: state only
-    RecvActivation StateForward SendActivation      chunk 1: state only
+    RecvActivation StateForwardPass SendActivation      chunk 0: state only
+    RecvActivation StateForwardPass SendActivation      chunk 1: state only
     RecvActivation ForwardPass  SendActivation      chunk 2: kept
     RecvGrad BackwardPass SendGrad                  chunk 2
-    RecvActivation RecomputeForward SendActivation  chunk 1 again, through the whole pipeline
+    RecvActivation RecomputeForwardPass SendActivation  chunk 1 again, through the whole pipeline
     RecvGrad BackwardPass SendGrad                  chunk 1
     ...                                             chunk 0 likewise
 
@@ -65,10 +65,10 @@ from deepspeed.runtime.pipe.schedule import (
 )
 
 from ds_chunkflow.chunking import CostModel
-from ds_chunkflow.pipeline.simulate import Plan, plan
+from ds_chunkflow.pipeline.planner import B, F, R, S, StagePlan, plan_stages
 
 
-class StateForward(BufferOpInstruction):
+class StateForwardPass(BufferOpInstruction):
     """Forward a dependent chunk whose activations are not kept: only its K/V state is.
 
     Roughly:
@@ -84,8 +84,8 @@ class StateForward(BufferOpInstruction):
         super().__init__(buffer_id, micro_batch=micro_batch)
 
 
-class RecomputeForward(BufferOpInstruction):
-    """Forward a chunk that ran as :class:`StateForward` again, with autograd, before its backward.
+class RecomputeForwardPass(BufferOpInstruction):
+    """Forward a chunk that ran as :class:`StateForwardPass` again, with autograd, before its backward.
 
     Roughly:
 
@@ -101,11 +101,11 @@ class RecomputeForward(BufferOpInstruction):
         super().__init__(buffer_id, micro_batch=micro_batch)
 
 
-_COMPUTE = {"F": ForwardPass, "S": StateForward, "R": RecomputeForward, "B": BackwardPass}
-_PHASE = {"F": "fwd", "S": "fwd", "R": "R", "B": "B"}
+_COMPUTE = {F: ForwardPass, S: StateForwardPass, R: RecomputeForwardPass, B: BackwardPass}
+_PHASE = {F: "fwd", S: "fwd", R: R, B: B}
 
 
-def _comm_items(plan_: Plan, num_stages: int, s: int) -> list[tuple[tuple, type, int]]:
+def _comm_items(plan_: StagePlan, num_stages: int, s: int) -> list[tuple[tuple, type, int]]:
     """``(sort key, instruction class, micro_batch)`` of every send/receive of stage ``s``.
 
     The sort key ``(tau, 0 for activations / 1 for gradients, micro_batch, phase)`` is the
@@ -120,11 +120,11 @@ def _comm_items(plan_: Plan, num_stages: int, s: int) -> list[tuple[tuple, type,
     items = []
     for _, _, op in plan_.timeline[s]:
         mb, phase = op.micro_batch, _PHASE[op.kind]
-        if op.kind == "B":
+        if op.kind is B:
             if s > 0:
-                items.append(((start[(s - 1, "B", mb)], 1, mb, phase), SendGrad, mb))
+                items.append(((start[(s - 1, B, mb)], 1, mb, phase), SendGrad, mb))
             if s < num_stages - 1:
-                items.append(((start[(s, "B", mb)], 1, mb, phase), RecvGrad, mb))
+                items.append(((start[(s, B, mb)], 1, mb, phase), RecvGrad, mb))
         else:
             if s < num_stages - 1:
                 items.append(((_activation_tau(end, s, phase, mb), 0, mb, phase), SendActivation, mb))
@@ -141,10 +141,10 @@ def _activation_tau(end: dict, producer: int, phase: str, mb: int) -> float:
     be at the group's state-only forwards when the producer recomputes.
     """
     tau = end[(producer, phase, mb)]
-    return max(tau, end[(producer + 1, "fwd", mb)]) if phase == "R" else tau
+    return max(tau, end[(producer + 1, "fwd", mb)]) if phase is R else tau
 
 
-def stage_steps(plan_: Plan, num_stages: int, stage_id: int) -> tuple[list[list[PipeInstruction]], int]:
+def stage_steps(plan_: StagePlan, num_stages: int, stage_id: int) -> tuple[list[list[PipeInstruction]], int]:
     """Instructions of one stage, one step per compute op plus a final step; and the buffer count."""
     items = _comm_items(plan_, num_stages, stage_id)
     loads = stage_id in (0, num_stages - 1)
@@ -157,7 +157,7 @@ def stage_steps(plan_: Plan, num_stages: int, stage_id: int) -> tuple[list[list[
             k += 1
         # RecvGrad last: only other-link messages can share its tau, so link orders are unchanged
         step.sort(key=lambda it: it[0] is RecvGrad)
-        if loads and op.kind in ("F", "S"):
+        if loads and op.kind in (F, S):
             step.append((LoadMicroBatch, op.micro_batch))
         raw.append(step + [(_COMPUTE[op.kind], op.micro_batch)])
     raw.append([it[1:] for it in items[k:]])
@@ -209,7 +209,7 @@ class ChunkFlowTrainSchedule(PipeSchedule):
         stages, stage_id: as for DeepSpeed's ``TrainSchedule``.
         keep_chunks: K, chunks of a group whose activations are kept (the rest are recomputed).
         costs: per-chunk forward cost for planning (default :func:`default_costs`).
-        strategy, search_iters: forward-sequence choice, see :func:`~ds_chunkflow.pipeline.simulate.plan`.
+        strategy, search_iters: forward-sequence choice, see :func:`~ds_chunkflow.pipeline.planner.plan_stages`.
 
     The data iterator must yield chunks in :attr:`load_order` (the order of ``LoadMicroBatch``
     on the first and the last stage), which may differ from the list order.
@@ -221,13 +221,13 @@ class ChunkFlowTrainSchedule(PipeSchedule):
         self.chunks = list(micro_batches)
         self.keep_chunks = keep_chunks
         costs = list(costs) if costs is not None else default_costs(self.chunks)
-        self.plan = plan(self.chunks, stages, keep_chunks, costs, strategy, search_iters=search_iters)
+        self.plan = plan_stages(self.chunks, stages, keep_chunks, costs, strategy, search_iters=search_iters)
         self._steps, self._num_buffers = stage_steps(self.plan, stages, stage_id)
 
     @property
     def load_order(self) -> list[int]:
         """Micro-batch ids in the order the first and last stages load them."""
-        return [op.micro_batch for op in self.plan.forward if op.kind in ("F", "S")]
+        return [op.micro_batch for op in self.plan.forward if op.kind in (F, S)]
 
     def steps(self):
         """Yield this stage's instruction lists (fresh objects every pass)."""

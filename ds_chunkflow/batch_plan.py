@@ -23,7 +23,7 @@ class BatchPlan:
     sequences: list[SequenceDict]  # after the max_seq_len guard
     layout: ChunkLayout
     shares: list[RankShare]
-    plans: list[list[Step]]        # aligned: same collective shape on every rank
+    rank_plans: list[list[Step]]        # aligned: same collective shape on every rank
     num_loss_tokens: int
     num_skipped: int = 0
 
@@ -33,7 +33,7 @@ class BatchPlan:
         return imbalance([s.cost for s in self.shares])
 
     def recompute_fraction(self) -> float:
-        stats = [plan_stats(p) for p in self.plans]
+        stats = [plan_stats(p) for p in self.rank_plans]
         return sum(s.recompute_tokens for s in stats) / max(1, sum(s.forward_tokens for s in stats))
 
 
