@@ -32,7 +32,7 @@ SKIP_SHM_ENV = "DS_CHUNKFLOW_SKIP_SHM_BUILD"
 
 # Read from deepspeed/runtime/pipe/engine.py (0.19.8): what ChunkFlowPipelineEngine uses of
 # PipelineEngine beyond its public methods.
-PIPELINE_ENGINE_PRIVATE_NAMES = ("_INSTRUCTION_MAP", "_exec_backward_pass", "_reserve_pipe_buffers",
+PIPELINE_ENGINE_PRIVATE_NAMES = ("_INSTRUCTION_MAP", "_exec_schedule", "_exec_backward_pass", "_reserve_pipe_buffers",
                                  "pipe_buffers")
 # deepspeed/__init__.py (0.19.8): the names deepspeed.initialize constructs engines by.
 ENGINE_GLOBALS = ("DeepSpeedEngine", "PipelineEngine")

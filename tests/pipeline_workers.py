@@ -1,7 +1,8 @@
 """Spawned-rank functions for the pipeline tests (importable by name), and their references."""
 
 import torch
-from workers import ds_config, global_batch
+import workers
+from workers import LR, ds_config, global_batch
 
 from ds_chunkflow.testing.families import EXACT, build
 
@@ -37,7 +38,7 @@ def build_model(family):
 
 
 def _sgd(params):
-    return torch.optim.SGD(params, lr=0.5, momentum=0.9)
+    return torch.optim.SGD(params, lr=LR, momentum=0.9)  # as workers.reference_steps
 
 
 def _pipeline_engine(model, stage=0, **chunkflow):
@@ -68,17 +69,7 @@ def train_pipeline(rank, world, stage, steps, out_path, keep_chunks=1, families=
 
 def reference_steps(family, steps):
     """Single process, plain PyTorch: the same model, optimizer and global batches."""
-    from reference import reference_loss_and_grads
-
-    model = build_model(family)
-    opt = _sgd(model.parameters())
-    losses = []
-    for s in range(steps):
-        opt.zero_grad(set_to_none=True)
-        loss, _ = reference_loss_and_grads(model, global_batch(s, model.config.vocab_size))
-        opt.step()
-        losses.append(loss.item())
-    return losses, {n: p.detach().clone() for n, p in model.named_parameters()}
+    return workers.reference_steps(steps, build_model(family))
 
 
 def pipeline_refuses_zero2(rank, world, out_path):

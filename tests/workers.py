@@ -86,13 +86,13 @@ def train_steps(rank, world, stage, steps, out_path, chunkflow=None, extra=None)
                 "moved": moved[-1]}, f"{out_path}.{rank}")
 
 
-def reference_steps(steps):
-    """Single process, plain PyTorch: the same model, optimizer and global batches."""
+def reference_steps(steps, model=None):
+    """Single process, plain PyTorch: the same model (default: the tiny Qwen2), SGD-momentum and global batches."""
     from reference import reference_loss_and_grads
 
     from ds_chunkflow.testing.models import build_tiny_model
 
-    model = build_tiny_model("qwen2", seed=0)
+    model = model if model is not None else build_tiny_model("qwen2", seed=0)
     opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
     losses = []
     for s in range(steps):
