@@ -30,12 +30,29 @@ Guarantees of :func:`load_jsonl`:
   it by reason in :class:`LoadStats`. A sample longer than ``max_seq_len`` is governed by
   ``on_overlong`` alone (``"error"`` raises even when ``on_error="skip"``; ``"skip"`` and
   ``"truncate"`` count). Blank lines are skipped and counted. The stats are logged once;
-* checks run in this order: JSON, shape, field types, empty sample, lengths, overlong
+* checks run in this order: JSON, shape, field types (pre-tokenised ids are checked in
+  the same pass against ``vocab_size``), empty sample, encoding (text lines), vocabulary,
+  lengths, overlong
   (truncate keeps the first ``max_seq_len`` tokens), no loss tokens (a chat without an
   assistant turn fails this one early); so a sample whose loss tokens all lie past
   ``max_seq_len`` is a "no loss" error, never a sample without targets;
 * ``num_lines == num_blank_lines + num_samples + num_skipped``; a file with no sample
-  raises.
+  raises;
+* every id is one the model can embed: ``0 <= id < vocab_size`` in ``input_ids`` and
+  ``labels`` (besides -100), whatever the shape, so a bad id is a :class:`DataError`
+  naming file, line and id at load time, never an ``IndexError`` in the embedding hours
+  into a run. ``vocab_size`` is the model's (rows of its input embedding); without it,
+  ``len(tokenizer)``. A tokenizer with more entries than ``vocab_size`` (e.g. a
+  checkpoint's added ``<|endoftext|>``) is accepted with a warning at start naming both
+  sizes and the tokens the model cannot embed; each line that produces one of them is then
+  an ``out_of_vocab`` error (or skipped and counted with ``on_error="skip"``).
+
+Special tokens in text: as in every HF tokenizer, the literal text of a special token
+(``<|im_end|>``, ``<|endoftext|>``) inside a message, prompt or completion is encoded as
+that special token, not as its characters. The loader does not change this (the chat
+template renders its own markup into the same string, so ``split_special_tokens`` would
+break the template's tokens too); one the model can embed passes, one it cannot is an
+``out_of_vocab`` error naming the token, so the line can be cleaned or skipped.
 
 The global-batch sampler lives in :mod:`ds_chunkflow.sampler`.
 """
@@ -74,6 +91,7 @@ EMPTY_SAMPLE = "empty_sample"
 LENGTH_MISMATCH = "length_mismatch"
 OVERLONG = "overlong"
 NO_LOSS = "no_loss_tokens"
+OUT_OF_VOCAB = "out_of_vocab"  # an id the model cannot embed (>= vocab_size)
 NO_SAMPLES = "no_samples"  # the whole file: raised, never skipped
 
 _SHAPES = {"messages": "chat", "prompt": "prompt/completion", "input_ids": "pre-tokenised"}
@@ -176,6 +194,9 @@ def _check_ids(values: list[Any], what: str, vocab_size: int, allow_ignore: bool
     for j, v in enumerate(values):
         if not isinstance(v, int) or isinstance(v, bool):
             raise _Bad(BAD_FIELD, f"field '{what}[{j}]' must be int, got {type(v).__name__}")
+        if v >= vocab_size:
+            raise _Bad(OUT_OF_VOCAB, f"field '{what}[{j}]' = {v} is outside [0, {vocab_size}): "
+                                     f"the model's vocab_size is {vocab_size}")
         if not (0 <= v < vocab_size or (allow_ignore and v == IGNORE_INDEX)):
             allowed = f"[0, {vocab_size})" + (f" or {IGNORE_INDEX}" if allow_ignore else "")
             raise _Bad(BAD_FIELD, f"field '{what}[{j}]' = {v} is outside {allowed}")
@@ -226,7 +247,28 @@ def _encode_pretokenised(obj: dict[str, Any], vocab_size: int) -> tuple[list[int
     return ids, labels
 
 
-def _check_tokenizer(tokenizer: PreTrainedTokenizerBase, shape: str) -> None:
+def _check_encoded(ids: list[int], tokenizer: PreTrainedTokenizerBase, vocab_size: int) -> None:
+    """Ids from the tokenizer (chat, prompt/completion) the model cannot embed: ``_Bad(OUT_OF_VOCAB)``."""
+    for j, v in enumerate(ids):
+        if not 0 <= v < vocab_size:
+            token = tokenizer.convert_ids_to_tokens(v) if 0 <= v < len(tokenizer) else None
+            special = token in set(tokenizer.all_special_tokens) or v in tokenizer.added_tokens_decoder
+            what = f"the tokenizer's special token {token!r}" if special else f"token {token!r}"
+            raise _Bad(OUT_OF_VOCAB, (
+                f"token id {v} at input_ids[{j}] is outside [0, {vocab_size}): the text encodes to {what}, "
+                f"which the model cannot embed (model vocab_size {vocab_size}, tokenizer {len(tokenizer)} entries)"
+                + ("; the literal text of a special token in the data is encoded as that token" if special else "")
+            ))
+
+
+def _tokenizer_excess(tokenizer: PreTrainedTokenizerBase, vocab_size: int) -> str:
+    """The tokenizer's entries at ids >= vocab_size, for messages."""
+    ids = list(range(vocab_size, len(tokenizer)))
+    shown = ", ".join(f"{i}: {tokenizer.convert_ids_to_tokens(i)!r}" for i in ids[:8])
+    return shown + (f", ... ({len(ids)} in all)" if len(ids) > 8 else "")
+
+
+def _check_tokenizer(tokenizer: PreTrainedTokenizerBase, shape: str, vocab_size: int) -> None:
     """Tokenizer problems are not line problems: raise ValueError whatever ``on_error`` says."""
     if shape == "chat" and not _GENERATION_TAG.search(tokenizer.chat_template or ""):
         raise ValueError(
@@ -235,10 +277,13 @@ def _check_tokenizer(tokenizer: PreTrainedTokenizerBase, shape: str) -> None:
         )
     if shape == "prompt/completion" and tokenizer.eos_token_id is None:
         raise ValueError("tokenizer.eos_token is not set; prompt/completion lines need it to end the completion")
+    if shape == "prompt/completion" and tokenizer.eos_token_id >= vocab_size:
+        raise ValueError(f"tokenizer.eos_token {tokenizer.eos_token!r} has id {tokenizer.eos_token_id}, which the "
+                         f"model cannot embed (vocab_size {vocab_size}); every prompt/completion line ends with it")
 
 
 def _parse_line(
-    raw: bytes, tokenizer: PreTrainedTokenizerBase, checked: set[str]
+    raw: bytes, tokenizer: PreTrainedTokenizerBase, checked: set[str], vocab_size: int
 ) -> tuple[list[int], list[int]]:
     try:
         obj = json.loads(raw.decode("utf-8"))
@@ -252,13 +297,13 @@ def _parse_line(
         raise _Bad(UNKNOWN_SHAPE, f"need exactly one of the fields 'messages', 'prompt', 'input_ids'; found {found}")
     shape = _SHAPES[keys[0]]
     if shape not in checked:
-        _check_tokenizer(tokenizer, shape)
+        _check_tokenizer(tokenizer, shape, vocab_size)
         checked.add(shape)
-    if shape == "chat":
-        return _encode_chat(obj, tokenizer)
-    if shape == "prompt/completion":
-        return _encode_prompt(obj, tokenizer)
-    return _encode_pretokenised(obj, len(tokenizer))
+    if shape == "pre-tokenised":
+        return _encode_pretokenised(obj, vocab_size)
+    ids, labels = (_encode_chat if shape == "chat" else _encode_prompt)(obj, tokenizer)
+    _check_encoded(ids, tokenizer, vocab_size)  # labels are ids or -100
+    return ids, labels
 
 
 def _fit(
@@ -283,8 +328,14 @@ def load_jsonl(
     max_seq_len: int | None = None,
     on_error: OnError = "error",
     on_overlong: OnOverlong = "error",
+    vocab_size: int | None = None,
 ) -> SFTDataset:
-    """Read a JSONL SFT file (see the module docstring for shapes, checks and guarantees)."""
+    """Read a JSONL SFT file (see the module docstring for shapes, checks and guarantees).
+
+    ``vocab_size``: ids the model can embed, ``model.get_input_embeddings().weight.shape[0]``
+    (under ZeRO-3, where that weight is partitioned, ``model.config.vocab_size``); default
+    ``len(tokenizer)``. Pass it: a tokenizer may hold more entries than the model embeds.
+    """
     if on_error not in ("error", "skip"):
         raise ValueError(f"on_error must be 'error' or 'skip', got {on_error!r}")
     if on_overlong not in ("error", "skip", "truncate"):
@@ -293,6 +344,15 @@ def load_jsonl(
         raise ValueError(f"max_seq_len must be a positive int or None, got {max_seq_len!r}")
     if max_seq_len is None and on_overlong != "error":
         logger.warning("load_jsonl: on_overlong=%r has no effect without max_seq_len", on_overlong)
+    if vocab_size is not None and not _is_positive_int(vocab_size):
+        raise ValueError(f"vocab_size must be a positive int or None, got {vocab_size!r}")
+    if vocab_size is None:
+        vocab_size = len(tokenizer)
+    elif len(tokenizer) > vocab_size:
+        logger.warning(
+            "load_jsonl: the tokenizer has %d entries but the model embeds only vocab_size=%d ids; the model cannot "
+            "embed %s. A line that encodes to one of them is an out_of_vocab error (on_error='skip' skips and "
+            "counts it)", len(tokenizer), vocab_size, _tokenizer_excess(tokenizer, vocab_size))
 
     path = os.fspath(path)
     stats = LoadStats(path=path)
@@ -306,7 +366,8 @@ def load_jsonl(
                 stats.num_blank_lines += 1
                 continue
             try:
-                ids, labels, truncated = _fit(*_parse_line(raw, tokenizer, checked), max_seq_len, on_overlong)
+                encoded = _parse_line(raw, tokenizer, checked, vocab_size)
+                ids, labels, truncated = _fit(*encoded, max_seq_len, on_overlong)
             except _Bad as bad:
                 policy = on_overlong if bad.reason == OVERLONG else on_error
                 if policy == "error":

@@ -134,7 +134,8 @@ BAD_LINES = [
     ('{"messages": [{"role": "user"}]}', "bad_field", "'messages[0].content'"),
     ('{"messages": [{"role": "user", "content": 1}]}', "bad_field", "'messages[0].content' must be str"),
     ('{"input_ids": [1, "a"]}', "bad_field", "'input_ids[1]' must be int"),
-    ('{"input_ids": [1, 99999]}', "bad_field", "'input_ids[1]' = 99999 is outside"),
+    ('{"input_ids": [1, 99999]}', "out_of_vocab", "'input_ids[1]' = 99999 is outside [0, 512)"),
+    ('{"input_ids": [1, 2], "labels": [1, 99999]}', "out_of_vocab", "'labels[1]' = 99999 is outside [0, 512)"),
     ('{"input_ids": [1, 2], "labels": [1, -5]}', "bad_field", "'labels[1]' = -5 is outside"),
     ('{"messages": []}', "empty_sample", "'messages' is an empty list"),
     ('{"input_ids": []}', "empty_sample", "'input_ids' is an empty list"),
@@ -214,10 +215,96 @@ def test_chat_template_without_generation_markers_is_rejected(tokenizer, tmp_pat
         load_jsonl(write(tmp_path, json.dumps(CHAT)), tokenizer, on_error="skip")
 
 
+# --- the model's vocabulary and max_seq_len, checked at load time ------------------------
+# What the example meets: the toy tokenizer saved next to a tiny Qwen2 (512 embedding rows) loads
+# back as a Qwen2Tokenizer with an added '<|endoftext|>' at id 512, so len(tokenizer) == 513.
+
+
+@pytest.fixture(scope="module")
+def model_and_tokenizer(tmp_path_factory: pytest.TempPathFactory):
+    from ds_chunkflow.testing.models import build_tiny_model
+
+    save_dir = tmp_path_factory.mktemp("tiny_qwen2")
+    build_tokenizer(save_dir)
+    model = build_tiny_model("qwen2", save_dir=save_dir, vocab_size=VOCAB_SIZE, hidden_size=32, num_layers=1)
+    tok = AutoTokenizer.from_pretrained(save_dir)
+    vocab = model.get_input_embeddings().weight.shape[0]
+    assert (vocab, len(tok), tok.convert_tokens_to_ids("<|endoftext|>")) == (512, 513, 512)  # the premise
+    return model, tok, vocab
+
+
+def _load_error(path: Path, tok, **kwargs) -> DataError:
+    with pytest.raises(DataError) as info:
+        load_jsonl(path, tok, **kwargs)
+    return info.value
+
+
+@pytest.mark.parametrize("field", ["input_ids", "labels"])
+def test_id_equal_to_vocab_size_is_a_load_error(model_and_tokenizer, tmp_path: Path, field) -> None:
+    """A pre-tokenised id == the model's vocab_size (which len(tokenizer) == 513 would accept) is a DataError
+    naming file, line and id; the same id embeds with IndexError, which is what the run used to die of."""
+    model, tok, vocab = model_and_tokenizer
+    ids, labels = [5, 6, 7], [5, 6, 7]
+    (ids if field == "input_ids" else labels)[2] = vocab
+    path = write(tmp_path, GOOD, json.dumps({"input_ids": ids, "labels": labels}))
+    err = _load_error(path, tok, vocab_size=vocab)
+    assert (err.line, err.reason) == (2, "out_of_vocab")
+    assert str(err).startswith(f"{path}:2: ") and f"'{field}[2]' = {vocab}" in str(err)
+    with pytest.raises(IndexError):
+        model.get_input_embeddings()(torch.tensor([vocab]))
+
+
+@pytest.mark.parametrize("shape", ["chat", "prompt"])
+def test_text_with_a_special_token_the_model_cannot_embed_is_a_load_error(model_and_tokenizer, tmp_path: Path,
+                                                                         shape) -> None:
+    """Ordinary text containing '<|endoftext|>' encodes to id 512: a DataError naming file, line, id and token."""
+    _, tok, vocab = model_and_tokenizer
+    text = "See <|endoftext|> here."
+    line = (json.dumps({"messages": [{"role": "user", "content": text}, {"role": "assistant", "content": "Ok."}]})
+            if shape == "chat" else json.dumps({"prompt": text, "completion": " Ok."}))
+    path = write(tmp_path, GOOD, GOOD, line)
+    err = _load_error(path, tok, vocab_size=vocab)
+    assert (err.line, err.reason) == (3, "out_of_vocab")
+    assert str(err).startswith(f"{path}:3: token id 512 ") and "'<|endoftext|>'" in str(err)
+    # skip mode: skipped and counted by reason, the good lines kept
+    ds = load_jsonl(path, tok, vocab_size=vocab, on_error="skip")
+    assert len(ds) == 2 and ds.stats.skipped == {"out_of_vocab": 1} and ds.stats.first_skipped_line["out_of_vocab"] == 3
+
+
+def test_tokenizer_larger_than_the_model_warns_at_start_then_errors_per_line(
+        model_and_tokenizer, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """len(tokenizer) > vocab_size: one warning naming both sizes and the token the model cannot embed, before
+    any line is read; clean data loads; a line producing that token is a line error. Without vocab_size the
+    loader cannot know (len(tokenizer) is the bound): this is why the example passes it."""
+    _, tok, vocab = model_and_tokenizer
+    clean = write(tmp_path, GOOD, json.dumps(CHAT))
+    with caplog.at_level(logging.INFO, logger="ds_chunkflow.data"):
+        ds = load_jsonl(clean, tok, vocab_size=vocab)
+    assert len(ds) == 2
+    first = [r for r in caplog.records if r.name == "ds_chunkflow.data"][0]
+    msg = first.getMessage()
+    assert first.levelno == logging.WARNING and "513 entries" in msg and "vocab_size=512" in msg
+    assert "512: '<|endoftext|>'" in msg
+    bad = write(tmp_path, GOOD, json.dumps({"input_ids": [5, 512]}))
+    assert _load_error(bad, tok, vocab_size=vocab).line == 2
+    assert len(load_jsonl(bad, tok)) == 2  # the bound without vocab_size: len(tokenizer)
+
+
+def test_overlong_chat_sample_is_a_load_error_naming_the_line(model_and_tokenizer, tmp_path: Path) -> None:
+    """With the config's max_seq_len passed, an over-long sample fails at load time with file and line."""
+    _, tok, vocab = model_and_tokenizer
+    long_chat = {"messages": [{"role": "user", "content": "word " * 200}, {"role": "assistant", "content": "Ok."}]}
+    path = write(tmp_path, GOOD, json.dumps(long_chat))
+    err = _load_error(path, tok, vocab_size=vocab, max_seq_len=64)
+    assert (err.line, err.reason) == (2, "overlong") and str(err).startswith(f"{path}:2: ")
+    assert "max_seq_len=64" in str(err)
+
+
 BAD_ARGS = [
     ({"on_error": "ignore"}, "on_error"),
     ({"on_overlong": "drop"}, "on_overlong"),
     ({"max_seq_len": 0}, "max_seq_len"),
+    ({"vocab_size": 0}, "vocab_size"),
 ]
 
 
