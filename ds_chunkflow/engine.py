@@ -88,17 +88,31 @@ class ChunkFlowMixin:
     def _write_metrics(self, metrics: dict[str, float]) -> None:
         self.last_metrics = metrics
         if self.monitor.enabled:
-            self.monitor.write_events([(f"Train/chunkflow/{k}", v, self.global_samples) for k, v in metrics.items()])
+            self.monitor.write_events([(f"Train/chunkflow/{k}", v, self.global_steps) for k, v in metrics.items()])
 
     def save_checkpoint(self, save_dir, tag=None, client_state=None, save_latest=True, **kwargs):
+        """DeepSpeed's save, made crash-safe (:mod:`ds_chunkflow.checkpoint`): files durable on every
+        rank, a barrier, then a manifest marking the tag complete, then ``latest``, atomically."""
+        from . import checkpoint
+
         client_state = dict(client_state or {})
         if self.chunkflow_sampler is not None:
             client_state[SAMPLER_KEY] = self.chunkflow_sampler.state_dict()
-        return super().save_checkpoint(save_dir, tag=tag, client_state=client_state, save_latest=save_latest,
-                                       **kwargs)
+        return checkpoint.save_checkpoint(self, super().save_checkpoint, save_dir, tag=tag,
+                                          client_state=client_state, save_latest=save_latest, **kwargs)
 
     def load_checkpoint(self, load_dir, tag=None, **kwargs) -> tuple[Any, dict]:
-        path, client_state = super().load_checkpoint(load_dir, tag=tag, **kwargs)
+        """DeepSpeed's load of a complete tag only: ``tag`` if given (an incomplete one is an error),
+        else ``latest`` if complete, else the newest complete tag, with a warning naming what was
+        skipped. :class:`ds_chunkflow.checkpoint.CheckpointError` if there is none. What was loaded:
+        ``self.chunkflow_loaded_checkpoint`` (tag, step, skipped)."""
+        from . import checkpoint
+
+        resolved = checkpoint.resolve_tag(load_dir, tag, device=self.device)
+        self.chunkflow_loaded_checkpoint = resolved
+        path, client_state = super().load_checkpoint(load_dir, tag=resolved.tag, **kwargs)
+        if path is None:
+            raise checkpoint.CheckpointError(f"DeepSpeed could not load checkpoint tag {resolved.tag} in {load_dir}")
         if path is not None and self.chunkflow_sampler is not None:
             if SAMPLER_KEY not in (client_state or {}):
                 raise ValueError(f"checkpoint {path} has no data-sampler position ({SAMPLER_KEY}); "

@@ -20,20 +20,62 @@ import ds_chunkflow
 from ds_chunkflow.config import load_config_file, split_config
 from ds_chunkflow.data import load_jsonl
 
+
+def existing_checkpoints(output_dir: str) -> list[str]:
+    """What in ``output_dir`` belongs to a run's checkpoints: a ``latest`` file, tag dirs (``global_step*`` or
+    holding DeepSpeed state files); empty when it has none (a fresh or missing dir)."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return []
+    found = ["latest"] if (root / "latest").exists() else []
+    found += sorted(d.name for d in root.iterdir() if d.is_dir() and (
+        d.name.startswith("global_step") or any(d.glob("*model_states.pt")) or any(d.glob("*optim_states.pt"))))
+    return found
+
+
+def set_monitor_paths(config: dict, output_dir: str, run_id: str) -> None:
+    """Monitors write under ``output_dir`` (``<output_dir>/csv_monitor/<job_name>-<run_id>/``, the same for
+    tensorboard), a new folder per run, so a resumed run never appends to the killed run's files. An
+    ``output_path`` given in the config is kept; the run id is always added to the job name."""
+    for key in ("csv_monitor", "tensorboard"):
+        section = config.get(key)
+        if isinstance(section, dict) and section.get("enabled"):
+            section.setdefault("output_path", os.path.join(output_dir, key))
+            section["job_name"] = f"{section.get('job_name', 'sft')}-{run_id}"
+
+
+def model_vocab_size(model) -> int:
+    """Ids the model can embed: rows of its input embedding (the full shape under ZeRO-3, where the weight
+    is partitioned: ``ds_shape``, else ``config.vocab_size``)."""
+    weight = model.get_input_embeddings().weight
+    shape = getattr(weight, "ds_shape", None) or weight.shape
+    return int(shape[0]) if len(shape) == 2 and shape[0] > 0 else int(model.config.vocab_size)
+
 # ----------------------------------------------------------------------------- config
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 parser.add_argument("--deepspeed_config", default="ds_configs/sft_zero3.yaml")
 parser.add_argument("--model", default=None, help="HF model dir; default: a tiny random Qwen2")
 parser.add_argument("--data", default="examples/data/sample_sft.jsonl")
+parser.add_argument("--on_error", choices=["error", "skip"], default="error",
+                    help="a bad data line: stop naming file and line (default), or skip it and count it by reason")
 parser.add_argument("--steps", type=int, default=30)
 parser.add_argument("--lr", type=float, default=3e-3)
 parser.add_argument("--output_dir", default="outputs/sft")
+parser.add_argument("--overwrite", action="store_true",
+                    help="train into an --output_dir that holds another run's checkpoints (its tags get overwritten)")
 parser.add_argument("--save_every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
-parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
+parser.add_argument("--resume", nargs="?", const="required", choices=["auto", "required"], default=None,
+                    help="continue from the latest complete checkpoint in output_dir (an error if there is none); "
+                    "`--resume auto`: start fresh if there is none")
 parser.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)))  # set by the launcher
 args = parser.parse_args()
 config = load_config_file(args.deepspeed_config)  # read once, validated before any data is read
-split_config(config)
+cf, _ = split_config(config)
+existing = existing_checkpoints(args.output_dir)  # checked on every rank before anything is written
+if existing and not (args.resume or args.overwrite):
+    parser.error(f"--output_dir {args.output_dir} holds another run's checkpoints ({', '.join(existing)}); "
+                 "pass --resume to continue that run, --overwrite to train over it, or choose another --output_dir")
+set_monitor_paths(config, args.output_dir, run_id=time.strftime("%Y%m%d-%H%M%S"))
 os.environ.setdefault("WANDB_MODE", "offline")  # no network by default; `wandb sync` later
 os.environ.setdefault("WANDB_DIR", args.output_dir)
 Path(args.output_dir).mkdir(parents=True, exist_ok=True)
@@ -52,6 +94,7 @@ if args.model is None:
         torch.distributed.barrier()
 tokenizer = AutoTokenizer.from_pretrained(args.model)
 model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+vocab_size = model_vocab_size(model)  # may be < len(tokenizer): the loader refuses ids the model cannot embed
 stages = (config.get("pipeline") or {}).get("stages", 1)
 if stages > 1:  # pipeline parallelism: the model's layers become a DeepSpeed PipelineModule
     from ds_chunkflow.pipeline.model import pipeline_module
@@ -60,7 +103,10 @@ if stages > 1:  # pipeline parallelism: the model's layers become a DeepSpeed Pi
     model = pipeline_module(model, num_stages=stages)
 
 # ----------------------------------------------------------------------------- data
-dataset = load_jsonl(args.data, tokenizer)
+dataset = load_jsonl(args.data, tokenizer, max_seq_len=cf.max_seq_len if cf else None,
+                     on_overlong=cf.on_overlong if cf else "error", on_error=args.on_error, vocab_size=vocab_size)
+if int(os.environ.get("RANK", 0)) == 0:
+    print(f"data: {dataset.stats.summary()}")
 
 # ----------------------------------------------------------------------------- engine
 optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
@@ -70,10 +116,22 @@ is_main = engine.global_rank == 0
 if is_main:
     g = engine.guard_report  # the model guard's probe: chunked == unchunked forward, checked at start-up
     print(f"guard: {g.model_class} exact under chunking (probe error {g.max_error:.1e}) in {g.seconds:.2f} s")
-if args.resume:
-    path, _ = engine.load_checkpoint(args.output_dir)
-    if is_main:
-        print(f"resumed from {path} at step {engine.global_steps}")
+if args.resume:  # the same decision on every rank (rank 0 looks); none to resume from: an error unless auto
+    from ds_chunkflow.checkpoint import CheckpointError, resume_decision
+
+    try:
+        found = resume_decision(args.output_dir, args.resume)
+    except CheckpointError as e:
+        raise SystemExit(f"error: {e}") from None
+    if found is None:
+        if is_main:
+            print(f"--resume auto: no complete checkpoint in {args.output_dir}; starting fresh")
+    else:
+        engine.load_checkpoint(args.output_dir)
+        loaded = engine.chunkflow_loaded_checkpoint
+        if is_main:
+            print(f"resumed from {args.output_dir}/{loaded.tag} at step {engine.global_steps}"
+                  + (f" (fallback, skipped: {'; '.join(loaded.skipped)})" if loaded.skipped else ""))
 
 # ----------------------------------------------------------------------------- loop
 history = []
