@@ -85,6 +85,7 @@ REFUSED = {
     "mamba2": ("mamba2", "pure SSM", dict(num_heads=4, head_dim=32, state_size=8, n_groups=1), "mixes tokens"),
     "falcon": ("falcon", "attention outside the interface", dict(num_kv_heads=2, new_decoder_architecture=True),
                "AttentionInterface"),
+    "stablelm": ("stablelm", "attention outside the interface", dict(), "AttentionInterface"),
     "mpt": ("mpt", "attention outside the interface", dict(d_model=64, n_heads=4, n_layers=2), "AttentionInterface"),
 }
 
