@@ -36,6 +36,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from .distributed import all_reduce
+
 MANIFEST = "ds_chunkflow_complete.json"
 LATEST = "latest"
 FORMAT = 1
@@ -303,15 +305,10 @@ def resolve_tag(load_dir, tag: str | None = None, device="cpu", warn: bool = Tru
     if isinstance(decided, str):
         raise CheckpointError(decided)
     _, reason = check_tag(load_dir, decided.tag, rank=_rank())  # this rank's own files (node-local disks too)
-    bad = torch.tensor([1.0 if reason else 0.0])
-    if dist.is_initialized() and dist.get_backend() != "nccl":
-        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-    elif dist.is_initialized():
-        bad = bad.to(device)
-        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    bad, = all_reduce([1.0 if reason else 0.0], "max", None, device)
     if reason:
         raise CheckpointError(f"checkpoint tag {decided.tag} in {load_dir}: rank {_rank()} finds {reason}")
-    if bad.item() > 0:
+    if bad > 0:
         raise CheckpointError(f"checkpoint tag {decided.tag} in {load_dir}: another rank found its files damaged")
     if warn and decided.skipped and _rank() == 0:
         warnings.warn(describe_skips(load_dir, decided), stacklevel=3)

@@ -77,8 +77,6 @@ from .sampler import GlobalBatchSampler, _is_positive_int  # noqa: F401  (Global
 
 logger = logging.getLogger(__name__)
 
-"""Label value that carries no loss (the HF / PyTorch ``CrossEntropyLoss`` default)."""
-
 # the same vocabulary as the chunkflow config's on_overlong; truncation only here, opt-in and counted
 OnError = Literal["error", "skip"]
 OnOverlong = Literal["error", "skip", "truncate"]

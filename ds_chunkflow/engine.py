@@ -20,6 +20,7 @@ from typing import Any, Sequence
 import torch
 from deepspeed.runtime.engine import DeepSpeedEngine
 
+from . import checkpoint
 from .attention import use_chunkflow_attention
 from .batch import SequenceDict
 from .batch_plan import BatchPlan, plan_batch
@@ -93,8 +94,6 @@ class ChunkFlowMixin:
     def save_checkpoint(self, save_dir, tag=None, client_state=None, save_latest=True, **kwargs):
         """DeepSpeed's save, made crash-safe (:mod:`ds_chunkflow.checkpoint`): files durable on every
         rank, a barrier, then a manifest marking the tag complete, then ``latest``, atomically."""
-        from . import checkpoint
-
         client_state = dict(client_state or {})
         if self.chunkflow_sampler is not None:
             client_state[SAMPLER_KEY] = self.chunkflow_sampler.state_dict()
@@ -106,14 +105,12 @@ class ChunkFlowMixin:
         else ``latest`` if complete, else the newest complete tag, with a warning naming what was
         skipped. :class:`ds_chunkflow.checkpoint.CheckpointError` if there is none. What was loaded:
         ``self.chunkflow_loaded_checkpoint`` (tag, step, skipped)."""
-        from . import checkpoint
-
         resolved = checkpoint.resolve_tag(load_dir, tag, device=self.device)
         self.chunkflow_loaded_checkpoint = resolved
         path, client_state = super().load_checkpoint(load_dir, tag=resolved.tag, **kwargs)
         if path is None:
             raise checkpoint.CheckpointError(f"DeepSpeed could not load checkpoint tag {resolved.tag} in {load_dir}")
-        if path is not None and self.chunkflow_sampler is not None:
+        if self.chunkflow_sampler is not None:
             if SAMPLER_KEY not in (client_state or {}):
                 raise ValueError(f"checkpoint {path} has no data-sampler position ({SAMPLER_KEY}); "
                                  "it was not written by a ChunkFlow engine with training data")
