@@ -12,7 +12,9 @@ builds no mask for this implementation name, so the context alone defines visibi
 
 Per segment, the query rows are computed against up to two key blocks (the state
 prefix and the segment itself) and softmax-merged through their log-sum-exp, see
-:mod:`ds_chunkflow.kernels`. The custom autograd function routes the gradient of the
+:mod:`ds_chunkflow.kernels` (which kernel each block gets). A packed chunk without any
+state prefix on CUDA with flash-attn installed is one varlen call instead
+(:mod:`ds_chunkflow.varlen`). The custom autograd function routes the gradient of the
 prefix into the group state and adds the gradient that later chunks left for this
 chunk's own K/V, so ``loss.backward()`` of chunk i is all a caller does.
 """
@@ -24,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import kernels
+from . import kernels, varlen
 from .state import GroupState
 
 ATTN_NAME = "chunkflow"
@@ -176,11 +178,16 @@ def chunkflow_attention(module, query, key, value, attention_mask, scaling=None,
         if seg.state is not None:
             rows = slice(seg.start, seg.start + seg.length)
             seg.state.write(layer, seg.position, key[:, :, rows], value[:, :, rows])
+    scale = scaling if scaling is not None else kernels.default_scale(query.shape[-1])
+    if all(seg.state is None for seg in chunkflow.segments):
+        fn = varlen.varlen_fn_for(query, float(dropout))
+        if fn is not None:  # a packed chunk without a state prefix: one flash-attn varlen call, its own autograd
+            lengths = varlen.segment_lengths([(s.start, s.length) for s in chunkflow.segments], query.shape[2])
+            return varlen.attention(fn, query, key, value, lengths, scale, sliding_window), None
     seed = 0
     if dropout > 0:
         # drawn from the global RNG, which the executor replays for a recomputed chunk
         seed = int(torch.randint(0, 2**62, (1,)).item())
-    scale = scaling if scaling is not None else kernels.default_scale(query.shape[-1])
     out = _ChunkAttention.apply(query, key, value, chunkflow, layer, scale, sliding_window, float(dropout), seed)
     return out.transpose(1, 2).contiguous(), None
 

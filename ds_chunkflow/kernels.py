@@ -8,19 +8,36 @@ with causal visibility by position (``k <= q``) and an optional sliding window
 what makes block-wise gradients exact (ring-attention identity: ``D = rowsum(dO * O)``
 and ``P = exp(S - lse)`` only need the merged row statistics).
 
-Backends:
-* ``cpu_flash``: PyTorch's fused CPU flash-attention ops (fp64/fp32/bf16/fp16); used for
-  blocks that are either fully visible or exactly causal-square, without dropout;
-* ``flash_attn``: the flash-attn package on CUDA, same block shapes (not exercised in
-  CI: no GPU here);
-* ``math``: explicit scores in fp32 (fp64 for fp64); any mask, window and dropout.
-  The fallback for everything the fused kernels cannot express.
+Which kernel a block gets is one pure function, :func:`choose_kernel`:
+
+    block                         cpu          cuda fp16/bf16          cuda fp32        cuda fp64
+    fully visible / causal-square cpu_flash    cuda_flash (else eff.)  cuda_efficient   math (+warning)
+    cut by a sliding window       math (+warning, any device)
+    attention dropout > 0         math (+warning, any device)
+
+* ``cpu_flash``: PyTorch's fused CPU flash-attention op (fp64/fp32/bf16/fp16);
+* ``cuda_flash`` / ``cuda_efficient``: PyTorch's own fused CUDA SDPA ops that return the
+  log-sum-exp (``aten._scaled_dot_product_flash_attention`` / ``_efficient_attention`` and
+  their ``_backward``); no flash-attn package needed. Head dims are zero-padded to a
+  multiple of 8 (exact: zero columns add nothing to a score, padded output columns are
+  cut off); the efficient kernel's log-sum-exp is padded to a multiple of 32 rows, cut
+  for the merge and padded back for its backward;
+* ``math``: explicit scores in fp32 (fp64 for fp64): any mask, window and dropout; it
+  materialises ``[H, Tq, Tk]`` scores, so every case that lands here on a non-CPU device
+  is named in a warning (once per case and device type).
+
+Dropout stays on the math kernel: its mask is drawn from a per-(step seed, block)
+generator, which a recomputed forward and the backward replay exactly; the fused ops'
+philox state cannot be replayed per block. The CUDA paths are untested here (no GPU):
+``tests/test_gpu.py`` (``pytest -m gpu``, run by ``scripts/gpu_check.sh``) checks them.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -47,6 +64,11 @@ class Block:
     def causal_square(self) -> bool:
         square = self.q_pos == self.k_pos and self.tq == self.tk
         return square and (self.window is None or self.tq <= self.window)
+
+    @property
+    def is_causal(self) -> bool:
+        """What a fused kernel's ``is_causal`` flag must be (a 1x1 square is fully visible)."""
+        return self.causal_square and not self.fully_visible
 
 
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
@@ -106,86 +128,187 @@ def math_backward(dout, q, k, v, out, lse, b: Block, scale: float, dropout: floa
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
-def cpu_flash_forward(q, k, v, b: Block, scale: float):
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        q, k, v, 0.0, b.causal_square and not b.fully_visible, attn_mask=None, scale=scale)
+# ----------------------------------------------------------------------------- fused backends
+@dataclass(frozen=True)
+class FusedBackend:
+    """A fused kernel: ``forward(q, k, v, is_causal, scale) -> (out, lse)`` and
+    ``backward(dout, q, k, v, out, lse, is_causal, scale) -> (dq, dk, dv)``, on tensors with
+    one head dim (a multiple of ``head_align``); its lse has ``round_up(Tq, lse_align)`` rows."""
+
+    forward: Callable
+    backward: Callable
+    head_align: int = 1
+    lse_align: int = 1
+    contiguous: bool = False  # make every input contiguous first (the CUDA ops want stride 1 rows)
+
+
+def _cpu_flash_forward(q, k, v, is_causal: bool, scale: float):
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, is_causal, attn_mask=None,
+                                                                       scale=scale)
+
+
+def _cpu_flash_backward(dout, q, k, v, out, lse, is_causal: bool, scale: float):
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        dout.contiguous(), q, k, v, out, lse.contiguous(), 0.0, is_causal, attn_mask=None, scale=scale)
+
+
+def _cuda_flash_forward(q, k, v, is_causal: bool, scale: float):
+    out, lse, *_ = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, is_causal, False, scale=scale)
     return out, lse
 
 
-def cpu_flash_backward(dout, q, k, v, out, lse, b: Block, scale: float):
-    dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-        dout.contiguous(), q, k, v, out, lse.contiguous(), 0.0, b.causal_square and not b.fully_visible,
-        attn_mask=None, scale=scale)
+def _cuda_flash_backward(dout, q, k, v, out, lse, is_causal: bool, scale: float):
+    # dropout 0: the philox seed/offset are not used; shapes/dtypes as the forward returns them (empty: fill
+    # kernels for uint64 are not guaranteed on CUDA)
+    seed = torch.empty(2, dtype=torch.uint64, device=q.device)
+    offset = torch.empty((), dtype=torch.uint64, device=q.device)
+    dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_backward(
+        dout, q, k, v, out, lse, None, None, q.shape[2], k.shape[2], 0.0, is_causal, seed, offset, scale=scale)
     return dq, dk, dv
 
 
-def _flash_attn_available(t: torch.Tensor) -> bool:
-    if not t.is_cuda or t.dtype not in (torch.float16, torch.bfloat16):
-        return False
-    try:
-        import flash_attn  # noqa: F401
-    except ImportError:
-        return False
-    return True
+def _cuda_efficient_forward(q, k, v, is_causal: bool, scale: float):
+    out, lse, _, _ = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, is_causal,
+                                                                             scale=scale)
+    return out, lse
 
 
-def flash_attn_forward(q, k, v, b: Block, scale: float):
-    from flash_attn.flash_attn_interface import _flash_attn_forward
-
-    causal = b.causal_square and not b.fully_visible
-    out, lse, _, _ = _flash_attn_forward(
-        q.transpose(1, 2).contiguous(), k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous(),
-        0.0, scale, causal=causal, window_size_left=-1, window_size_right=-1, softcap=0.0,
-        alibi_slopes=None, return_softmax=False)
-    return out.transpose(1, 2), lse
+def _cuda_efficient_backward(dout, q, k, v, out, lse, is_causal: bool, scale: float):
+    seed = torch.empty((), dtype=torch.int64, device=q.device)  # dropout 0: not used
+    offset = torch.empty((), dtype=torch.int64, device=q.device)
+    dq, dk, dv, _ = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
+        dout, q, k, v, None, out, lse, seed, offset, 0.0, [True, True, True, False], is_causal, scale=scale)
+    return dq, dk, dv
 
 
-def flash_attn_backward(dout, q, k, v, out, lse, b: Block, scale: float):
-    from flash_attn.flash_attn_interface import _flash_attn_backward
+MATH, CPU_FLASH, CUDA_FLASH, CUDA_EFFICIENT = "math", "cpu_flash", "cuda_flash", "cuda_efficient"
+# On ROCm the efficient kernel's lse is not padded (see torch/_meta_registrations.py).
+_EFFICIENT_LSE_ALIGN = 1 if torch.version.hip else 32
+BACKENDS: dict[str, FusedBackend] = {
+    CPU_FLASH: FusedBackend(_cpu_flash_forward, _cpu_flash_backward),
+    CUDA_FLASH: FusedBackend(_cuda_flash_forward, _cuda_flash_backward, head_align=8, contiguous=True),
+    CUDA_EFFICIENT: FusedBackend(_cuda_efficient_forward, _cuda_efficient_backward, head_align=8,
+                                 lse_align=_EFFICIENT_LSE_ALIGN, contiguous=True),
+}
+FLASH_MAX_HEAD_DIM = 256  # aten flash (FlashAttention-2) head dims
 
-    t = lambda x: x.transpose(1, 2).contiguous()  # noqa: E731
-    dq, dk, dv = torch.empty_like(t(q)), torch.empty_like(t(k)), torch.empty_like(t(v))
-    _flash_attn_backward(t(dout), t(q), t(k), t(v), t(out), lse.contiguous(), dq, dk, dv, 0.0, scale,
-                         causal=b.causal_square and not b.fully_visible, window_size_left=-1,
-                         window_size_right=-1, softcap=0.0, alibi_slopes=None, deterministic=False)
-    return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
+
+# ----------------------------------------------------------------------------- dispatch
+@dataclass(frozen=True)
+class Caps:
+    """The fused CUDA kernels this device offers (see :func:`cuda_caps`)."""
+
+    cuda_flash: bool = False
+    cuda_efficient: bool = False
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The kernel of one block; for ``math``, the case (a short key) and why, for the warning."""
+
+    kernel: str
+    case: str | None = None
+    reason: str | None = None
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def choose_kernel(b: Block, dtype: torch.dtype, device_type: str, caps: Caps, dropout: float = 0.0,
+                  head_dim: int = 64) -> Choice:
+    """Pure dispatch: the fastest kernel that computes block ``b`` exactly (``head_dim``: the
+    larger of the q/k and v head dims)."""
+    if dropout > 0:
+        return Choice(MATH, "dropout", f"attention dropout {dropout}: the fused kernels' dropout RNG cannot be "
+                                       "replayed per block for recompute")
+    if not (b.fully_visible or b.causal_square):
+        return Choice(MATH, "window", f"sliding window {b.window} cuts a block of {b.tq} queries x {b.tk} keys "
+                                      "(neither fully visible nor causal-square)")
+    if device_type == "cpu":
+        return Choice(CPU_FLASH)
+    if device_type != "cuda":
+        return Choice(MATH, "device", f"no fused attention kernel with log-sum-exp on device type {device_type!r}")
+    if dtype == torch.float64:
+        return Choice(MATH, "float64", "float64 on CUDA: the fused SDPA kernels take fp16 / bf16 / fp32")
+    half = dtype in (torch.float16, torch.bfloat16)
+    if half and caps.cuda_flash and _round_up(head_dim, 8) <= FLASH_MAX_HEAD_DIM:
+        return Choice(CUDA_FLASH)
+    if (half or dtype == torch.float32) and caps.cuda_efficient:
+        return Choice(CUDA_EFFICIENT)
+    return Choice(MATH, "unavailable", f"no fused SDPA kernel for {dtype}, head dim {head_dim} here "
+                                       f"(flash: {caps.cuda_flash}, memory-efficient: {caps.cuda_efficient})")
+
+
+_cuda_capability: dict[int, tuple[int, int]] = {}
+
+
+def cuda_caps(device: torch.device) -> Caps:
+    """What this GPU and torch build offer, honouring ``torch.backends.cuda.enable_*_sdp`` (and
+    ``torch.nn.attention.sdpa_kernel``), which is how a caller turns a kernel off."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _cuda_capability:
+        _cuda_capability[index] = torch.cuda.get_device_capability(index)
+    major = _cuda_capability[index][0]
+    cuda = torch.backends.cuda
+    flash = cuda.is_flash_attention_available() and major >= 8 and cuda.flash_sdp_enabled()
+    return Caps(cuda_flash=flash, cuda_efficient=major >= 5 and cuda.mem_efficient_sdp_enabled())
+
+
+_warned: set[tuple[str, str]] = set()
+
+
+def _choose(q, v, b: Block, dropout: float) -> Choice:
+    caps = cuda_caps(q.device) if q.device.type == "cuda" else Caps()
+    choice = choose_kernel(b, q.dtype, q.device.type, caps, dropout, max(q.shape[-1], v.shape[-1]))
+    key = (q.device.type, choice.case)
+    if choice.kernel == MATH and key not in _warned:
+        _warned.add(key)
+        warnings.warn(f"ds_chunkflow attention on {q.device.type}: math kernel (scores materialised, "
+                      f"memory ~ queries x keys per head) because {choice.reason}", stacklevel=3)
+    return choice
 
 
 def _pad_last(t: torch.Tensor, size: int) -> torch.Tensor:
     return t if t.shape[-1] == size else torch.nn.functional.pad(t, (0, size - t.shape[-1]))
 
 
-def _fused_kernels(q, b: Block, dropout: float):
-    """(forward, backward) of the fused backend for this block, or None for the math kernel."""
-    if dropout != 0 or not (b.fully_visible or b.causal_square):
-        return None
-    if _flash_attn_available(q):
-        return flash_attn_forward, flash_attn_backward
-    if q.device.type == "cpu":
-        return cpu_flash_forward, cpu_flash_backward
-    return None
+def _prepare(backend: FusedBackend, q, v, *tensors):
+    """Zero-pads the head dim of ``tensors`` to one size: the larger of q's and v's (MLA: v 128 ->
+    qk 192), rounded up to the backend's alignment (the CUDA ops: a multiple of 8)."""
+    d = _round_up(max(q.shape[-1], v.shape[-1]), backend.head_align)
+    out = [_pad_last(t, d) for t in tensors]
+    return [t.contiguous() for t in out] if backend.contiguous else out
 
 
-# The fused kernels need one head dim for q, k and v. MLA (DeepSeek-V3: qk 192, v 128) gets
-# v zero-padded to the qk head dim: the padded output columns are exactly zero and are cut off,
-# and the padded gradient columns of v are cut off too.
+def fused_forward(backend: FusedBackend, q, k, v, b: Block, scale: float):
+    """``(out [.., Tq, dv], lse [.., Tq])`` of block ``b`` through ``backend`` (padding in, padding cut)."""
+    qp, kp, vp = _prepare(backend, q, v, q, k, v)
+    out, lse = backend.forward(qp, kp, vp, b.is_causal, scale)
+    return out[..., :v.shape[-1]], lse[..., :b.tq]
+
+
+def fused_backward(backend: FusedBackend, dout, q, k, v, out, lse, b: Block, scale: float):
+    """``(dq, dk, dv)`` of block ``b`` from the merged ``out`` / ``lse`` through ``backend``."""
+    qp, kp, vp, dop, op = _prepare(backend, q, v, q, k, v, dout, out)
+    lse = _pad_last(lse, _round_up(b.tq, backend.lse_align)).contiguous()
+    dq, dk, dv = backend.backward(dop, qp, kp, vp, op, lse, b.is_causal, scale)
+    return dq[..., :q.shape[-1]], dk[..., :k.shape[-1]], dv[..., :v.shape[-1]]
+
+
 def block_forward(q, k, v, b: Block, scale: float, dropout: float = 0.0, seed: int = 0):
     """Dispatches one block to the fastest kernel that expresses it exactly."""
-    fused = _fused_kernels(q, b, dropout)
-    if fused is None:
+    choice = _choose(q, v, b, dropout)
+    if choice.kernel == MATH:
         return math_forward(q, k, v, b, scale, dropout, seed)
-    dv = v.shape[-1]
-    out, lse = fused[0](q, k, _pad_last(v, q.shape[-1]), b, scale)
-    return out[..., :dv], lse
+    return fused_forward(BACKENDS[choice.kernel], q, k, v, b, scale)
 
 
 def block_backward(dout, q, k, v, out, lse, b: Block, scale: float, dropout: float = 0.0, seed: int = 0):
-    fused = _fused_kernels(q, b, dropout)
-    if fused is None:
+    choice = _choose(q, v, b, dropout)
+    if choice.kernel == MATH:
         return math_backward(dout, q, k, v, out, lse, b, scale, dropout, seed)
-    d, dv_size = q.shape[-1], v.shape[-1]
-    dq, dk, dv = fused[1](_pad_last(dout, d), q, k, _pad_last(v, d), _pad_last(out, d), lse, b, scale)
-    return dq, dk, dv[..., :dv_size]
+    return fused_backward(BACKENDS[choice.kernel], dout, q, k, v, out, lse, b, scale)
 
 
 def merge(outs: list[torch.Tensor], lses: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

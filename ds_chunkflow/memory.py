@@ -2,7 +2,8 @@
 
 ``saved_tensors_hooks`` see every tensor a forward saves for its backward. Counting them
 per unique storage (parameters excluded) gives the activation memory of a step exactly,
-independently of the allocator; moving them to the CPU is activation offload.
+independently of the allocator; moving them to the CPU is activation offload (on CUDA:
+pinned host memory, copies on a side stream, see :mod:`ds_chunkflow.cuda_streams`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import resource
 from dataclasses import dataclass, field
 
 import torch
+
+from .cuda_streams import CopyStream, copy_stream
 
 
 @dataclass
@@ -56,7 +59,9 @@ class _Handle:
 def saved_tensor_hooks(meter: ActivationMeter | None = None, offload: bool = False):
     """Counts saved tensors into ``meter``; with ``offload`` keeps them on the CPU until backward.
 
-    The copy is real even on a CPU-only machine, so the policy's cost is measured too.
+    The copy is real even on a CPU-only machine, so the policy's cost is measured too. On CUDA
+    the host copy is pinned and made on a side stream (:mod:`ds_chunkflow.cuda_streams`); the
+    backward's unpack waits for it.
     """
     if meter is None and not offload:
         yield
@@ -66,16 +71,22 @@ def saved_tensor_hooks(meter: ActivationMeter | None = None, offload: bool = Fal
         if isinstance(t, torch.nn.Parameter):
             return (t, None, None)
         if offload:
-            cpu = torch.empty(t.size(), dtype=t.dtype, layout=t.layout, pin_memory=t.is_cuda)
-            cpu.copy_(t, non_blocking=t.is_cuda)
             if meter is not None:
                 meter.offloaded += t.numel() * t.element_size()
+            stream = copy_stream(t.device)
+            if stream is not None:  # CUDA: pinned, on the side stream, overlapped with the forward
+                host, event = stream.to_host(t)
+                return (host, stream, event)
+            cpu = torch.empty(t.size(), dtype=t.dtype, layout=t.layout)
+            cpu.copy_(t)
             return (cpu, t.device, None)
         return (t, None, meter._acquire(t) if meter is not None else None)
 
     def unpack(packed):
-        t, device, _handle = packed
-        return t.to(device, non_blocking=True) if device is not None else t
+        t, where, extra = packed
+        if isinstance(where, CopyStream):
+            return where.to_device(t, extra)  # waits for the copy to the host first
+        return t.to(where, non_blocking=True) if where is not None else t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
         yield

@@ -16,7 +16,10 @@ later chunk has already added its share of chunk i's K/V gradient. Gradients are
 accumulated in float32 (float64 for a float64 model).
 
 With ``offload=True`` the buffers live on the CPU and the prefix is copied to the
-compute device per use (counted in ``bytes_moved``).
+compute device per use (counted in ``bytes_moved``). From CUDA the K/V buffers are pinned,
+chunk writes run on a side stream overlapped with compute, and a prefix read waits on the
+compute stream for the last write's event (:mod:`ds_chunkflow.cuda_streams`); the gradient
+buffers stay ordinary CPU tensors updated with synchronous copies.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .cuda_streams import CopyStream, copy_stream
+
 
 @dataclass
 class _LayerBuffers:
@@ -32,6 +37,8 @@ class _LayerBuffers:
     v: torch.Tensor
     dk: torch.Tensor | None = None
     dv: torch.Tensor | None = None
+    stream: CopyStream | None = None  # offloaded from CUDA: pinned k/v, writes on the side stream
+    event: object | None = None  # the last write's copy event (reads wait for it)
 
 
 @dataclass
@@ -42,6 +49,7 @@ class GroupState:
     offload: bool = False
     layers: dict[int, _LayerBuffers] = field(default_factory=dict)
     bytes_moved: int = 0
+    mixers: object | None = None  # ds_chunkflow.mixers.MixerStates of a hybrid model (constant in seq_len)
 
     @classmethod
     def for_sequence(cls, seq_len: int, offload_min_tokens: int | None) -> "GroupState":
@@ -57,14 +65,23 @@ class GroupState:
         buf = self.layers.get(layer)
         if buf is None:
             # K and V head dims may differ (MLA: 192 vs 128)
-            dev = self.storage_device or k.device
-            buf = _LayerBuffers(k.new_empty((k.shape[1], self.seq_len, k.shape[3]), device=dev),
-                                v.new_empty((v.shape[1], self.seq_len, v.shape[3]), device=dev))
+            k_shape, v_shape = (k.shape[1], self.seq_len, k.shape[3]), (v.shape[1], self.seq_len, v.shape[3])
+            stream = copy_stream(k.device) if self.offload else None
+            if stream is not None:  # CUDA -> pinned host buffers, written on the side stream
+                buf = _LayerBuffers(stream.pinned_empty(k_shape, k.dtype), stream.pinned_empty(v_shape, v.dtype),
+                                    stream=stream)
+            else:
+                dev = self.storage_device or k.device
+                buf = _LayerBuffers(k.new_empty(k_shape, device=dev), v.new_empty(v_shape, device=dev))
             self.layers[layer] = buf
         t = k.shape[2]
         with torch.no_grad():
-            buf.k[:, offset:offset + t].copy_(k[0])
-            buf.v[:, offset:offset + t].copy_(v[0])
+            if buf.stream is not None:
+                buf.stream.rows_to_host(k, buf.k, offset)
+                buf.event = buf.stream.rows_to_host(v, buf.v, offset)
+            else:
+                buf.k[:, offset:offset + t].copy_(k[0])
+                buf.v[:, offset:offset + t].copy_(v[0])
         if self.offload:
             self.bytes_moved += 2 * k.numel() * k.element_size()
 
@@ -74,6 +91,9 @@ class GroupState:
         k, v = buf.k[:, lo:hi].unsqueeze(0), buf.v[:, lo:hi].unsqueeze(0)
         if self.offload:
             self.bytes_moved += 2 * k.numel() * k.element_size()
+            if buf.stream is not None and device == buf.stream.device:  # after the writes' event, async
+                return (buf.stream.rows_to_device(buf.k, lo, hi, buf.event),
+                        buf.stream.rows_to_device(buf.v, lo, hi, None))
             # a real copy even when device is the CPU, so the policy costs what it would on a GPU
             k, v = k.to(device, copy=True), v.to(device, copy=True)
         return k, v

@@ -1,0 +1,206 @@
+"""Kernel dispatch (which kernel a block gets) and the fused-kernel plumbing, on CPU.
+
+The CUDA ops cannot run here; they are exercised only through stand-ins with the same
+interface (a math-kernel backend with the CUDA ops' quirks: head dims in multiples of 8,
+a log-sum-exp padded to 32 rows) and through their meta kernels (argument plumbing and
+shapes). ``tests/test_gpu.py`` runs the real ones (``pytest -m gpu``).
+"""
+
+import itertools
+import warnings
+
+import pytest
+import torch
+from reference import grads_of, make_sequences, max_rel_err, reference_loss_and_grads
+
+import ds_chunkflow
+from ds_chunkflow import kernels
+from ds_chunkflow.kernels import (
+    BACKENDS,
+    CPU_FLASH,
+    CUDA_EFFICIENT,
+    CUDA_FLASH,
+    MATH,
+    Block,
+    Caps,
+    FusedBackend,
+    choose_kernel,
+)
+from ds_chunkflow.testing.families import build, exact_case
+from ds_chunkflow.testing.models import build_tiny_model
+
+BLOCKS = [Block(q, k, tq, tk, w) for q, k, tq, tk in [(0, 0, 5, 5), (8, 0, 5, 8), (8, 2, 4, 6), (3, 3, 1, 1),
+                                                         (6, 0, 3, 7), (4, 4, 5, 5), (10, 3, 6, 7)]
+          for w in (None, 2, 5, 8, 100)]
+DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
+CAPS = [Caps(f, e) for f in (False, True) for e in (False, True)]
+
+
+def _mask(b: Block) -> torch.Tensor:
+    """Brute-force visibility: key k visible to query q iff k <= q and q - k < window."""
+    return torch.tensor([[k <= q and (b.window is None or q - k < b.window) for k in range(b.k_pos, b.k_pos + b.tk)]
+                         for q in range(b.q_pos, b.q_pos + b.tq)])
+
+
+@pytest.mark.parametrize("b", BLOCKS, ids=repr)
+def test_fused_kernels_get_only_blocks_they_compute_exactly(b):
+    """Every block sent to a fused kernel (any device, dtype, availability, head dim) has exactly the
+    visibility the kernel's flag computes: all keys (is_causal False) or the lower triangle of a square
+    (is_causal True); every other block goes to the math kernel with the window named as the reason."""
+    mask = _mask(b)
+    for dtype, dev, caps, hd in itertools.product(DTYPES, ("cpu", "cuda"), CAPS, (16, 192, 300)):
+        choice = choose_kernel(b, dtype, dev, caps, 0.0, hd)
+        if choice.kernel == MATH:
+            if choice.case == "window":
+                assert not mask.all() and not (b.tq == b.tk and torch.equal(mask, torch.ones_like(mask).tril()))
+                assert f"sliding window {b.window}" in choice.reason
+            continue
+        want = torch.ones_like(mask).tril() if b.is_causal else torch.ones_like(mask)
+        assert b.tq == b.tk or not b.is_causal
+        assert torch.equal(mask, want), (b, choice)
+
+
+def _expected(dtype, dev, caps, dropout, hd, maskable):
+    """The dispatch table of kernels.py, restated."""
+    if dropout > 0:
+        return MATH, "dropout"
+    if not maskable:
+        return MATH, "window"
+    if dev == "cpu":
+        return CPU_FLASH, None
+    if dev != "cuda":
+        return MATH, "device"
+    if dtype == torch.float64:
+        return MATH, "float64"
+    if dtype in (torch.float16, torch.bfloat16) and caps.cuda_flash and hd <= 256:
+        return CUDA_FLASH, None
+    if caps.cuda_efficient:
+        return CUDA_EFFICIENT, None
+    return MATH, "unavailable"
+
+
+def test_dispatch_table_exhaustive():
+    """Over blocks x dtypes x device types x kernel availability x dropout x head dims, the kernel is: CPU flash
+    on CPU; on CUDA the aten flash op for fp16/bf16 (head dim <= 256 after padding to 8), else the memory-efficient
+    op for fp16/bf16/fp32; math for fp64 on CUDA, other devices, dropout, window-cut blocks or nothing available,
+    each with its case named."""
+    count = 0
+    for b, dtype, dev, caps, dropout, hd in itertools.product(BLOCKS, DTYPES, ("cpu", "cuda", "mps"), CAPS,
+                                                              (0.0, 0.1), (16, 60, 252, 253, 256, 300)):
+        choice = choose_kernel(b, dtype, dev, caps, dropout, hd)
+        padded = -(-hd // 8) * 8
+        want = _expected(dtype, dev, caps, dropout, padded, b.fully_visible or b.causal_square)
+        assert (choice.kernel, choice.case) == want, (b, dtype, dev, caps, dropout, hd, choice)
+        assert (choice.reason is None) == (choice.kernel != MATH)
+        count += 1
+    assert count == len(BLOCKS) * 4 * 3 * 4 * 2 * 6
+
+
+def test_math_fallback_warns_once_per_case(monkeypatch):
+    """A block that lands on the math kernel warns, naming the case, once per (device type, case)."""
+    monkeypatch.setattr(kernels, "_warned", set())
+    q = torch.randn(1, 2, 6, 8, dtype=torch.float64)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            kernels.block_forward(q, q, q, Block(0, 0, 6, 6, window=3), 0.3)
+        kernels.block_forward(q, q, q, Block(0, 0, 6, 6), 0.3, dropout=0.2, seed=1)
+        kernels.block_forward(q, q, q, Block(0, 0, 6, 6), 0.3)  # fused: no warning
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 2, messages
+    assert "sliding window 3" in messages[0] and "dropout 0.2" in messages[1]
+
+
+# ----------------------------------------------------------------------------- stand-in backend
+class StandIn:
+    """The math kernel behind the CUDA ops' interface and quirks; counts calls and checks its inputs."""
+
+    def __init__(self, head_align=8, lse_align=32):
+        self.head_align, self.lse_align = head_align, lse_align
+        self.forwards = self.backwards = 0
+
+    def _block(self, q, k, is_causal):
+        tq, tk = q.shape[2], k.shape[2]
+        assert q.shape[-1] == k.shape[-1] and q.shape[-1] % self.head_align == 0, (q.shape, k.shape)
+        assert not is_causal or tq == tk
+        return Block(0, 0, tq, tk) if is_causal else Block(tk, 0, tq, tk)  # causal square / every key visible
+
+    def forward(self, q, k, v, is_causal, scale):
+        assert all(t.is_contiguous() for t in (q, k, v)) and v.shape[-1] == q.shape[-1]
+        self.forwards += 1
+        out, lse = kernels.math_forward(q, k, v, self._block(q, k, is_causal), scale)
+        rows = -(-q.shape[2] // self.lse_align) * self.lse_align
+        padded = torch.full((*lse.shape[:-1], rows), float("nan"), dtype=lse.dtype)  # junk rows must be cut
+        padded[..., :q.shape[2]] = lse
+        return out, padded
+
+    def backward(self, dout, q, k, v, out, lse, is_causal, scale):
+        assert lse.shape[-1] == -(-q.shape[2] // self.lse_align) * self.lse_align and lse.is_contiguous()
+        assert all(t.is_contiguous() and t.shape[-1] == q.shape[-1] for t in (dout, k, v, out))
+        self.backwards += 1
+        return kernels.math_backward(dout, q, k, v, out, lse[..., :q.shape[2]], self._block(q, k, is_causal), scale)
+
+    def backend(self):
+        return FusedBackend(self.forward, self.backward, self.head_align, self.lse_align, contiguous=True)
+
+
+def _chunked_vs_reference(model, lengths, chunk, keep):
+    seqs = make_sequences(lengths, model.config.vocab_size)
+    model.zero_grad(set_to_none=True)
+    ref_loss, ref_grads = reference_loss_and_grads(model, seqs)
+    model.zero_grad(set_to_none=True)
+    loss = ds_chunkflow.chunked_forward_backward(model, seqs, chunk_size=chunk, keep_chunks=keep)
+    return abs(loss.item() - ref_loss.item()) / abs(ref_loss.item()), max_rel_err(grads_of(model), ref_grads)
+
+
+@pytest.mark.parametrize("case", ["llama head dim 12", "mistral_window", "deepseek_v3_mla"])
+def test_stand_in_backend_trains_exactly(monkeypatch, case):
+    """Through a backend with the CUDA ops' interface (head dims padded to 8, log-sum-exp padded to 32 rows with
+    junk, contiguous inputs), chunked training equals the full-sequence reference in float64: the padding, the
+    lse cut/re-pad, GQA row stacking and the merge are exact; the stand-in runs forward and backward."""
+    stand_in = StandIn()
+    monkeypatch.setitem(BACKENDS, CPU_FLASH, stand_in.backend())
+    if case == "llama head dim 12":
+        model = build_tiny_model("llama", dtype=torch.float64, hidden_size=48)
+        tol = 1e-10
+    else:
+        model_type, _, overrides, tol = exact_case(case)
+        model = build(model_type, overrides)
+    loss_err, grad_err = _chunked_vs_reference(model, [45, 11, 5, 1], chunk=8, keep=2)
+    assert loss_err < tol and grad_err < tol, (loss_err, grad_err)
+    assert stand_in.forwards > 0 and stand_in.backwards > 0
+
+
+def test_stand_in_is_really_used(monkeypatch):
+    """Break check for the stand-in path: a backend whose log-sum-exp is off by 0.5 makes the gradients wrong
+    (so the stand-in test above would catch a merge that ignored the fused kernel's lse)."""
+    stand_in = StandIn()
+
+    def bad_forward(q, k, v, is_causal, scale):
+        out, lse = stand_in.forward(q, k, v, is_causal, scale)
+        return out, lse + 0.5
+
+    monkeypatch.setitem(BACKENDS, CPU_FLASH, FusedBackend(bad_forward, stand_in.backward, 8, 32, True))
+    model = build_tiny_model("llama", dtype=torch.float64)
+    _, grad_err = _chunked_vs_reference(model, [45, 11], chunk=8, keep=1)
+    assert grad_err > 1e-3
+
+
+# ----------------------------------------------------------------------------- the real CUDA ops, meta kernels
+@pytest.mark.parametrize("name,dtype", [(CUDA_FLASH, torch.bfloat16), (CUDA_EFFICIENT, torch.float32),
+                                        (CUDA_EFFICIENT, torch.bfloat16)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_cuda_ops_accept_our_arguments(name, dtype, causal):
+    """The aten CUDA ops' schemas (via their meta kernels) take the arguments our wrappers pass, and the
+    wrapped results have the shapes the merge needs: out [1, H, Tq, dv], lse [1, H, Tq], grads like q/k/v
+    (MLA-like head dims 24 / 20 -> padded to 24)."""
+    tq, tk = (10, 10) if causal else (10, 37)
+    q = torch.empty(1, 4, tq, 24, dtype=dtype, device="meta")
+    k = torch.empty(1, 4, tk, 24, dtype=dtype, device="meta")
+    v = torch.empty(1, 4, tk, 20, dtype=dtype, device="meta")
+    b = Block(0, 0, tq, tk) if causal else Block(tk, 0, tq, tk)
+    assert b.is_causal == causal
+    out, lse = kernels.fused_forward(BACKENDS[name], q, k, v, b, 0.2)
+    assert out.shape == (1, 4, tq, 20) and lse.shape == (1, 4, tq) and lse.dtype == torch.float32
+    dq, dk, dv = kernels.fused_backward(BACKENDS[name], torch.empty_like(out), q, k, v, out, lse, b, 0.2)
+    assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape

@@ -1,0 +1,149 @@
+"""The flash-attn varlen path for packed chunks, on CPU against a stand-in with flash-attn's interface.
+
+The stand-in is ``flash_attn_varlen_func``'s signature implemented with plain PyTorch (per
+segment, causal, window, GQA) in the input dtype; plugged in through ``varlen.varlen_fn_for``
+it runs the real packing, ``cu_seqlens`` and unpacking of ``ds_chunkflow.attention``.
+"""
+
+import sys
+import types
+import warnings
+
+import pytest
+import torch
+from reference import grads_of, make_sequences, max_rel_err, reference_loss_and_grads
+
+import ds_chunkflow
+from ds_chunkflow import varlen
+from ds_chunkflow.guard import check_model
+from ds_chunkflow.testing.families import build, exact_case
+from ds_chunkflow.testing.models import build_tiny_model
+
+
+class VarlenStandIn:
+    """``flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, softmax_scale, causal, window_size)``."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                 softmax_scale=None, causal=False, window_size=(-1, -1), **unused):
+        assert q.dim() == 3 and k.dim() == 3 and q.shape[-1] == k.shape[-1] == v.shape[-1]
+        assert cu_seqlens_q.dtype == torch.int32 and torch.equal(cu_seqlens_q, cu_seqlens_k)
+        assert causal and dropout_p == 0.0 and isinstance(max_seqlen_q, int)
+        borders = cu_seqlens_q.tolist()
+        assert borders[0] == 0 and borders[-1] == q.shape[0] and max_seqlen_q == max(
+            b - a for a, b in zip(borders, borders[1:]))
+        self.calls.append((borders, tuple(window_size)))
+        n_rep = q.shape[1] // k.shape[1]
+        outs = []
+        for a, b in zip(borders, borders[1:]):
+            qs, ks, vs = (t[a:b].transpose(0, 1) for t in (q, k, v))  # [H, n, d]
+            ks, vs = ks.repeat_interleave(n_rep, 0), vs.repeat_interleave(n_rep, 0)
+            s = (qs @ ks.transpose(-1, -2)) * softmax_scale
+            i = torch.arange(b - a)
+            vis = i[None, :] <= i[:, None]
+            if window_size[0] >= 0:
+                vis &= (i[:, None] - i[None, :]) <= window_size[0]
+            outs.append((s.masked_fill(~vis, float("-inf")).softmax(-1) @ vs).transpose(0, 1))
+        return torch.cat(outs)
+
+
+@pytest.fixture
+def stand_in(monkeypatch):
+    fn = VarlenStandIn()
+    monkeypatch.setattr(varlen, "varlen_fn_for", lambda q, dropout: fn if dropout == 0 else None)
+    return fn
+
+
+def test_cu_seqlens_and_tiling():
+    """cu_seqlens are the int32 running borders; segments must tile the chunk in order (clear errors otherwise)."""
+    cu, longest = varlen.cu_seqlens([3, 2, 1])
+    assert cu.dtype == torch.int32 and cu.tolist() == [0, 3, 5, 6] and longest == 3
+    assert varlen.segment_lengths([(0, 3), (3, 2), (5, 1)], 6) == [3, 2, 1]
+    with pytest.raises(ValueError, match="starts at row 4, expected 3"):
+        varlen.segment_lengths([(0, 3), (4, 2)], 6)
+    with pytest.raises(ValueError, match="cover 5 rows of a chunk of 6"):
+        varlen.segment_lengths([(0, 3), (3, 2)], 6)
+    with pytest.raises(ValueError, match="positive"):
+        varlen.cu_seqlens([3, 0])
+
+
+def test_pack_unpack_layout():
+    """pack: [1, H, T, d] -> [T, H, d] (row t of head h is x[0, h, t]); unpack gives [1, T, H, d], the attention
+    interface's return layout."""
+    x = torch.randn(1, 3, 7, 4)
+    p = varlen.pack(x)
+    assert p.shape == (7, 3, 4) and p.is_contiguous()
+    assert torch.equal(p[5, 2], x[0, 2, 5])
+    assert torch.equal(varlen.unpack(p), x.transpose(1, 2))
+    with pytest.raises(ValueError, match="one chunk"):
+        varlen.pack(torch.randn(2, 3, 7, 4))
+
+
+def _compare(model, lengths, chunk, keep=1):
+    seqs = make_sequences(lengths, model.config.vocab_size)
+    model.zero_grad(set_to_none=True)
+    ref_loss, ref_grads = reference_loss_and_grads(model, seqs)
+    model.zero_grad(set_to_none=True)
+    loss = ds_chunkflow.chunked_forward_backward(model, seqs, chunk_size=chunk, keep_chunks=keep)
+    return abs(loss.item() - ref_loss.item()) / abs(ref_loss.item()), max_rel_err(grads_of(model), ref_grads)
+
+
+@pytest.mark.parametrize("case", ["llama", "mistral_window", "deepseek_v3_mla"])
+def test_packed_chunks_through_one_varlen_call_are_exact(stand_in, case):
+    """Packed chunks without a state prefix go through ONE varlen call per layer (all segments), dependent chunks
+    keep the block path; loss and gradients equal the full-sequence reference in float64 (GQA, sliding window
+    (window_size=(w-1, 0)), MLA's padded v)."""
+    if case == "llama":
+        model, tol = build_tiny_model("llama", dtype=torch.float64), 1e-10
+    else:
+        model_type, _, overrides, tol = exact_case(case)
+        model = build(model_type, overrides)
+    check_model(model)  # the guard's probe (cached per model) runs packed chunks too: keep it out of the count
+    stand_in.calls.clear()
+    loss_err, grad_err = _compare(model, [30, 13, 2, 1], chunk=16)  # 30: 2 dependent chunks; 13 > window 12
+    assert loss_err < tol and grad_err < tol, (loss_err, grad_err)
+    # the one packed chunk [13 | 2 | 1]: one call per layer, all four segments in it
+    assert [c[0] for c in stand_in.calls] == [[0, 13, 15, 16]] * model.config.num_hidden_layers, stand_in.calls
+    window = getattr(model.config, "sliding_window", None)
+    assert all(c[1] == ((-1, -1) if window is None else (window - 1, 0)) for c in stand_in.calls)
+
+
+def test_dependent_chunks_never_take_varlen(stand_in):
+    """Chunks of a split sequence never take the varlen path, not even the first (it writes the group's state)."""
+    model = build_tiny_model("llama", dtype=torch.float64)
+    check_model(model)
+    stand_in.calls.clear()
+    seqs = make_sequences([40], model.config.vocab_size)
+    ds_chunkflow.chunked_forward_backward(model, seqs, chunk_size=16)
+    assert stand_in.calls == []
+
+
+def test_varlen_choice():
+    """varlen_fn_for: only CUDA fp16/bf16 queries without dropout and with head dim <= 256 ask for flash-attn."""
+    cpu = torch.empty(1, 2, 3, 8, dtype=torch.bfloat16)
+    meta = torch.empty(1, 2, 3, 8, dtype=torch.bfloat16, device="meta")
+    assert varlen.varlen_fn_for(cpu, 0.0) is None and varlen.varlen_fn_for(meta, 0.0) is None
+
+
+@pytest.mark.parametrize("version,usable", [("2.5.9", False), ("2.6.0", True), ("2.8.3", True), ("2.9.0", False),
+                                            ("3.0.0b1", False), ("garbage", False)])
+def test_flash_attn_version_is_checked(monkeypatch, version, usable):
+    """flash-attn is used only inside the supported range (2.6 <= v < 2.9); outside it warns naming the version
+    and the range, and packed chunks fall back to the block path. DS_CHUNKFLOW_FLASH_ATTN=0 turns it off."""
+    fake = types.ModuleType("flash_attn")
+    fake.__version__ = version
+    fake.flash_attn_varlen_func = lambda *a, **k: None
+    monkeypatch.setitem(sys.modules, "flash_attn", fake)
+    varlen._import_flash_attn.cache_clear()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fn = varlen.flash_attn_varlen_func()
+        assert (fn is fake.flash_attn_varlen_func) == usable
+        assert any(version in str(w.message) and ">=2.6, <2.9" in str(w.message) for w in caught) != usable
+        monkeypatch.setenv("DS_CHUNKFLOW_FLASH_ATTN", "0")
+        assert varlen.flash_attn_varlen_func() is None
+    finally:
+        varlen._import_flash_attn.cache_clear()
