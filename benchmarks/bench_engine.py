@@ -55,7 +55,7 @@ REPO = HERE.parent
 sys.path[:0] = [str(REPO), str(HERE)]
 from _common import load_samples, num_loss_tokens, rss_bytes, save_json, table, targets_of  # noqa: E402
 
-MODEL = {"family": "qwen2", "vocab_size": 512, "hidden_size": 128, "num_layers": 4}
+MODEL = {"family": "qwen2", "vocab_size": 512, "hidden_size": 128, "num_layers": 4}  # --hidden/--layers/--vocab
 SYSTEMS = ("chunkflow", "chunkflow_k4", "padded", "packed", "packed_varlen")
 BASELINES = ("padded", "packed", "packed_varlen")
 VARLEN = "bench_varlen"
@@ -73,6 +73,14 @@ def make_batches(samples: list[dict], global_batch: int, steps: int, seed: int):
     rest = order[steps * global_batch:(steps + 1) * global_batch]
     warmup = [samples[i] for i in rest if len(samples[i]["input_ids"]) <= 2048]
     return warmup, batches
+
+
+def long_sample(n: int, seed: int) -> dict:
+    """A synthetic ``n``-token sample (ids < 512, any vocabulary embeds them); loss on all but its first 10%."""
+    g = torch.Generator().manual_seed(10_000 + seed)
+    ids = torch.randint(3, 512, (n,), generator=g).tolist()
+    cut = n // 10
+    return {"input_ids": ids, "labels": [-100] * cut + ids[cut:]}
 
 
 def rank_share(batch: list[dict], rank: int, world: int) -> list[dict]:
@@ -129,7 +137,7 @@ def work_per_rank(system, batch, world, cfg) -> list[dict]:
     from ds_chunkflow.batch_plan import plan_batch
     from ds_chunkflow.chunking import CostModel
 
-    cost = CostModel(attention=1.0 / (6 * MODEL["hidden_size"]))  # the engine's default weight
+    cost = CostModel(attention=1.0 / (6 * cfg["model"]["hidden_size"]))  # the engine's default weight
     if system.startswith("chunkflow"):
         seqs = [{k: torch.tensor(v) for k, v in s.items()} for s in batch]
         plan = plan_batch(seqs, chunk_size=cfg["chunk_size"], keep_chunks=cfg["keep_chunks"], num_ranks=world,
@@ -163,12 +171,24 @@ def varlen_attention(module, query, key, value, attention_mask, scaling=None, dr
 
 
 def _engine(system, cfg):
+    """(engine, RSS right after loading the model): every system loads the saved model with
+    ``ds_chunkflow.load_pretrained`` (partitioned at load under ZeRO-3, so load memory is comparable)."""
     import deepspeed
 
     import ds_chunkflow
-    from ds_chunkflow.testing.models import build_tiny_model
 
-    model = build_tiny_model(MODEL["family"], **{k: v for k, v in MODEL.items() if k != "family"}, seed=0)
+    config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "gradient_clipping": 0.0,
+              "zero_allow_untested_optimizer": True, "zero_optimization": {"stage": cfg["zero_stage"]},
+              "steps_per_print": 10**9}
+    if system.startswith("chunkflow"):
+        keep = int(system[len("chunkflow_k"):]) if system.startswith("chunkflow_k") else cfg["keep_chunks"]
+        config["chunkflow"] = {"chunk_size": cfg["chunk_size"], "keep_chunks": keep,
+                               "pad_token_id": cfg["pad_id"], "recompute_layers": cfg["recompute_layers"]}
+    from ds_chunkflow.deepspeed_adapter import decide_shm_comm_build
+
+    decide_shm_comm_build()
+    model = ds_chunkflow.load_pretrained(cfg["model_dir"], config)
+    load_rss = rss_bytes()
     model.config._attn_implementation = "sdpa"
     if system.startswith("packed"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -178,19 +198,9 @@ def _engine(system, cfg):
         AttentionInterface.register(VARLEN, varlen_attention)
         model.config._attn_implementation = VARLEN
     model.train()
-    config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "gradient_clipping": 0.0,
-              "zero_allow_untested_optimizer": True, "zero_optimization": {"stage": cfg["zero_stage"]},
-              "steps_per_print": 10**9}
-    if system.startswith("chunkflow"):
-        keep = int(system[len("chunkflow_k"):]) if system.startswith("chunkflow_k") else cfg["keep_chunks"]
-        config["chunkflow"] = {"chunk_size": cfg["chunk_size"], "keep_chunks": keep,
-                               "pad_token_id": cfg["pad_id"]}
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.0)
-    from ds_chunkflow.deepspeed_adapter import decide_shm_comm_build
-
-    decide_shm_comm_build()
     init = ds_chunkflow.initialize if system.startswith("chunkflow") else deepspeed.initialize
-    return init(model=model, optimizer=optimizer, config=config)[0]
+    return init(model=model, optimizer=optimizer, config=config)[0], load_rss
 
 
 def _baseline_step(engine, system, batch, cfg) -> float:
@@ -238,10 +248,12 @@ def worker(rank, world, system, cfg, warmup, batches, out_prefix):
             return engine.train_batch(to_tensors(batch)).item()
         return _baseline_step(engine, system, batch, cfg)
 
+    from ds_chunkflow.deepspeed_adapter import count_param_gathers
+
     t = time.perf_counter()
-    engine = _engine(system, cfg)
-    rec = {"init_s": time.perf_counter() - t, "rss_after_init": rss_bytes(), "step_s": [], "cpu_s": [],
-           "losses": [], "chunkflow": []}
+    engine, load_rss = _engine(system, cfg)
+    rec = {"init_s": time.perf_counter() - t, "rss_after_load": load_rss, "rss_after_init": rss_bytes(),
+           "step_s": [], "cpu_s": [], "losses": [], "chunkflow": [], "gathers": [], "gather_bytes": []}
     rec["warmup_loss"] = step(warmup)
     profiler = None
     if cfg["profile"] and rank == 0:
@@ -252,7 +264,10 @@ def worker(rank, world, system, cfg, warmup, batches, out_prefix):
     for batch in batches:
         dist.barrier()
         t, c = time.perf_counter(), time.process_time()
-        rec["losses"].append(step(batch))
+        with count_param_gathers() as gathers:  # ZeRO-3 parameter all-gathers of the whole step
+            rec["losses"].append(step(batch))
+        rec["gathers"].append(gathers.calls)
+        rec["gather_bytes"].append(gathers.bytes)
         rec["cpu_s"].append(time.process_time() - c)  # gloo waits block, so this is the rank's own work
         dist.barrier()
         rec["step_s"].append(time.perf_counter() - t)
@@ -298,6 +313,9 @@ def summarise(system, ranks, batches, cfg, world=2) -> dict:
         "tokens_per_cpu_s": tokens / sum(max(c) for c in cpu),
         "s_per_step": wall / len(batches),
         "peak_rss_mib": max(r["peak_rss"] for r in ranks) / mib,
+        "load_rss_mib": max(r["rss_after_load"] for r in ranks) / mib,
+        "gathers_per_step": sum(ranks[0]["gathers"]) / len(batches),
+        "gather_mib_per_step": sum(ranks[0]["gather_bytes"]) / len(batches) / mib,
         "train_rss_mib": max(r["peak_rss"] - r["rss_after_init"] for r in ranks) / mib,  # peak above the init's
         "imb_cpu": imbalance(cpu),
         "imb_tokens": imbalance([[w["real"] for w in ws] for ws in work]),
@@ -331,6 +349,16 @@ def parse_args():
                    "(--quick: without chunkflow_k4)")
     p.add_argument("--out", default=None, help="JSON name in benchmarks/results (default engine[_quick].json)")
     p.add_argument("--profile", action="store_true", help="cProfile rank 0 of every system's timed steps")
+    p.add_argument("--hidden", type=int, default=MODEL["hidden_size"])
+    p.add_argument("--layers", type=int, default=MODEL["num_layers"])
+    p.add_argument("--vocab", type=int, default=MODEL["vocab_size"], help="e.g. 151936 (Qwen2.5)")
+    p.add_argument("--tied", action="store_true", help="lm_head tied to the embedding (default: separate)")
+    p.add_argument("--long_sample", type=int, default=0,
+                   help="replace each timed batch's first sample by a synthetic one of this many tokens "
+                   "(loss on all but its first 10%%): a heavy tail")
+    p.add_argument("--max_len", type=int, default=None, help="use only data samples up to this length")
+    p.add_argument("--recompute_layers", default="none", help="chunkflow.recompute_layers for the chunkflow systems")
+    p.add_argument("--timeout", type=float, default=600, help="seconds per system")
     args = p.parse_args()
     if args.quick:  # the quick data is short: a small chunk_size still splits some samples
         args.steps, args.global_batch, args.chunk_size = 2, 16, 256
@@ -353,12 +381,23 @@ def main():
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     from ds_chunkflow.testing.tokenizer import build_tokenizer
 
-    samples = load_samples(2048 if args.quick else None)
+    samples = load_samples(2048 if args.quick else args.max_len)
     warmup, batches = make_batches(samples, args.global_batch, args.steps, args.seed)
+    if args.long_sample:
+        batches = [[long_sample(args.long_sample, seed=i)] + b[1:] for i, b in enumerate(batches)]
+    model_spec = dict(MODEL, hidden_size=args.hidden, num_layers=args.layers, vocab_size=args.vocab,
+                      tie_word_embeddings=args.tied)
+    from ds_chunkflow.testing.models import build_tiny_model
+
+    model_dir = tempfile.mkdtemp(prefix="bench_engine_model_")
+    build_tiny_model(model_spec["family"], **{k: v for k, v in model_spec.items() if k != "family"}, seed=0,
+                     save_dir=model_dir)
     cfg = {"steps": args.steps, "global_batch": args.global_batch, "micro_batch": args.micro_batch,
            "chunk_size": args.chunk_size, "keep_chunks": args.keep_chunks, "zero_stage": args.zero_stage,
            "lr": 1e-3, "seed": args.seed, "pad_id": build_tokenizer().pad_token_id,
-           "row_len": max(len(s["input_ids"]) for s in samples), "profile": args.profile, "timeout": 600,
+           "row_len": max([len(s["input_ids"]) for s in samples] + [args.long_sample]), "profile": args.profile,
+           "timeout": args.timeout, "model": model_spec, "model_dir": model_dir,
+           "recompute_layers": args.recompute_layers, "long_sample": args.long_sample,
            "world": 2, "precision": "fp32", "optimizer": "torch.optim.AdamW", "gradient_clipping": 0.0,
            "loss": "sum(CE) / loss tokens of the global batch, for every system"}
     stats = data_stats(batches)
@@ -374,8 +413,9 @@ def main():
               f"{[round(x, 2) for x in rows[-1]['step_s']]} s", flush=True)
     for r in rows:  # same init, data and objective: every system's losses must match
         r["max_loss_diff"] = max(abs(a - b) for a, b in zip(r["losses"], rows[0]["losses"]))
-    columns = ["system", "tokens_per_s", "tokens_per_cpu_s", "s_per_step", "peak_rss_mib", "train_rss_mib",
-               "imb_cpu", "imb_tokens", "imb_cost", "computed_per_real", "max_loss_diff"]
+    columns = ["system", "tokens_per_s", "tokens_per_cpu_s", "s_per_step", "load_rss_mib", "peak_rss_mib",
+               "train_rss_mib", "gathers_per_step", "gather_mib_per_step", "imb_cpu", "imb_tokens", "imb_cost",
+               "computed_per_real", "max_loss_diff"]
     print(table(rows, columns))
     pairs = ratios(rows)
     if pairs:
@@ -385,8 +425,11 @@ def main():
             print(f"\n--- cProfile, rank 0, {r['system']} ---\n{r['profile']}")
     from ds_chunkflow.testing.models import tiny_config
 
-    config = tiny_config(MODEL["family"], **{k: v for k, v in MODEL.items() if k != "family"})
-    model = dict(MODEL, num_parameters=_count_parameters(config), attn_implementation="sdpa")
+    config = tiny_config(model_spec["family"], **{k: v for k, v in model_spec.items() if k != "family"})
+    model = dict(model_spec, num_parameters=_count_parameters(config), attn_implementation="sdpa")
+    import shutil
+
+    shutil.rmtree(model_dir, ignore_errors=True)
     path = save_json(args.out or ("engine_quick.json" if args.quick else "engine.json"),
                      {"config": cfg, "model": model, "data": stats, "rows": rows, "ratios": pairs})
     print(f"wrote {path}")

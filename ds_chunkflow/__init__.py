@@ -12,6 +12,13 @@ def initialize(*args, **kwargs):
     return _initialize(*args, **kwargs)
 
 
+def load_pretrained(*args, **kwargs):
+    """See :func:`ds_chunkflow.loading.load_pretrained`: from_pretrained, partitioned at load under ZeRO-3."""
+    from .loading import load_pretrained as _load
+
+    return _load(*args, **kwargs)
+
+
 __all__ = ["ChunkFlowConfig", "ConfigError", "chunked_forward_backward", "chunked_step", "init_distributed",
-           "initialize"]
+           "initialize", "load_pretrained"]
 __version__ = "0.1.0"

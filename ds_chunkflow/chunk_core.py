@@ -11,17 +11,19 @@ per chunk and must be the same in both:
   for sequences of at least ``kv_state_min_tokens``), freed with :meth:`release`;
 * **RNG replay**: the RNG state before a chunk's first forward, restored for its recompute
   so dropout draws the same masks (:meth:`remember_rng`, :meth:`replayed_rng`);
-* **loss**: ``sum(CE over the chunk's targets) / num_loss_tokens`` (:func:`chunk_loss`).
+* **loss**: ``sum(CE over the chunk's targets) / num_loss_tokens``, from the final hidden states
+  in a fixed number of pieces of target rows (:func:`head_loss`).
 """
 
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Hashable, Sequence
+from typing import Callable, Hashable, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from .attention import ChunkContext, SegmentSpec
 from .batch import ChunkInputs, SequenceDict, materialize, shifted_targets
@@ -49,12 +51,45 @@ def set_rng(state: tuple) -> None:
         torch.cuda.set_rng_state(state[1])
 
 
-def chunk_loss(logits: torch.Tensor, targets: torch.Tensor, num_loss_tokens: int) -> torch.Tensor:
-    """``sum(next-token CE over targets) / num_loss_tokens`` for one chunk (batch 1), in float32 or float64."""
-    if logits.shape[0] != 1:
-        raise ValueError(f"a chunk is one row (batch 1), got logits of batch {logits.shape[0]}")
-    logits = logits[0] if logits.dtype == torch.float64 else logits[0].float()
-    return F.cross_entropy(logits, targets[0], ignore_index=IGNORE_INDEX, reduction="sum") / num_loss_tokens
+def _loss_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _piece_ce(head: Callable, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = head(hidden)
+    return F.cross_entropy(logits.to(_loss_dtype(logits)), targets, reduction="sum")
+
+
+def head_loss(head: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, targets: torch.Tensor,
+              num_loss_tokens: int, num_pieces: int) -> torch.Tensor:
+    """``sum(next-token CE over targets) / num_loss_tokens`` of one chunk from its final hidden states
+    ``[1, T, H]`` (float32, or float64 for a float64 model), never holding ``[T, vocab]`` logits.
+
+    Only target rows are projected, in ``num_pieces`` near-equal pieces; each piece's ``head`` + CE
+    runs under a non-reentrant checkpoint, so backward keeps one piece's hidden rows and recomputes its
+    logits::
+
+        rows      [h0 h1 h2 h3 h4 h5 h6]          targets [-- 5 9 -- -- 3 --]
+        kept      [   h1 h2       h5   ]          2 pieces: [h1 h2] [h5]
+
+    ``head`` is called exactly ``num_pieces`` times, forward and backward, however many targets the
+    chunk has (pieces may be empty, a chunk without targets included): under ZeRO-3 every call
+    gathers the head's weight collectively, so every rank must make the same calls.
+    """
+    if hidden.shape[0] != 1:
+        raise ValueError(f"a chunk is one row (batch 1), got hidden states of batch {hidden.shape[0]}")
+    keep = (targets[0] != IGNORE_INDEX).nonzero().squeeze(1)
+    rows, goals = hidden[0].index_select(0, keep), targets[0].index_select(0, keep)
+    total = None
+    for piece_rows, piece_goals in zip(torch.tensor_split(rows, num_pieces), torch.tensor_split(goals, num_pieces)):
+        piece = checkpoint(_piece_ce, head, piece_rows, piece_goals, use_reentrant=False)
+        total = piece if total is None else total + piece
+    return total / num_loss_tokens
+
+
+def num_loss_pieces(chunk_size: int, piece_tokens: int) -> int:
+    """Pieces per chunk so that none exceeds ``piece_tokens`` target rows (a chunk has at most chunk_size)."""
+    return -(-chunk_size // piece_tokens)
 
 
 @dataclass
@@ -67,6 +102,7 @@ class ChunkRun:
     states: dict[int, GroupState] = field(default_factory=dict)
     _rng: dict[Hashable, tuple] = field(default_factory=dict)
     bytes_moved: int = 0
+    mixer_bytes_per_boundary: int = 0
 
     def __post_init__(self) -> None:
         self.targets = [shifted_targets(s["labels"]) for s in self.sequences]
@@ -88,7 +124,10 @@ class ChunkRun:
 
     def release(self, group: int) -> None:
         """Frees a group's K/V state after its last backward."""
-        self.bytes_moved += self.states.pop(group).bytes_moved
+        state = self.states.pop(group)
+        self.bytes_moved += state.bytes_moved
+        if state.mixers is not None:  # a hybrid's recurrent state: constant in the sample's length
+            self.mixer_bytes_per_boundary = max(self.mixer_bytes_per_boundary, state.mixers.bytes_per_boundary)
 
     def remember_rng(self, key: Hashable) -> None:
         """Before a chunk's first forward: the RNG state its recompute will replay."""

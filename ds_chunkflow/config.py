@@ -9,6 +9,7 @@ Example (YAML; JSON works the same)::
       offload:
         activations: none     # none | far (offload instead of recomputing)
         kv_state_min_tokens: 131072
+      recompute_layers: none  # none | all | N: activation checkpointing inside a chunk
       data:
         global_batch_size: 64
 
@@ -77,6 +78,17 @@ class ChunkFlowConfig(_Section):
     data: DataConfig = Field(default_factory=DataConfig)
     pad_token_id: int = Field(0, ge=0)
     """Token id of the one-token padding calls that keep ranks in step."""
+    loss_piece_tokens: int = Field(1024, gt=0)
+    """Target rows per piece of the chunked lm_head + cross-entropy: one piece's logits exist at a time."""
+    recompute_layers: Literal["none", "all"] | int = "none"
+    """Activation checkpointing inside a chunk: none, all decoder layers, or every N-th layer (N >= 1)."""
+
+    @model_validator(mode="after")
+    def _recompute_every(self):
+        if isinstance(self.recompute_layers, int) and self.recompute_layers < 1:
+            raise ValueError(f"recompute_layers: 'none', 'all' or a positive integer N (every N-th layer), "
+                             f"got {self.recompute_layers}")
+        return self
 
 
 def _format(err: ValidationError, section: str) -> str:

@@ -18,6 +18,26 @@ way.
    DeepSpeed's default (build) and warns once on the CPU accelerator;
    ``DS_CHUNKFLOW_SKIP_SHM_BUILD=1`` skips it (the test harness and the CPU launch scripts
    set it explicitly).
+3. ZeRO-3 with several chunk graphs alive (forward A, forward B, backward B, backward A: K > 1,
+   activation offload). Read from deepspeed/runtime/zero/stage3.py and parameter_offload.py
+   (0.19.8); facts in ../shared/notes/zero3-live-graphs.md. :class:`Zero3LiveGraphs`:
+
+   * gradients: ``partition_grads`` copies into the partition buffer while ``micro_step_id == 0``
+     and adds after; ``micro_step_id`` advances only in ``optimizer.clear_backward_seen_flag()``
+     (called by ``engine.forward``) after a backward's epilogue ran. Backward B then backward A
+     with no forward between would both copy, the second overwriting the first. Calling
+     ``clear_backward_seen_flag()`` before every backward advances it exactly once per backward
+     (a no-op when no backward ran since the last call);
+   * parameter release: every module forward resets ``module.ds_grads_remaining`` (a forward
+     pre-hook) and counts its inputs; after forward B the counts describe B only, and during
+     backward A no module reaches zero, so every parameter stays gathered. The counts are saved
+     after each graph's forward and restored just before its backward, so each backward releases
+     its parameters as it goes.
+
+   ``tests/test_deepspeed_adapter.py`` shows on 2 ranks that plain DeepSpeed still gets F,F,B,B
+   wrong (so a DeepSpeed that fixes or changes it is noticed) and that these two make it exact.
+4. ZeRO-3 parameter all-gathers are counted by wrapping ``partition_parameters._dist_allgather_fn``
+   (every coalesced fetch goes through it, 0.19.8): :func:`count_param_gathers`.
 """
 
 from __future__ import annotations
@@ -26,6 +46,7 @@ import contextlib
 import os
 import sys
 import warnings
+from dataclasses import dataclass
 from typing import Callable
 
 SKIP_SHM_ENV = "DS_CHUNKFLOW_SKIP_SHM_BUILD"
@@ -77,6 +98,48 @@ def decide_shm_comm_build() -> None:
                       f"gloo does not need it: set {SKIP_SHM_ENV}=1 to skip the build", stacklevel=3)
 
 
+class Zero3LiveGraphs:
+    """``graph_hooks`` for the executor under ZeRO-3 (touch point 3 above)."""
+
+    def __init__(self, engine):
+        self.optimizer = engine.optimizer
+        self.modules = list(engine.module.modules())
+        self._counts: dict = {}
+
+    def after_forward(self, key) -> None:
+        self._counts[key] = [getattr(m, "ds_grads_remaining", 0) for m in self.modules]
+
+    def before_backward(self, key) -> None:
+        for module, count in zip(self.modules, self._counts.pop(key)):
+            module.ds_grads_remaining = count
+        self.optimizer.clear_backward_seen_flag()
+
+
+@dataclass
+class GatherCount:
+    calls: int = 0
+    bytes: int = 0
+
+
+@contextlib.contextmanager
+def count_param_gathers():
+    """Counts ZeRO-3 parameter all-gathers (calls, bytes received) inside the block (touch point 4)."""
+    from deepspeed.runtime.zero import partition_parameters as pp
+
+    count, original = GatherCount(), pp._dist_allgather_fn
+
+    def counted(input_tensor, output_tensor, group=None):
+        count.calls += 1
+        count.bytes += output_tensor.numel() * output_tensor.element_size()
+        return original(input_tensor, output_tensor, group=group)
+
+    pp._dist_allgather_fn = counted
+    try:
+        yield count
+    finally:
+        pp._dist_allgather_fn = original
+
+
 def missing_names() -> list[str]:
     """The touch points above that the installed DeepSpeed does not have (empty when all are there)."""
     import deepspeed
@@ -89,4 +152,11 @@ def missing_names() -> list[str]:
 
     if not hasattr(sys.modules.get("deepspeed.comm.torch"), "build_shm_op"):
         missing.append("deepspeed.comm.torch.build_shm_op")
+    from deepspeed.runtime.zero import partition_parameters
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+
+    if not hasattr(partition_parameters, "_dist_allgather_fn"):
+        missing.append("deepspeed.runtime.zero.partition_parameters._dist_allgather_fn")
+    if not hasattr(DeepSpeedZeroOptimizer_Stage3, "clear_backward_seen_flag"):
+        missing.append("DeepSpeedZeroOptimizer_Stage3.clear_backward_seen_flag")
     return missing

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import time
-import warnings
 from typing import Any, Sequence
 
 import torch
@@ -24,12 +23,16 @@ from . import checkpoint
 from .attention import use_chunkflow_attention
 from .batch import SequenceDict
 from .batch_plan import BatchPlan, plan_batch
+from .chunk_core import num_loss_pieces
 from .chunking import CostModel
 from .config import ChunkFlowConfig
+from .deepspeed_adapter import Zero3LiveGraphs, count_param_gathers
 from .distributed import agree_on_errors, all_reduce
-from .executor import Executor
+from .executor import Executor, GraphHooks
 from .guard import check_model
+from .hf_model import enable_recompute
 from .memory import peak_rss_bytes
+from .mixers import use_chunkflow_mixers
 from .monitor import step_metrics
 
 SAMPLER_KEY = "ds_chunkflow_sampler"
@@ -121,16 +124,7 @@ class ChunkFlowMixin:
 class ChunkFlowEngine(ChunkFlowMixin, DeepSpeedEngine):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        cf = self.chunkflow_config
-        if self.zero_optimization_stage() == 3 and (cf.keep_chunks > 1 or cf.offload.activations != "none"):
-            # DeepSpeed 0.19.8's ZeRO-3 resets its backward-hook accounting at every forward, so
-            # two chunks with live graphs (forward, forward, backward, backward) get wrong
-            # gradients (measured: 50% off). One live graph at a time (K=1, recompute) is exact.
-            warnings.warn("chunkflow.keep_chunks > 1 and chunkflow.offload.activations: far keep several graphs "
-                          "alive, which ZeRO-3 does not support; running with keep_chunks=1 and recompute",
-                          stacklevel=2)
-            self.chunkflow_config = cf.model_copy(update={
-                "keep_chunks": 1, "offload": cf.offload.model_copy(update={"activations": "none"})})
+        self.num_recomputed_layers = enable_recompute(self.module, self.chunkflow_config.recompute_layers)
         # every rank probes (under ZeRO-3 the forward gathers parameters collectively); the
         # worst error over the data-parallel group decides, so all ranks refuse together
         group, device = self.data_parallel_group, self.device
@@ -155,19 +149,28 @@ class ChunkFlowEngine(ChunkFlowMixin, DeepSpeedEngine):
             self.backward(loss * world, scale_wrt_gas=False)
 
         cf = self.chunkflow_config
+        zero3 = self.zero_optimization_stage() == 3
         executor = Executor(self, backward, batch.sequences, batch.num_loss_tokens, self.device,
-                            cf.offload.kv_state_min_tokens, pad_token_id=cf.pad_token_id)
-        with use_chunkflow_attention(self.module.config):
+                            cf.offload.kv_state_min_tokens, pad_token_id=cf.pad_token_id,
+                            loss_pieces=num_loss_pieces(cf.chunk_size, cf.loss_piece_tokens),
+                            model=self.module,
+                            graph_hooks=Zero3LiveGraphs(self) if zero3 else GraphHooks())
+        with (use_chunkflow_attention(self.module.config), use_chunkflow_mixers(self.module),
+              count_param_gathers() as gathers):
             stats = executor.run(batch.rank_plans[self._dp_rank()])
         self.step()
         self.set_gradient_accumulation_boundary(None)
         loss, = all_reduce([stats.loss.item()], "sum", self.data_parallel_group, self.device)
-        peak_act, stats.peak_state_bytes = all_reduce([executor.meter.peak, stats.peak_state_bytes], "max",
-                                                      self.data_parallel_group, self.device)
-        stats.offloaded_bytes, stats.state_bytes_moved = (int(x) for x in all_reduce(
-            [stats.offloaded_bytes, stats.state_bytes_moved], "sum", self.data_parallel_group, self.device))
-        self._write_metrics(step_metrics(batch, loss, time.perf_counter() - start, peak_rss_bytes(), stats,
-                                         peak_act))
+        peak_act, stats.peak_state_bytes, stats.mixer_state_bytes = all_reduce(
+            [executor.meter.peak, stats.peak_state_bytes, stats.mixer_state_bytes], "max", self.data_parallel_group,
+            self.device)
+        stats.offloaded_bytes, stats.state_bytes_moved, stats.num_recomputes = (int(x) for x in all_reduce(
+            [stats.offloaded_bytes, stats.state_bytes_moved, stats.num_recomputes], "sum", self.data_parallel_group,
+            self.device))
+        metrics = step_metrics(batch, loss, time.perf_counter() - start, peak_rss_bytes(), stats, peak_act)
+        if zero3:  # this rank's parameter all-gathers in the chunk forwards and backwards (not the step)
+            metrics.update(zero3_param_gathers=gathers.calls, zero3_param_gather_bytes=gathers.bytes)
+        self._write_metrics(metrics)
         return torch.tensor(loss)
 
     def _dp_rank(self) -> int:

@@ -6,7 +6,13 @@ maps to one method; an unknown instruction is an error.
 
 Loss: every chunk contributes ``sum(CE over its targets) / num_loss_tokens``, where
 ``num_loss_tokens`` is the global batch's count, fixed before chunking. Summed over
-chunks (and ranks) this is exactly the unchunked loss, so the gradients are too.
+chunks (and ranks) this is exactly the unchunked loss, so the gradients are too. The
+model's forward computes no chunk logits (``logits_to_keep=1``): the loss runs on the final
+hidden states in ``loss_pieces`` pieces of target rows (:func:`~ds_chunkflow.chunk_core.head_loss`).
+
+``graph_hooks`` hear of every graph kept for a later backward (``after_forward(key)``) and of
+its backward (``before_backward(key)``): ZeRO-3 needs them when several graphs are alive
+(:class:`ds_chunkflow.deepspeed_adapter.Zero3LiveGraphs`).
 """
 
 from __future__ import annotations
@@ -19,8 +25,9 @@ import torch
 
 from .attention import ChunkContext, SegmentSpec
 from .batch import SequenceDict
-from .chunk_core import ChunkRun, chunk_loss
-from .chunking import Chunk
+from .chunk_core import ChunkRun, head_loss
+from .chunking import IGNORE_INDEX, Chunk
+from .hf_model import OutputHead, final_hidden
 from .memory import ActivationMeter, saved_tensor_hooks
 from .scheduler import (
     Backward,
@@ -45,9 +52,21 @@ class ExecStats:
     loss: torch.Tensor
     num_forwards: int = 0
     num_backwards: int = 0
+    num_recomputes: int = 0
     peak_state_bytes: int = 0
     state_bytes_moved: int = 0
     offloaded_bytes: int = 0
+    mixer_state_bytes: int = 0  # a hybrid's recurrent state per sample and chunk boundary (0: no mixers)
+
+
+class GraphHooks:
+    """Told about each graph the executor keeps alive for a later backward; no-op by default."""
+
+    def after_forward(self, key) -> None:
+        pass
+
+    def before_backward(self, key) -> None:
+        pass
 
 
 @dataclass
@@ -60,11 +79,20 @@ class Executor:
     state_offload_min_tokens: int | None = None
     meter: ActivationMeter = field(default_factory=ActivationMeter)
     pad_token_id: int = 0
+    model: torch.nn.Module | None = None
+    """The transformers model ``forward_fn`` runs (default: ``forward_fn`` itself)."""
+    loss_pieces: int = 1
+    """Pieces of the chunked lm_head + CE per chunk (the same on every rank: ZeRO-3 gathers per call)."""
+    graph_hooks: GraphHooks = field(default_factory=GraphHooks)
     _losses: dict = field(default_factory=dict)
     _pads: collections.deque = field(default_factory=collections.deque)
 
     def __post_init__(self) -> None:
         self.run_state = ChunkRun(self.sequences, self.device, self.state_offload_min_tokens)
+        if self.model is None:
+            self.model = self.forward_fn
+        self.head = OutputHead(self.model)
+        self._num_pads = 0
 
     def run(self, plan: list[Step]) -> ExecStats:
         instructions = flatten(plan)
@@ -81,16 +109,16 @@ class Executor:
         assert not self._losses and not self._pads and not self.run_state.pending, "plan left work pending"
         self.stats.offloaded_bytes = self.meter.offloaded - offloaded_before
         self.stats.state_bytes_moved = self.run_state.bytes_moved
+        self.stats.mixer_state_bytes = self.run_state.mixer_bytes_per_boundary
         return self.stats
 
     # ------------------------------------------------------------------ helpers
     def _call(self, chunk: Chunk, with_loss: bool, offload: bool = False) -> torch.Tensor | None:
         inputs = self.run_state.inputs(chunk)
         ctx = self.run_state.context(chunk)
-        kwargs = {} if with_loss else {"logits_to_keep": 1}
-        with saved_tensor_hooks(self.meter, offload):
-            out = self.forward_fn(input_ids=inputs.input_ids, position_ids=inputs.position_ids, use_cache=False,
-                                  chunkflow=ctx, **kwargs)
+        with saved_tensor_hooks(self.meter, offload), final_hidden(self.model) as hidden:
+            self.forward_fn(input_ids=inputs.input_ids, position_ids=inputs.position_ids, use_cache=False,
+                            chunkflow=ctx, logits_to_keep=1)
             if ctx.num_layer_calls == 0:
                 raise RuntimeError("the model's attention does not go through transformers' AttentionInterface; "
                                    "ChunkFlow cannot train it exactly")
@@ -99,12 +127,13 @@ class Executor:
                 self.stats.peak_state_bytes = max(self.stats.peak_state_bytes, self.run_state.state(chunk).nbytes)
             if not with_loss:
                 return None
-            logits = out.logits if hasattr(out, "logits") else out[0]
-            loss = chunk_loss(logits, inputs.targets, self.num_loss_tokens)
+            loss = head_loss(self.head, hidden[0], inputs.targets, self.num_loss_tokens, self.loss_pieces)
         self.stats.loss += loss.detach().double().cpu()
+        self.graph_hooks.after_forward(chunk)
         return loss
 
-    def _backward(self, loss: torch.Tensor) -> None:
+    def _backward(self, key, loss: torch.Tensor) -> None:
+        self.graph_hooks.before_backward(key)
         self.backward_fn(loss, self._boundary)
         self.stats.num_backwards += 1
 
@@ -120,26 +149,32 @@ class Executor:
         self._losses[ins.chunk] = self._call(ins.chunk, with_loss=True, offload=ins.offload)
 
     def _exec_recompute(self, ins: Recompute) -> None:
+        self.stats.num_recomputes += 1
         with self.run_state.replayed_rng(ins.chunk):
             self._losses[ins.chunk] = self._call(ins.chunk, with_loss=True)
 
     def _exec_backward(self, ins: Backward) -> None:
         self.run_state.forget_rng(ins.chunk)
-        self._backward(self._losses.pop(ins.chunk))
+        self._backward(ins.chunk, self._losses.pop(ins.chunk))
 
     def _exec_pad_forward(self, ins: PadForward) -> None:
+        # the same module calls as a chunk (forward, then the loss pieces), with no targets: a zero loss
         ids = torch.full((1, 1), self.pad_token_id, dtype=torch.long, device=self.device)
         ctx = ChunkContext([SegmentSpec(0, 1)])
-        with torch.set_grad_enabled(ins.keep and torch.is_grad_enabled()):
-            out = self.forward_fn(input_ids=ids, position_ids=torch.zeros_like(ids), use_cache=False,
-                                  chunkflow=ctx, logits_to_keep=1)
-        self.stats.num_forwards += 1
-        if ins.keep:
-            logits = out.logits if hasattr(out, "logits") else out[0]
-            self._pads.append(logits.float().sum() * 0.0)
+        with torch.set_grad_enabled(ins.keep and torch.is_grad_enabled()), final_hidden(self.model) as hidden:
+            self.forward_fn(input_ids=ids, position_ids=torch.zeros_like(ids), use_cache=False, chunkflow=ctx,
+                            logits_to_keep=1)
+            self.stats.num_forwards += 1
+            if not ins.keep:
+                return
+            loss = head_loss(self.head, hidden[0], torch.full_like(ids, IGNORE_INDEX), 1, self.loss_pieces)
+        key = ("pad", self._num_pads)
+        self._num_pads += 1
+        self._pads.append((key, loss))
+        self.graph_hooks.after_forward(key)
 
     def _exec_pad_backward(self, ins: PadBackward) -> None:
-        self._backward(self._pads.popleft())
+        self._backward(*self._pads.popleft())
 
     def _exec_release(self, ins: ReleaseState) -> None:
         self.run_state.release(ins.group)

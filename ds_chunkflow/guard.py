@@ -11,8 +11,9 @@ would be silently wrong. So, before the first step, and before anything reaches
 
 1. **static checks** (no forward): RoPE types that depend on the call's length, encoder-
    decoder models, modules that mix tokens outside attention (``Conv1d`` over time,
-   SSM parameters ``A_log`` / ``dt_bias``), and models that do not declare support for
-   transformers' attention interface;
+   SSM parameters ``A_log`` / ``dt_bias``) unless :mod:`ds_chunkflow.mixers` has an adapter
+   for the module's class (then its state is carried like the K/V state), and models that
+   do not declare support for transformers' attention interface;
 2. **a numerical probe**: a few random tokens laid out as ChunkFlow lays out a batch,
    two sequences packed into one chunk and one sequence split into three dependent
    chunks, are run through the model the way training runs them (eval mode, no grad)
@@ -40,12 +41,17 @@ import torch
 from .attention import MissingChunkContext, use_chunkflow_attention
 from .chunk_core import ChunkRun
 from .chunking import build_chunks
+from .hf_model import OutputHead, final_hidden
+from .mixers import SUPPORTED, is_supported, supported_mixers, use_chunkflow_mixers
 
 PROBE_CHUNK = 8
 PROBE_LENGTHS = (5, 3, 19)  # a + b packed into one chunk; c split into 8 + 8 + 3
 PROBE_TOLERANCE = {torch.float64: 1e-6, torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 2e-2}
 _UNSUPPORTED_ROPE = ("dynamic", "longrope")
 _CACHE_ATTR = "_ds_chunkflow_guard"
+# Hybrids whose attention layers call transformers' AttentionInterface (read in the transformers 5.24
+# sources) although the class does not declare ``_supports_attention_backend``; the probe checks them.
+INTERFACE_VERIFIED = ("BambaForCausalLM", "NemotronHForCausalLM", "Qwen3NextForCausalLM")
 
 
 class ModelRefused(NotImplementedError):
@@ -80,6 +86,12 @@ def sequence_mixers(model: torch.nn.Module) -> list[tuple[str, str]]:
     return outer
 
 
+def unsupported_mixers(model: torch.nn.Module) -> list[tuple[str, str]]:
+    """:func:`sequence_mixers` that no adapter of :mod:`ds_chunkflow.mixers` covers (the module or one above it)."""
+    adapted = [n for n, m in model.named_modules() if is_supported(m)]
+    return [(n, c) for n, c in sequence_mixers(model) if not any(n == a or n.startswith(a + ".") for a in adapted)]
+
+
 def _rope_types(config) -> set:
     rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
     kinds = set()
@@ -98,14 +110,15 @@ def static_check(model: torch.nn.Module) -> None:
     if bad:
         raise _refuse(model, f"rope_type {sorted(bad)} depends on the longest position of each call",
                       "Use a static RoPE type (default, linear, llama3, yarn)")
-    mixers = sequence_mixers(model)
+    mixers = unsupported_mixers(model)
     if mixers:
         listed = ", ".join(f"{n} ({c})" for n, c in mixers[:3]) + (f" and {len(mixers) - 3} more"
                                                                    if len(mixers) > 3 else "")
         raise _refuse(model, f"it mixes tokens outside attention in {listed}; in a packed chunk that mixer would "
                       "leak from one sequence into the next, and its state would be lost at chunk borders",
-                      "Train it without ChunkFlow (chunkflow.enabled: false)")
-    if not getattr(type(model), "_supports_attention_backend", False):
+                      "ChunkFlow carries the state of " + ", ".join(c.rsplit(".", 1)[1] for c in SUPPORTED)
+                      + "; train this model without ChunkFlow (chunkflow.enabled: false)")
+    if not (getattr(type(model), "_supports_attention_backend", False) or type(model).__name__ in INTERFACE_VERIFIED):
         raise _refuse(model, "its attention does not go through transformers' AttentionInterface "
                       f"({type(model).__name__}._supports_attention_backend is False), so ChunkFlow cannot "
                       "give it the chunk layout", "Use a model class that supports attn_implementation "
@@ -129,21 +142,33 @@ def _chunked_logits(forward_fn: Callable, model, sequences, device) -> list[torc
     layout = build_chunks([int(s["input_ids"].numel()) for s in sequences], PROBE_CHUNK)
     pieces: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(sequences))}
     run = ChunkRun(sequences, device)  # the same per-chunk core as training
+    head = OutputHead(model)
     chunks = [c for group in layout.groups for c in group] + list(layout.standalone)
-    with use_chunkflow_attention(model.config):
+    with use_chunkflow_attention(model.config), use_chunkflow_mixers(model):
         for chunk in chunks:
             inputs, ctx = run.inputs(chunk), run.context(chunk)
-            out = forward_fn(input_ids=inputs.input_ids, position_ids=inputs.position_ids, use_cache=False,
-                             chunkflow=ctx)
+            with final_hidden(model) as hidden:  # the loss's path: final hidden -> the model's head
+                forward_fn(input_ids=inputs.input_ids, position_ids=inputs.position_ids, use_cache=False,
+                           chunkflow=ctx, logits_to_keep=1)
             if ctx.num_layer_calls == 0:
                 raise _refuse(model, "its layers never called the attention interface",
                               "Its attention bypasses transformers' AttentionInterface; train it without ChunkFlow")
-            logits = _logits(out)
+            logits = head(hidden[0])[0].double()
             row = 0
             for s in chunk.segments:
                 pieces[s.seq_index].append(logits[row:row + s.length])
                 row += s.length
     return [torch.cat(pieces[i]) for i in range(len(sequences))]
+
+
+def _check_head(model, error: float) -> None:
+    """The loss's head path (final hidden -> lm_head -> extras) reproduces the model's own logits."""
+    tol = PROBE_TOLERANCE.get(_param_dtype(model), 1e-4)
+    if not error <= tol:
+        raise _refuse(model, f"its forward does something after its decoder that ChunkFlow's chunked loss does not "
+                      f"reproduce (its logits differ from lm_head(final hidden states) by {error:.1e}, relative, "
+                      f"tolerance {tol:.0e})", "Add what its forward does to the logits to "
+                      "ds_chunkflow.hf_model.FORWARD_EXTRAS, or train it without ChunkFlow")
 
 
 def probe_error(model: torch.nn.Module, forward_fn: Callable | None = None) -> float:
@@ -158,11 +183,14 @@ def probe_error(model: torch.nn.Module, forward_fn: Callable | None = None) -> f
         with torch.no_grad():
             chunked = _chunked_logits(forward_fn, model, sequences, device)
             worst = 0.0
+            head = OutputHead(model)
             for seq, got in zip(sequences, chunked):
                 ids = seq["input_ids"][None].to(device)
-                ref = _logits(forward_fn(input_ids=ids, position_ids=torch.arange(ids.shape[1], device=device)[None],
-                                         use_cache=False))
+                with final_hidden(model) as hidden:
+                    ref = _logits(forward_fn(input_ids=ids, use_cache=False,
+                                             position_ids=torch.arange(ids.shape[1], device=device)[None]))
                 scale = ref.abs().max().item() or 1.0
+                _check_head(model, (head(hidden[0])[0].double() - ref).abs().max().item() / scale)
                 worst = max(worst, (got - ref).abs().max().item() / scale)
     finally:
         model.train(was_training)
@@ -174,13 +202,21 @@ def _param_dtype(model) -> torch.dtype:
 
 
 def check_model(model: torch.nn.Module, forward_fn: Callable | None = None,
-                reduce_max: Callable[[list[float]], list[float]] | None = None) -> GuardReport:
+                reduce_max: Callable[[list[float]], list[float]] | None = None,
+                allow_recurrent_mixers: bool = True) -> GuardReport:
     """Refuses (:class:`ModelRefused`) a model ChunkFlow cannot train exactly; returns the probe's report.
 
     ``forward_fn`` runs the model (a DeepSpeed engine under ZeRO-3, so parameters are
     gathered); ``reduce_max`` takes the max of a few floats over the process group, so
-    every rank reaches the same verdict. Cached on ``model``.
+    every rank reaches the same verdict. ``allow_recurrent_mixers=False`` (the pipeline
+    engine, whose stages do not carry mixer state) refuses hybrids even where an adapter
+    exists. Cached on ``model``.
     """
+    if not allow_recurrent_mixers and supported_mixers(model):
+        name, m = supported_mixers(model)[0]
+        raise _refuse(model, f"it has recurrent sequence mixers ({name}: {type(m).__name__}) and the pipeline "
+                      "engine does not carry their state across chunks",
+                      "Train it with the data-parallel engine (no pipeline section)")
     cached = getattr(model, _CACHE_ATTR, None)
     if cached is not None:
         return cached
@@ -221,4 +257,4 @@ def check_model(model: torch.nn.Module, forward_fn: Callable | None = None,
 
 
 __all__ = ["GuardReport", "ModelRefused", "check_model", "probe_error",
-           "sequence_mixers", "static_check"]
+           "sequence_mixers", "static_check", "unsupported_mixers"]

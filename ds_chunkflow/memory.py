@@ -68,7 +68,7 @@ def saved_tensor_hooks(meter: ActivationMeter | None = None, offload: bool = Fal
         return
 
     def pack(t: torch.Tensor):
-        if isinstance(t, torch.nn.Parameter):
+        if isinstance(t, torch.nn.Parameter) or isinstance(t._base, torch.nn.Parameter):  # a weight, or its .t()
             return (t, None, None)
         if offload:
             if meter is not None:

@@ -14,7 +14,10 @@ def step_metrics(batch: BatchPlan, loss: float, seconds: float, peak_rss: int, s
     moved to the CPU, and ``kv_state_bytes_moved``, the K/V state bytes copied between the
     CPU-resident state and the compute device; both 0 when nothing is offloaded. Both are
     traffic volumes: the caller passes them summed over the data-parallel ranks (the
-    engine all-reduces them), ``peak_kv_state_bytes`` as the max over ranks.
+    engine all-reduces them), ``peak_kv_state_bytes`` as the max over ranks; ``recomputed_chunks``,
+    the chunk forwards run again for backward, summed over ranks too; for hybrid models
+    ``mixer_state_bytes_per_boundary``, one sample's recurrent-mixer state at one chunk boundary
+    (constant in the sample's length, unlike K/V; max over ranks).
     """
     layout = batch.layout
     tokens = layout.num_real_tokens
@@ -36,6 +39,9 @@ def step_metrics(batch: BatchPlan, loss: float, seconds: float, peak_rss: int, s
         metrics["peak_kv_state_bytes"] = float(stats.peak_state_bytes)
         metrics["offloaded_bytes"] = float(stats.offloaded_bytes)
         metrics["kv_state_bytes_moved"] = float(stats.state_bytes_moved)
+        metrics["recomputed_chunks"] = float(stats.num_recomputes)
+        if stats.mixer_state_bytes:
+            metrics["mixer_state_bytes_per_boundary"] = float(stats.mixer_state_bytes)
     if peak_activation_bytes is not None:
         metrics["peak_activation_bytes"] = float(peak_activation_bytes)
     return metrics

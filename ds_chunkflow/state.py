@@ -122,9 +122,10 @@ class GroupState:
 
     @property
     def nbytes(self) -> int:
+        """K/V buffers and their gradients, plus the recurrent mixers' states (hybrid models)."""
         total = 0
         for b in self.layers.values():
             for t in (b.k, b.v, b.dk, b.dv):
                 if t is not None:
                     total += t.numel() * t.element_size()
-        return total
+        return total + (self.mixers.nbytes if self.mixers is not None else 0)

@@ -9,22 +9,28 @@ import torch
 from .attention import use_chunkflow_attention
 from .batch import SequenceDict
 from .batch_plan import plan_batch
+from .chunk_core import num_loss_pieces
 from .executor import ExecStats, Executor
 from .guard import check_model
 from .memory import ActivationMeter
+from .mixers import use_chunkflow_mixers
+
+LOSS_PIECE_TOKENS = 1024  # the chunkflow config's default (loss_piece_tokens)
 
 
 def chunked_step(model, sequences: Sequence[SequenceDict], *, chunk_size: int, keep_chunks: int = 1,
                  num_loss_tokens: int | None = None, offload_activations: bool = False,
-                 state_offload_min_tokens: int | None = None, meter: ActivationMeter | None = None) -> ExecStats:
+                 state_offload_min_tokens: int | None = None, meter: ActivationMeter | None = None,
+                 loss_piece_tokens: int = LOSS_PIECE_TOKENS) -> ExecStats:
     """Like :func:`chunked_forward_backward`, returning the run's statistics too."""
     check_model(model)  # refuses, before anything reaches .grad, what would not be exact (cached)
     batch = plan_batch(sequences, chunk_size=chunk_size, keep_chunks=keep_chunks,
                        offload_activations=offload_activations, num_loss_tokens=num_loss_tokens)
     device = next(model.parameters()).device
     executor = Executor(model, lambda loss, _boundary: loss.backward(), batch.sequences, batch.num_loss_tokens,
-                        device, state_offload_min_tokens, meter or ActivationMeter())
-    with use_chunkflow_attention(model.config):
+                        device, state_offload_min_tokens, meter or ActivationMeter(),
+                        loss_pieces=num_loss_pieces(chunk_size, loss_piece_tokens), model=model)
+    with use_chunkflow_attention(model.config), use_chunkflow_mixers(model):
         return executor.run(batch.rank_plans[0])
 
 
@@ -36,7 +42,8 @@ def chunked_forward_backward(model, sequences: Sequence[SequenceDict], chunk_siz
     number of label positions in ``sequences``). Sequences longer than ``chunk_size`` are
     split into dependent chunks, shorter ones packed; at most ``keep_chunks`` chunks of a
     sequence hold activations at once. The gradients equal those of unchunked training.
-    ``options``: ``offload_activations``, ``state_offload_min_tokens``, ``meter``.
+    ``options``: ``offload_activations``, ``state_offload_min_tokens``, ``meter``, ``loss_piece_tokens``
+    (target rows per piece of the chunked lm_head + cross-entropy).
 
     A model ChunkFlow cannot train exactly is refused with
     :class:`~ds_chunkflow.guard.ModelRefused` at its first call (see :mod:`ds_chunkflow.guard`).

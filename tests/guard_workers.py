@@ -6,6 +6,7 @@ from workers import ds_config, gathered_state
 from ds_chunkflow.testing.families import REFUSED, build, exact_case
 
 DP_FAMILIES = ("deepseek_v3_mla", "gemma3_text", "mixtral", "granite", "qwen2_tied")
+HYBRID_DP_FAMILIES = ("lfm2",)  # short conv: the mixer state carried across dependent chunks
 
 
 def dp_family_batch(vocab_size):
@@ -14,16 +15,16 @@ def dp_family_batch(vocab_size):
     return make_sequences([5 * 16 + 3, 21, 9, 4, 1], vocab_size, seed=11)
 
 
-def train_families(rank, world, stage, out_path):
+def train_families(rank, world, stage, out_path, families=DP_FAMILIES, keep_chunks=2):
     """One SGD step per family under ZeRO-``stage``; rank 0 saves loss and gathered parameters."""
     import ds_chunkflow
 
     results = {}
-    for family in DP_FAMILIES:
+    for family in families:
         model_type, _, overrides, _ = exact_case(family)
         model = build(model_type, overrides, dtype=torch.float32)
         engine, *_ = ds_chunkflow.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
-                                             config=ds_config(stage, keep_chunks=2))
+                                             config=ds_config(stage, keep_chunks=keep_chunks))
         loss = engine.train_batch(dp_family_batch(model.config.vocab_size)).item()
         results[family] = {"loss": loss, "state": gathered_state(engine)}
     if rank == 0:
@@ -35,7 +36,7 @@ def refused_everywhere(rank, world, stage, out_path):
     import ds_chunkflow
     from ds_chunkflow.guard import ModelRefused
 
-    model_type, _, overrides, _ = REFUSED["lfm2"]
+    model_type, _, overrides, _ = REFUSED["jamba"]
     model = build(model_type, overrides, dtype=torch.float32)
     try:
         ds_chunkflow.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),

@@ -46,16 +46,25 @@ def update_errors(result, ref_after):
     return per_param, (num / den).sqrt().item()
 
 
-@pytest.mark.parametrize("stage, chunkflow, offloads", [
-    (0, None, (False, False)), (1, None, (False, False)), (2, None, (False, False)), (3, None, (False, False)),
-    (2, OFFLOAD, (True, True)),
-    (3, OFFLOAD, (False, True)),  # ZeRO-3 falls back to K=1 with recompute: no activation offload
-], ids=["zero0", "zero1", "zero2", "zero3", "zero2-K2-offload", "zero3-K2-offload-falls-back"])
-def test_two_ranks_match_reference(tmp_path, stage, chunkflow, offloads):
+KEEP_ALL = {"keep_chunks": 8}  # more than any group's chunks: K = N, every graph alive until its backward
+
+
+@pytest.mark.parametrize("stage, chunkflow, offloads, recomputes", [
+    (0, None, (False, False), True), (1, None, (False, False), True), (2, None, (False, False), True),
+    (3, None, (False, False), True),
+    (2, OFFLOAD, (True, True), False),
+    (3, {"keep_chunks": 2}, (False, False), True),
+    (3, KEEP_ALL, (False, False), False),
+    (3, OFFLOAD, (True, True), False),
+    (3, {**KEEP_ALL, "recompute_layers": "all", "loss_piece_tokens": 5}, (False, False), False),
+], ids=["zero0", "zero1", "zero2", "zero3", "zero2-K2-offload", "zero3-K2", "zero3-KN", "zero3-K2-offload",
+        "zero3-KN-layer-recompute"])
+def test_two_ranks_match_reference(tmp_path, stage, chunkflow, offloads, recomputes):
     """3 SGD-momentum steps (split + packed sequences): losses match the reference to 1e-5 and every
     parameter's update to 2e-5 of its size, on both ranks alike. The metrics report the bytes moved
     to / from the CPU summed over the ranks (the same figure on every rank): > 0 exactly when that
-    offload is on."""
+    offload is on; and the chunk forwards run again for backward: none with K = N or with activation
+    offload (ZeRO-3 included: several graphs alive, no fallback to recompute)."""
     results = _train(tmp_path, stage, 3, chunkflow)
     ref_losses, ref_after = reference_steps(3)
     for r in results:
@@ -71,6 +80,25 @@ def test_two_ranks_match_reference(tmp_path, stage, chunkflow, offloads):
         total = sum(r["moved"][i] for r in results)
         assert reported == [total, total], f"{key}: reported {reported}, ranks moved {[r['moved'] for r in results]}"
         assert (total > 0) == expected, (key, total)
+    assert (results[0]["metrics"]["recomputed_chunks"] > 0) == recomputes, results[0]["metrics"]
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_tied_head_matches_reference(tmp_path, stage):
+    """A head tied to the embedding (one weight, two uses, the loss calling lm_head outside the decoder)
+    trains to the reference's updates under ZeRO-2 and ZeRO-3 with every chunk graph alive (K = N)."""
+    from ds_chunkflow.testing.models import build_tiny_model
+
+    out = tmp_path / "tied.pt"
+    run_ranks(train_steps, stage, 2, str(out), {**KEEP_ALL, "loss_piece_tokens": 5}, None,
+              {"tie_word_embeddings": True})
+    results = [torch.load(f"{out}.{r}") for r in range(2)]
+    ref_losses, ref_after = reference_steps(2, model=build_tiny_model("qwen2", seed=0, tie_word_embeddings=True))
+    for a, b in zip(results[0]["losses"], ref_losses):
+        assert abs(a - b) / abs(b) < 1e-5, (results[0]["losses"], ref_losses)
+    assert "lm_head.weight" not in ref_after  # tied: one parameter (named as the embedding)
+    per_param, _ = update_errors(results[0], ref_after)
+    assert max(per_param.values()) < 2e-5, max(per_param.items(), key=lambda kv: kv[1])
 
 
 def test_resume_is_exact(tmp_path):

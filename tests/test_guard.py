@@ -5,9 +5,9 @@ import torch
 from reference import make_sequences
 
 import ds_chunkflow
-from ds_chunkflow import guard
+from ds_chunkflow import guard, mixers
 from ds_chunkflow.guard import ModelRefused, check_model
-from ds_chunkflow.testing.families import REFUSED, build
+from ds_chunkflow.testing.families import REFUSED, build, exact_case
 from ds_chunkflow.testing.models import build_tiny_model
 
 
@@ -32,24 +32,58 @@ def test_probe_refuses_an_unknown_sequence_mixer():
         check_model(model)
 
 
-@pytest.mark.parametrize("family", ["lfm2", "jamba", "bamba", "qwen3_next", "recurrent_gemma"])
+@pytest.mark.parametrize("family", ["lfm2", "jamba", "bamba", "qwen3_next", "granitemoehybrid", "recurrent_gemma"])
 def test_probe_alone_catches_every_hybrid(family, monkeypatch):
-    """With the static scan switched off, the numerical probe still refuses each hybrid family (float32)."""
+    """With the static scan and the mixer adapters switched off, the numerical probe still refuses each hybrid
+    family (float32): a mixer whose state is not carried is caught even if no static rule names it."""
     monkeypatch.setattr(guard, "sequence_mixers", lambda model: [])
-    model_type, _, overrides, _ = REFUSED[family]
+    monkeypatch.setattr(mixers, "SUPPORTED", {})
+    model_type, _, overrides = (REFUSED[family] if family in REFUSED else exact_case(family))[:3]
     model = build(model_type, overrides, dtype=torch.float32)
     monkeypatch.setattr(type(model), "_supports_attention_backend", True)  # their attention does use it
-    with pytest.raises(ModelRefused, match="differs from its own forward"):
+    # (RecurrentGemma also soft-caps its logits outside FORWARD_EXTRAS: refused for its head first)
+    with pytest.raises(ModelRefused, match="differs from its own forward|differ from lm_head"):
         check_model(model)
 
 
 def test_static_scan_names_the_mixer():
-    """The refusal of a hybrid names the offending module and says what the user can do."""
-    model_type, _, overrides, _ = REFUSED["lfm2"]
+    """The refusal of a hybrid without an adapter names the offending module, the mixers that are supported,
+    and what the user can do."""
+    model_type, _, overrides, _ = REFUSED["jamba"]
     with pytest.raises(ModelRefused) as info:
         check_model(build(model_type, overrides, dtype=torch.float32))
     msg = str(info.value)
-    assert "Lfm2ForCausalLM" in msg and "model.layers.0.conv" in msg and "chunkflow.enabled: false" in msg
+    assert "JambaForCausalLM" in msg and "model.layers.0.mamba (JambaMambaMixer)" in msg
+    assert "Lfm2ShortConv" in msg and "chunkflow.enabled: false" in msg
+
+
+def test_unknown_subclass_of_a_supported_mixer_is_refused():
+    """Adapters are registered by exact class: a subclass of a supported mixer (its forward may differ) is
+    refused by the static scan, the supported ones beside it pass."""
+    model_type, _, overrides, _ = exact_case("lfm2")
+    model = build(model_type, overrides, dtype=torch.float32)
+    assert guard.unsupported_mixers(model) == [] and check_model(model).max_error < 1e-4
+    model = build(model_type, overrides, dtype=torch.float32)
+    conv = model.model.layers[0].conv
+    conv.__class__ = type("MyShortConv", (type(conv),), {})
+    with pytest.raises(ModelRefused, match=r"model.layers.0.conv.conv \(Conv1d\)"):
+        check_model(model)
+
+
+@pytest.mark.parametrize("family", ["lfm2", "qwen3_next", "granitemoehybrid", "bamba", "nemotron_h"])
+def test_supported_hybrid_passes_scan_and_probe(family):
+    """Every hybrid family with adapters passes the static scan and the probe (float32) with rounding error."""
+    model_type, _, overrides, _ = exact_case(family)
+    report = check_model(build(model_type, overrides, dtype=torch.float32))
+    assert report.max_error < report.tolerance
+
+
+def test_hybrid_refused_where_mixer_state_is_not_carried():
+    """allow_recurrent_mixers=False (the pipeline engine) refuses a supported hybrid, naming the mixer."""
+    model_type, _, overrides, _ = exact_case("granitemoehybrid")
+    model = build(model_type, overrides, dtype=torch.float32)
+    with pytest.raises(ModelRefused, match="GraniteMoeHybridMambaLayer.*pipeline engine"):
+        check_model(model, allow_recurrent_mixers=False)
 
 
 def test_layer_that_drops_attention_kwargs_is_refused(monkeypatch):

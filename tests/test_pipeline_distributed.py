@@ -82,11 +82,11 @@ def test_two_stages_times_two_replicas_match_reference(tmp_path):
 
 # (model, what the refusal must say)
 REFUSALS = {
-    # multiplies embeddings and logits in its forward; not in FORWARD_EXTRAS: caught by the self-check
+    # multiplies embeddings and logits in its forward; not in FORWARD_EXTRAS: caught by the model guard,
+    # whose probe computes the logits through the chunked loss's head path
     "hyperclovax": (lambda: build("hyperclovax", dict(embedding_multiplier=2.0, logits_scaling=0.5),
                                   dtype=torch.float32),
-                    ["HyperCLOVAXForCausalLM", "does something between its layers that the pipeline wrapper does "
-                     "not reproduce"]),
+                    ["HyperCLOVAXForCausalLM", "does something after its decoder that ChunkFlow's chunked loss"]),
     # attention softcapping (Gemma 2's default): refused by the model guard
     "gemma2_attn_softcap": (lambda: build("gemma2", dict(head_dim=16), dtype=torch.float32),
                             ["Gemma2ForCausalLM", "softcap"]),

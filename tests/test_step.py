@@ -235,3 +235,50 @@ def test_activation_peak_follows_chunk_size():
         ds_chunkflow.chunked_forward_backward(model, seqs, chunk_size=64, keep_chunks=1, meter=meter)
         peaks.append(meter.peak)
     assert peaks[1] <= 1.15 * peaks[0], peaks
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_loss_never_holds_a_chunks_logits(tied):
+    """At a large vocabulary the tensors saved for backward stay below half of one chunk's logits (the loss
+    projects target rows piece by piece under checkpoint), and the result is exact, tied head or not."""
+    model = build_tiny_model("qwen2", dtype=torch.float64, vocab_size=8192, hidden_size=32,
+                             tie_word_embeddings=tied)
+    seqs = make_sequences([3 * 64 + 5, 40, 20], model.config.vocab_size, mask_prompt=False)
+    meter = ActivationMeter()
+    loss_err, grad_err = _compare(model, seqs, 2, chunk_size=64, meter=meter, loss_piece_tokens=16)
+    assert loss_err < 1e-10 and grad_err < 1e-10, (loss_err, grad_err)
+    one_chunk_logits = 64 * model.config.vocab_size * 8  # float64; cross-entropy would save as much again
+    assert 0 < meter.peak < one_chunk_logits / 2, (meter.peak, one_chunk_logits)  # measured: 0.16
+
+
+def _count_backward_time_calls(module):
+    """Forward calls of ``module`` made while autograd runs a backward: activation-checkpoint recomputes."""
+    calls = []
+    module.register_forward_pre_hook(lambda *_: calls.append(1) if torch._C._current_graph_task_id() != -1 else None)
+    return calls
+
+
+@pytest.mark.parametrize("keep", [1, 2, 9])
+@pytest.mark.parametrize("how", ["chunkflow_all", "chunkflow_every_2", "hf_gradient_checkpointing"])
+def test_layer_recompute_inside_chunks_is_exact(keep, how):
+    """Activation checkpointing inside a chunk (ds_chunkflow's recompute_layers, or transformers' own
+    gradient_checkpointing_enable) composes with chunking and K: exact, and exactly the checkpointed
+    layers ran again during backward."""
+    from ds_chunkflow.hf_model import enable_recompute
+
+    model = build_tiny_model("llama", dtype=torch.float64, num_layers=2)
+    if how == "hf_gradient_checkpointing":
+        model.gradient_checkpointing_enable()
+    else:
+        assert enable_recompute(model, "all" if how == "chunkflow_all" else 2) == (2 if how == "chunkflow_all" else 1)
+    model.train()
+    seqs = make_sequences(LENGTHS, model.config.vocab_size, all_masked={8})
+    model.zero_grad(set_to_none=True)
+    ref_loss, ref_grads = reference_loss_and_grads(model, seqs)
+    model.zero_grad(set_to_none=True)
+    calls = [_count_backward_time_calls(layer.self_attn) for layer in model.model.layers]
+    loss = ds_chunkflow.chunked_forward_backward(model, seqs, chunk_size=CHUNK, keep_chunks=keep)
+    assert abs(loss.item() - ref_loss.item()) / abs(ref_loss.item()) < 1e-10
+    assert max_rel_err(grads_of(model), ref_grads) < 1e-10
+    recomputed = [len(c) > 0 for c in calls]
+    assert recomputed == [True, how != "chunkflow_every_2"], ([len(c) for c in calls], how)

@@ -67,14 +67,14 @@ def recorded_exec_stats():
         Executor.run = run
 
 
-def train_steps(rank, world, stage, steps, out_path, chunkflow=None, extra=None):
+def train_steps(rank, world, stage, steps, out_path, chunkflow=None, extra=None, model_kwargs=None):
     """``steps`` SGD-momentum steps; every rank saves ``{out_path}.{rank}``: the losses, the fp32
     parameters before and after (``master_state``), the module's parameters and their dtype, the
     last step's metrics and this rank's own byte counts of the last step (``recorded_exec_stats``)."""
     import ds_chunkflow
     from ds_chunkflow.testing.models import build_tiny_model
 
-    model = build_tiny_model("qwen2", seed=0)
+    model = build_tiny_model("qwen2", seed=0, **(model_kwargs or {}))
     opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
     config = {**ds_config(stage, **(chunkflow or {})), **(extra or {})}
     engine, *_ = ds_chunkflow.initialize(model=model, optimizer=opt, config=config)
@@ -153,3 +153,61 @@ def mismatched_batches(rank, world, out_path):
         with open(f"{out_path}.{rank}", "w") as f:
             f.write(str(e))
 
+
+
+def zero3_live_graphs(rank, world, out_path, fixed, keep_chunks=8):
+    """One ZeRO-3 step with every chunk graph alive (K = N), with or without ds_chunkflow's ZeRO-3 fix
+    (``fixed=False`` runs the executor with no-op graph hooks). Saves the update, the reference-able
+    before/after state, and, at each chunk backward's arrival at decoder layer 0 (its input gradient),
+    how many parameters of layers 1.. were still gathered."""
+    import ds_chunkflow
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    from ds_chunkflow import engine as engine_module
+    from ds_chunkflow.executor import GraphHooks
+    from ds_chunkflow.testing.models import build_tiny_model
+
+    if not fixed:
+        engine_module.Zero3LiveGraphs = lambda engine: GraphHooks()
+    model = build_tiny_model("qwen2", seed=0)
+    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
+    config = ds_config(3, keep_chunks=keep_chunks)
+    # no prefetch, nothing persistent: what stays gathered is what the hooks failed to release
+    config["zero_optimization"].update(stage3_prefetch_bucket_size=0, stage3_param_persistence_threshold=0)
+    engine, *_ = ds_chunkflow.initialize(model=model, optimizer=opt, config=config)
+    layers = engine.module.model.layers
+    later = [p for layer in layers[1:] for p in layer.parameters()]
+    still_gathered = []
+
+    def watch(_module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        if hidden.requires_grad:
+            hidden.register_hook(lambda g: still_gathered.append(
+                sum(p.ds_status == ZeroParamStatus.AVAILABLE for p in later)))
+
+    layers[0].register_forward_pre_hook(watch, with_kwargs=True)
+    before = master_state(engine)
+    losses = [engine.train_batch(global_batch(0, model.config.vocab_size)).item()]
+    torch.save({"losses": losses, "before": before, "after": master_state(engine), "still_gathered": still_gathered,
+                "num_later": len(later), "metrics": engine.last_metrics}, f"{out_path}.{rank}")
+
+
+def train_loaded(rank, world, model_dir, out_path, chunkflow, bf16=False, steps=3):
+    """Loads ``model_dir`` with ``ds_chunkflow.load_pretrained`` for a ZeRO-3 config (partitioned at load),
+    records this rank's share of the parameter elements and their dtype right after loading, then trains
+    ``steps`` SGD-momentum steps like ``train_steps``."""
+    import ds_chunkflow
+
+    config = ds_config(3, **chunkflow)
+    if bf16:
+        config["bf16"] = {"enabled": True}
+    model = ds_chunkflow.load_pretrained(model_dir, config)
+    params = list(model.parameters())
+    share = sum(p.ds_tensor.numel() for p in params) / sum(p.ds_numel for p in params)
+    dtypes = {str(p.ds_tensor.dtype) for p in params}
+    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
+    engine, *_ = ds_chunkflow.initialize(model=model, optimizer=opt, config=config)
+    before = master_state(engine)
+    losses = [engine.train_batch(global_batch(s, model.config.vocab_size)).item() for s in range(steps)]
+    torch.save({"share": share, "dtypes": dtypes, "losses": losses, "before": before, "after": master_state(engine),
+                "metrics": engine.last_metrics}, f"{out_path}.{rank}")

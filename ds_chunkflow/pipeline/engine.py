@@ -42,10 +42,11 @@ from deepspeed.runtime.pipe.engine import PipelineEngine
 
 from ..attention import use_chunkflow_attention
 from ..batch import SequenceDict
-from ..chunk_core import ChunkRun
+from ..chunk_core import ChunkRun, num_loss_pieces
 from ..distributed import all_reduce
 from ..engine import ChunkFlowMixin
 from ..executor import ExecStats
+from ..hf_model import enable_recompute
 from ..memory import peak_rss_bytes
 from ..monitor import step_metrics
 from .schedule import ChunkFlowTrainSchedule, RecomputeForwardPass, StateForwardPass
@@ -77,6 +78,7 @@ class ChunkFlowPipelineEngine(ChunkFlowMixin, PipelineEngine):
         super().__init__(*args, **kwargs)
         self._slot = self.module.chunk_slot
         self.guard_report = self.module.guard_report
+        self.num_recomputed_layers = enable_recompute(self.module, self.chunkflow_config.recompute_layers)
         if self.chunkflow_config.offload.activations != "none":
             warnings.warn("chunkflow.offload.activations has no effect in pipeline mode: chunks beyond keep_chunks "
                           "are recomputed", stacklevel=2)
@@ -98,6 +100,7 @@ class ChunkFlowPipelineEngine(ChunkFlowMixin, PipelineEngine):
         self._losses: dict[int, torch.Tensor] = {}
         self._loss_sum = 0.0
         self._slot.num_loss_tokens = batch.num_loss_tokens
+        self._slot.num_loss_pieces = num_loss_pieces(cf.chunk_size, cf.loss_piece_tokens)
         self._slot.loss_scale = float(self.grid.get_data_parallel_world_size())  # DeepSpeed averages over replicas
         sched = ChunkFlowTrainSchedule(self._chunks, stages=self.num_stages, stage_id=self.stage_id,
                                        keep_chunks=cf.keep_chunks, costs=[cost.chunk_cost(c) for c in self._chunks])

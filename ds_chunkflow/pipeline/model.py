@@ -2,6 +2,7 @@
 
     stage 0                    ...               last stage
     [Embed, Layer 0, ...]  ->  [Layer i, ...] -> [..., Layer L-1, Norm, Head] -> loss_fn
+                                                                       (head + CE in pieces)
 
 Between stages flows ``(hidden_states, position_ids)``; position ids travel with the
 activations because every decoder layer applies RoPE itself (with the rotary embedding of
@@ -16,12 +17,8 @@ its stage's layers. (For checkpoints too large for one host, build per-stage lay
 ``LayerSpec``s instead; not done here.)
 
 A model's forward is more than its layers. What it does around them, per ``model_type``
-(:data:`FORWARD_EXTRAS`, read from the transformers sources), is reproduced here:
-
-    embedding multiplier     Granite      hidden = embed(ids) * embedding_multiplier
-    logit scaling            Granite      logits = head(h) / logits_scaling
-                             Cohere       logits = head(h) * logit_scale
-    final logit softcapping  Gemma 2 / 3  logits = tanh(logits / c) * c
+(:data:`ds_chunkflow.hf_model.FORWARD_EXTRAS`: embedding multiplier, logit scaling, final
+logit softcapping), is reproduced here.
 
 (Gemma's embedding normaliser ``sqrt(hidden_size)`` lives in its embedding module, so the
 embedding layer applies it.) Tied input/output embeddings (``tie_word_embeddings``) become a
@@ -48,9 +45,10 @@ from deepspeed.runtime.pipe.module import TiedLayerSpec
 from torch import nn
 
 from ..attention import ChunkContext, SegmentSpec, use_chunkflow_attention
-from ..chunk_core import chunk_loss as core_chunk_loss
+from ..chunk_core import head_loss
 from ..distributed import agree_on_errors
 from ..guard import PROBE_TOLERANCE, check_model
+from ..hf_model import FORWARD_EXTRAS, ForwardExtras, forward_extras  # noqa: F401  (FORWARD_EXTRAS re-exported)
 
 TIED_KEY = "embed_tokens"
 TIED_WEIGHT = "embed.embed_tokens.weight"  # inside TiedEmbeddingPipe
@@ -63,52 +61,9 @@ class ChunkSlot:
 
     ctx: ChunkContext | None = None
     num_loss_tokens: int = 1
+    num_loss_pieces: int = 1
     loss_scale: float = 1.0
-
-
-# ---------------------------------------------------------------------------- the model's forward
-@dataclass(frozen=True)
-class ForwardExtras:
-    """What a model's forward does around its layers, besides embedding, norm and head."""
-
-    embedding_multiplier: float = 1.0  # hidden = embed(ids) * m
-    logits_scaling: float = 1.0  # logits = logits / s (Granite's name)
-    logit_scale: float = 1.0  # logits = logits * s (Cohere's name)
-    final_logit_softcapping: float | None = None  # logits = tanh(logits / c) * c
-
-    def logits(self, logits: torch.Tensor) -> torch.Tensor:
-        if self.logits_scaling != 1.0:
-            logits = logits / self.logits_scaling
-        if self.logit_scale != 1.0:
-            logits = logits * self.logit_scale
-        if self.final_logit_softcapping is not None:
-            logits = torch.tanh(logits / self.final_logit_softcapping) * self.final_logit_softcapping
-        return logits
-
-
-def _granite(config) -> ForwardExtras:
-    return ForwardExtras(embedding_multiplier=config.embedding_multiplier, logits_scaling=config.logits_scaling)
-
-
-def _cohere(config) -> ForwardExtras:
-    return ForwardExtras(logit_scale=config.logit_scale)
-
-
-def _gemma(config) -> ForwardExtras:
-    return ForwardExtras(final_logit_softcapping=config.final_logit_softcapping)
-
-
-# model_type -> its forward's extras (transformers 5.24 ``*Model.forward`` / ``*ForCausalLM.forward``)
-FORWARD_EXTRAS: dict[str, Callable[..., ForwardExtras]] = {
-    "granite": _granite, "granitemoe": _granite, "granitemoeshared": _granite,
-    "cohere": _cohere, "cohere2": _cohere,
-    "gemma2": _gemma, "gemma3_text": _gemma, "vaultgemma": _gemma,
-}
-
-
-def forward_extras(config) -> ForwardExtras:
-    make = FORWARD_EXTRAS.get(config.model_type)
-    return make(config) if make is not None else ForwardExtras()
+    head: "HeadPipe | None" = None  # the model's head (last stage): the loss computes logits through it
 
 
 # ---------------------------------------------------------------------------- pipe layers
@@ -156,7 +111,11 @@ class NormPipe(nn.Module):
 
 
 class HeadPipe(nn.Module):
-    """Normalised hidden -> logits, with the model's logit scaling and softcapping."""
+    """The model's head, last layer of the pipe: passes the normalised hidden states on unchanged.
+
+    The logits are computed by the loss, in pieces of target rows (:func:`chunk_loss_fn`, through
+    :meth:`logits`), so no stage ever holds a whole chunk's ``[tokens, vocab]`` logits.
+    """
 
     def __init__(self, lm_head: nn.Module, extras: ForwardExtras):
         super().__init__()
@@ -164,11 +123,14 @@ class HeadPipe(nn.Module):
         self.extras = extras
 
     def forward(self, hidden):
+        return hidden
+
+    def logits(self, hidden):
         return self.extras.logits(self.lm_head(hidden))
 
 
 class TiedEmbeddingPipe(nn.Module):
-    """Embedding and head sharing one weight; the first stage embeds, the last computes logits."""
+    """Embedding and head sharing one weight; the first stage embeds, the last passes hidden to the loss."""
 
     def __init__(self, embed: EmbedPipe, head: HeadPipe):
         super().__init__()
@@ -179,15 +141,16 @@ class TiedEmbeddingPipe(nn.Module):
         return self.embed(inputs)
 
 
-def _tied_logits(module: TiedEmbeddingPipe, hidden):
+def _tied_head(module: TiedEmbeddingPipe, hidden):
     return module.head(hidden)
 
 
 def chunk_loss_fn(slot: ChunkSlot):
-    """``loss_fn(logits, targets)`` of the last stage: the shared per-chunk loss, times the replica count."""
+    """``loss_fn(hidden, targets)`` of the last stage: the shared per-chunk loss, times the replica count."""
 
-    def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return core_chunk_loss(logits, targets, slot.num_loss_tokens) * slot.loss_scale
+    def loss_fn(hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        loss = head_loss(slot.head.logits, hidden, targets, slot.num_loss_tokens, slot.num_loss_pieces)
+        return loss * slot.loss_scale
 
     return loss_fn
 
@@ -236,12 +199,13 @@ def pipe_layers(model, slot: ChunkSlot) -> list:
     extras = forward_extras(model.config)
     embed = EmbedPipe(inner.embed_tokens, extras.embedding_multiplier)
     head = HeadPipe(model.lm_head, extras)
+    slot.head = head
     layer_types = _rope_layer_types(model, inner)
     decoder = [DecoderLayerPipe(layer, inner.rotary_emb, slot, t) for layer, t in zip(inner.layers, layer_types)]
     first, last = embed, head
     if _is_tied(model, inner):
         first = TiedLayerSpec(TIED_KEY, TiedEmbeddingPipe, embed, head, tied_weight_attr=TIED_WEIGHT)
-        last = TiedLayerSpec(TIED_KEY, TiedEmbeddingPipe, embed, head, forward_fn=_tied_logits,
+        last = TiedLayerSpec(TIED_KEY, TiedEmbeddingPipe, embed, head, forward_fn=_tied_head,
                              tied_weight_attr=TIED_WEIGHT)
     return [first, *decoder, NormPipe(inner.norm), last]
 
@@ -290,7 +254,7 @@ def self_check(model, layers: list, slot: ChunkSlot) -> float:
                 with use_chunkflow_attention(model.config):
                     for f in funcs:
                         out = f(out)
-                worst = max(worst, _relative_error(out, ref))
+                worst = max(worst, _relative_error(slot.head.logits(out), ref))
     finally:
         slot.ctx = None
         model.train(was_training)
@@ -305,7 +269,7 @@ def self_check(model, layers: list, slot: ChunkSlot) -> float:
 
 
 def _checked_layers(model, slot: ChunkSlot) -> list:
-    check_model(model)
+    check_model(model, allow_recurrent_mixers=False)  # the stages do not carry mixer state (ds_chunkflow.mixers)
     layers = pipe_layers(model, slot)
     self_check(model, layers, slot)
     return layers

@@ -58,27 +58,32 @@ EXACT = {
                                                                   n_group=1, topk_group=1,
                                                                   experts_implementation="eager")),
     "olmo2": ("olmo2", "dense, post-norm", dict()),
+    # hybrids: recurrent mixers carried by ds_chunkflow.mixers (Mamba2 scans / delta nets run in float32 inside)
+    "lfm2": ("lfm2", "short convolution", dict(layer_types=["conv", "full_attention"], num_heads=4)),
+    "qwen3_next": ("qwen3_next", "gated delta net", dict(head_dim=16, linear_num_value_heads=4, linear_num_key_heads=2,
+                                                         linear_key_head_dim=16, linear_value_head_dim=16,
+                                                         num_experts=2, num_experts_per_tok=2,
+                                                         moe_intermediate_size=32, shared_expert_intermediate_size=32,
+                                                         experts_implementation="eager",
+                                                         layer_types=["linear_attention", "full_attention"]),
+                   FP32_INSIDE),
+    "granitemoehybrid": ("granitemoehybrid", "Mamba2 hybrid (Granite-4)",
+                         dict(layer_types=["mamba", "attention"], mamba_n_heads=4, mamba_d_head=32, mamba_d_state=8,
+                              mamba_n_groups=1, mamba_chunk_size=4, num_local_experts=2, num_experts_per_tok=1,
+                              experts_implementation="eager"), FP32_INSIDE),
+    "bamba": ("bamba", "Mamba2 hybrid", dict(attn_layer_indices=[1], mamba_n_heads=4, mamba_d_head=32,
+                                             mamba_d_state=8, mamba_n_groups=1, mamba_chunk_size=4), FP32_INSIDE),
+    "nemotron_h": ("nemotron_h", "Mamba2 hybrid (NemotronH)",
+                   dict(layers_block_type=["linear_attention", "full_attention", "mlp"], num_hidden_layers=3,
+                        head_dim=16, mamba_num_heads=4, mamba_head_dim=32, ssm_state_size=8, n_groups=1,
+                        chunk_size=4), FP32_INSIDE),
 }
 
 # family -> (model_type, kind, overrides, reason substring)
 REFUSED = {
-    "lfm2": ("lfm2", "short convolution", dict(layer_types=["conv", "full_attention"], num_heads=4), "mixes tokens"),
     "jamba": ("jamba", "Mamba hybrid", dict(attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2,
                                             expert_layer_offset=1, num_experts=2, mamba_d_state=8,
                                             mamba_dt_rank=8, use_mamba_kernels=False), "mixes tokens"),
-    "bamba": ("bamba", "Mamba2 hybrid", dict(attn_layer_indices=[1], mamba_n_heads=4, mamba_d_head=32,
-                                             mamba_d_state=8, mamba_n_groups=1), "mixes tokens"),
-    "granitemoehybrid": ("granitemoehybrid", "Mamba2 hybrid (Granite-4)",
-                         dict(layer_types=["mamba", "attention"], mamba_n_heads=4, mamba_d_head=32,
-                              mamba_d_state=8, mamba_n_groups=1, num_local_experts=2, num_experts_per_tok=1),
-                         "mixes tokens"),
-    "qwen3_next": ("qwen3_next", "gated delta net", dict(head_dim=16, linear_num_value_heads=4,
-                                                         linear_num_key_heads=2, linear_key_head_dim=16,
-                                                         linear_value_head_dim=16, num_experts=2,
-                                                         num_experts_per_tok=1, moe_intermediate_size=32,
-                                                         shared_expert_intermediate_size=32,
-                                                         layer_types=["linear_attention", "full_attention"]),
-                   "mixes tokens"),
     "recurrent_gemma": ("recurrent_gemma", "RG-LRU", dict(num_hidden_layers=3, lru_width=64, head_dim=16,
                                                           block_types=["recurrent", "recurrent", "attention"]),
                         "mixes tokens"),
@@ -90,12 +95,29 @@ REFUSED = {
 }
 
 
+def _long_memory_delta_net(model) -> None:
+    """Qwen3-Next's init decays the delta-net state by ~e^-10 a token, which would hide a lost state (and leave
+    A_log / dt_bias gradients at float32 noise): decay rates drawn so the state lives across chunks instead."""
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in model.modules():
+            if type(m).__name__ == "Qwen3NextGatedDeltaNet":
+                m.A_log.copy_(torch.empty(m.A_log.shape).uniform_(0.01, 0.3, generator=g).log())
+                m.dt_bias.fill_(-2.0)
+
+
+PREPARE = {"qwen3_next": _long_memory_delta_net}  # model_type -> what build() does after the random init
+
+
 def build(model_type: str, overrides: dict, dtype=torch.float64, seed: int = 0):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.for_model(model_type, **{**COMMON, **overrides})
     torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if model_type in PREPARE:
+        PREPARE[model_type](model)
+    return model
 
 
 def exact_case(family: str):
