@@ -29,6 +29,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(__file__))
 from _common import rss_bytes, save_json, table  # noqa: E402
+from bench_memory import _full_step  # noqa: E402  (the whole sequence's logits and CE in one call)
 
 VOCAB = 151_936
 
@@ -38,19 +39,6 @@ def _sequence(n: int, vocab: int):
 
     ids = torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(n))
     return [{"input_ids": ids, "labels": ids.clone()}]
-
-
-def _full_logits_step(model, seqs, meter):
-    import torch.nn.functional as F
-
-    from ds_chunkflow.batch import shifted_targets
-    from ds_chunkflow.memory import saved_tensor_hooks
-
-    s = seqs[0]
-    with saved_tensor_hooks(meter):
-        logits = model(input_ids=s["input_ids"][None], use_cache=False).logits[0]
-        loss = F.cross_entropy(logits.float(), shifted_targets(s["labels"]), reduction="sum")
-    loss.backward()
 
 
 def _point(part: str, system: str, args: dict, queue) -> None:
@@ -76,7 +64,7 @@ def _point(part: str, system: str, args: dict, queue) -> None:
         model.zero_grad(set_to_none=True)
         start = time.perf_counter()
         if system == "full_logits":
-            _full_logits_step(model, seqs, meter)
+            _full_step(model, seqs, meter)
         else:
             chunked_step(model, seqs, chunk_size=chunk, keep_chunks=1, meter=meter, loss_piece_tokens=args["piece"])
         times.append(time.perf_counter() - start)

@@ -3,7 +3,8 @@ their state, and its gradient, across dependent chunks, exactly (float64, agains
 
 import pytest
 import torch
-from reference import grads_of, make_sequences, max_rel_err, reference_loss_and_grads
+from exactness import chunked_errors
+from reference import make_sequences
 
 import ds_chunkflow
 from ds_chunkflow import mixers
@@ -21,12 +22,7 @@ def _model(family):
 
 
 def _errors(model, seqs, **options):
-    model.zero_grad(set_to_none=True)
-    ref_loss, ref = reference_loss_and_grads(model, seqs)
-    model.zero_grad(set_to_none=True)
-    loss = ds_chunkflow.chunked_forward_backward(model, seqs, chunk_size=CHUNK, **options)
-    return abs(loss.item() - ref_loss.item()) / abs(ref_loss.item()), max_rel_err(grads_of(model), ref)
-
+    return chunked_errors(model, seqs, CHUNK, **options)
 
 @pytest.mark.parametrize("family", HYBRIDS)
 def test_packed_sequences_restart_the_mixer(family):

@@ -11,9 +11,9 @@ import warnings
 
 import pytest
 import torch
-from reference import grads_of, make_sequences, max_rel_err, reference_loss_and_grads
+from exactness import chunked_errors
+from reference import make_sequences
 
-import ds_chunkflow
 from ds_chunkflow import kernels
 from ds_chunkflow.kernels import (
     BACKENDS,
@@ -145,13 +145,7 @@ class StandIn:
 
 
 def _chunked_vs_reference(model, lengths, chunk, keep):
-    seqs = make_sequences(lengths, model.config.vocab_size)
-    model.zero_grad(set_to_none=True)
-    ref_loss, ref_grads = reference_loss_and_grads(model, seqs)
-    model.zero_grad(set_to_none=True)
-    loss = ds_chunkflow.chunked_forward_backward(model, seqs, chunk_size=chunk, keep_chunks=keep)
-    return abs(loss.item() - ref_loss.item()) / abs(ref_loss.item()), max_rel_err(grads_of(model), ref_grads)
-
+    return chunked_errors(model, make_sequences(lengths, model.config.vocab_size), chunk, keep)
 
 @pytest.mark.parametrize("case", ["llama head dim 12", "mistral_window", "deepseek_v3_mla"])
 def test_stand_in_backend_trains_exactly(monkeypatch, case):

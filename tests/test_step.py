@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from exactness import chunked_errors
 from reference import grads_of, make_sequences, max_rel_err, reference_loss_and_grads
 
 import ds_chunkflow
@@ -18,13 +19,7 @@ TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 
 
 def _compare(model, seqs, keep_chunks, chunk_size=CHUNK, **options):
-    model.zero_grad(set_to_none=True)
-    ref_loss, ref_grads = reference_loss_and_grads(model, seqs)
-    model.zero_grad(set_to_none=True)
-    loss = ds_chunkflow.chunked_forward_backward(model, seqs, chunk_size=chunk_size, keep_chunks=keep_chunks,
-                                                 **options)
-    return abs(loss.item() - ref_loss.item()) / abs(ref_loss.item()), max_rel_err(grads_of(model), ref_grads)
-
+    return chunked_errors(model, seqs, chunk_size, keep_chunks, **options)
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -160,9 +160,9 @@ def zero3_live_graphs(rank, world, out_path, fixed, keep_chunks=8):
     (``fixed=False`` runs the executor with no-op graph hooks). Saves the update, the reference-able
     before/after state, and, at each chunk backward's arrival at decoder layer 0 (its input gradient),
     how many parameters of layers 1.. were still gathered."""
-    import ds_chunkflow
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
+    import ds_chunkflow
     from ds_chunkflow import engine as engine_module
     from ds_chunkflow.executor import GraphHooks
     from ds_chunkflow.testing.models import build_tiny_model
