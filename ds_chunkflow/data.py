@@ -4,9 +4,11 @@ Input: one JSON object per line (UTF-8). Three shapes, told apart by their keys
 (other keys such as ``"id"`` are ignored; two shapes on one line is an error):
 
 * chat            ``{"messages": [{"role": "user", "content": "..."}, ...]}``, rendered by
-  ``tokenizer.apply_chat_template(..., return_assistant_tokens_mask=True)``; loss on the
-  assistant spans that the template marks with ``{% generation %}`` (see
-  :mod:`ds_chunkflow.testing.tokenizer`), nothing else;
+  the tokenizer's own chat template, any template (stock ones without ``{% generation %}``
+  markers too); loss on every assistant reply and the end-of-turn token after it (or on the
+  last reply only, ``assistant_turns="last"``), nothing else, checked per sample: see
+  :mod:`ds_chunkflow.chat_labels`. A chat the template cannot label exactly is a
+  ``chat_template`` line error;
 * prompt/completion ``{"prompt": "...", "completion": "..."}``: ``tokenizer(prompt)``
   (with the tokenizer's own special tokens, e.g. a BOS), then the completion encoded on
   its own, then EOS; loss on completion + EOS;
@@ -54,6 +56,9 @@ template renders its own markup into the same string, so ``split_special_tokens`
 break the template's tokens too); one the model can embed passes, one it cannot is an
 ``out_of_vocab`` error naming the token, so the line can be cleaned or skipped.
 
+:func:`load_jsonl` reads into memory in one Python loop (small files, tests);
+:func:`ds_chunkflow.hf_data.load_sft_data` does the same line by line checks through Hugging Face
+``datasets`` (multi-process, cached on disk, memory-mapped, once per node) and is what training uses.
 The global-batch sampler lives in :mod:`ds_chunkflow.sampler`.
 """
 
@@ -62,16 +67,17 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
 from .batch import num_targets
+from .chat_labels import CHAT_TEMPLATE_REASON, AssistantTurns, ChatLabeler, ChatLabelError
 from .chunking import IGNORE_INDEX
 from .sampler import GlobalBatchSampler, _is_positive_int  # noqa: F401  (GlobalBatchSampler re-exported)
 
@@ -90,10 +96,10 @@ LENGTH_MISMATCH = "length_mismatch"
 OVERLONG = "overlong"
 NO_LOSS = "no_loss_tokens"
 OUT_OF_VOCAB = "out_of_vocab"  # an id the model cannot embed (>= vocab_size)
+CHAT_TEMPLATE = CHAT_TEMPLATE_REASON  # a chat its template cannot label exactly (ds_chunkflow.chat_labels)
 NO_SAMPLES = "no_samples"  # the whole file: raised, never skipped
 
 _SHAPES = {"messages": "chat", "prompt": "prompt/completion", "input_ids": "pre-tokenised"}
-_GENERATION_TAG = re.compile(r"{%-?\s*generation\s*-?%}")
 
 
 class DataError(ValueError):
@@ -103,6 +109,9 @@ class DataError(ValueError):
         self.path, self.line, self.reason, self.problem = path, line, reason, problem
         where = f"{path}:{line}" if line is not None else path
         super().__init__(f"{where}: {problem}")
+
+    def __reduce__(self):  # picklable (sent between ranks and worker processes)
+        return DataError, (self.path, self.line, self.reason, self.problem)
 
 
 class _Bad(Exception):
@@ -200,7 +209,7 @@ def _check_ids(values: list[Any], what: str, vocab_size: int, allow_ignore: bool
             raise _Bad(BAD_FIELD, f"field '{what}[{j}]' = {v} is outside {allowed}")
 
 
-def _encode_chat(obj: dict[str, Any], tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], list[int]]:
+def _encode_chat(obj: dict[str, Any], labeler: ChatLabeler) -> tuple[np.ndarray, np.ndarray]:
     messages = _require(obj, "messages", list, "messages")
     if not messages:
         raise _Bad(EMPTY_SAMPLE, "field 'messages' is an empty list")
@@ -211,12 +220,10 @@ def _encode_chat(obj: dict[str, Any], tokenizer: PreTrainedTokenizerBase) -> tup
         _require(m, "content", str, f"messages[{j}].content")
     if not any(m["role"] == "assistant" for m in messages):
         raise _Bad(NO_LOSS, "no message with role 'assistant' in field 'messages', so no loss tokens")
-    out = tokenizer.apply_chat_template(
-        messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
-    )
-    ids = list(out["input_ids"])
-    labels = [t if m else IGNORE_INDEX for t, m in zip(ids, out["assistant_masks"])]
-    return ids, labels
+    try:
+        return labeler.encode(messages)
+    except ChatLabelError as e:
+        raise _Bad(e.reason, e.problem) from None
 
 
 def _encode_prompt(obj: dict[str, Any], tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], list[int]]:
@@ -228,7 +235,7 @@ def _encode_prompt(obj: dict[str, Any], tokenizer: PreTrainedTokenizerBase) -> t
     # the last prompt byte with the first completion byte into one token.
     p = tokenizer(prompt, add_special_tokens=True)["input_ids"]
     c = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    return p + c, [IGNORE_INDEX] * len(p) + c
+    return np.asarray(p + c, dtype=np.int64), np.asarray([IGNORE_INDEX] * len(p) + c, dtype=np.int64)
 
 
 def _encode_pretokenised(obj: dict[str, Any], vocab_size: int) -> tuple[list[int], list[int]]:
@@ -237,26 +244,29 @@ def _encode_pretokenised(obj: dict[str, Any], vocab_size: int) -> tuple[list[int
         raise _Bad(EMPTY_SAMPLE, "field 'input_ids' is an empty list")
     _check_ids(ids, "input_ids", vocab_size, allow_ignore=False)
     if "labels" not in obj:
-        return ids, list(ids)
+        return np.asarray(ids, dtype=np.int64), np.asarray(ids, dtype=np.int64)
     labels = _require(obj, "labels", list, "labels")
     _check_ids(labels, "labels", vocab_size, allow_ignore=True)
     if len(labels) != len(ids):
         raise _Bad(LENGTH_MISMATCH, f"fields 'input_ids' ({len(ids)}) and 'labels' ({len(labels)}) differ in length")
-    return ids, labels
+    return np.asarray(ids, dtype=np.int64), np.asarray(labels, dtype=np.int64)
 
 
-def _check_encoded(ids: list[int], tokenizer: PreTrainedTokenizerBase, vocab_size: int) -> None:
+def _check_encoded(ids: np.ndarray, tokenizer: PreTrainedTokenizerBase, vocab_size: int) -> None:
     """Ids from the tokenizer (chat, prompt/completion) the model cannot embed: ``_Bad(OUT_OF_VOCAB)``."""
-    for j, v in enumerate(ids):
-        if not 0 <= v < vocab_size:
-            token = tokenizer.convert_ids_to_tokens(v) if 0 <= v < len(tokenizer) else None
-            special = token in set(tokenizer.all_special_tokens) or v in tokenizer.added_tokens_decoder
-            what = f"the tokenizer's special token {token!r}" if special else f"token {token!r}"
-            raise _Bad(OUT_OF_VOCAB, (
-                f"token id {v} at input_ids[{j}] is outside [0, {vocab_size}): the text encodes to {what}, "
-                f"which the model cannot embed (model vocab_size {vocab_size}, tokenizer {len(tokenizer)} entries)"
-                + ("; the literal text of a special token in the data is encoded as that token" if special else "")
-            ))
+    bad = np.flatnonzero((ids < 0) | (ids >= vocab_size))  # vectorised; the first bad id is reported
+    if not len(bad):
+        return
+    j = int(bad[0])
+    v = int(ids[j])
+    token = tokenizer.convert_ids_to_tokens(v) if 0 <= v < len(tokenizer) else None
+    special = token in set(tokenizer.all_special_tokens) or v in tokenizer.added_tokens_decoder
+    what = f"the tokenizer's special token {token!r}" if special else f"token {token!r}"
+    raise _Bad(OUT_OF_VOCAB, (
+        f"token id {v} at input_ids[{j}] is outside [0, {vocab_size}): the text encodes to {what}, "
+        f"which the model cannot embed (model vocab_size {vocab_size}, tokenizer {len(tokenizer)} entries)"
+        + ("; the literal text of a special token in the data is encoded as that token" if special else "")
+    ))
 
 
 def _tokenizer_excess(tokenizer: PreTrainedTokenizerBase, vocab_size: int) -> str:
@@ -268,11 +278,6 @@ def _tokenizer_excess(tokenizer: PreTrainedTokenizerBase, vocab_size: int) -> st
 
 def _check_tokenizer(tokenizer: PreTrainedTokenizerBase, shape: str, vocab_size: int) -> None:
     """Tokenizer problems are not line problems: raise ValueError whatever ``on_error`` says."""
-    if shape == "chat" and not _GENERATION_TAG.search(tokenizer.chat_template or ""):
-        raise ValueError(
-            "tokenizer.chat_template has no {% generation %} markers, so chat lines cannot get "
-            "assistant-only labels; use a template with them (see ds_chunkflow.testing.tokenizer.CHAT_TEMPLATE)"
-        )
     if shape == "prompt/completion" and tokenizer.eos_token_id is None:
         raise ValueError("tokenizer.eos_token is not set; prompt/completion lines need it to end the completion")
     if shape == "prompt/completion" and tokenizer.eos_token_id >= vocab_size:
@@ -280,43 +285,86 @@ def _check_tokenizer(tokenizer: PreTrainedTokenizerBase, shape: str, vocab_size:
                          f"model cannot embed (vocab_size {vocab_size}); every prompt/completion line ends with it")
 
 
-def _parse_line(
-    raw: bytes, tokenizer: PreTrainedTokenizerBase, checked: set[str], vocab_size: int
-) -> tuple[list[int], list[int]]:
+def parse_json_line(raw: bytes) -> dict[str, Any]:
+    """One JSONL line -> its object (``_Bad`` if it is not JSON or not an object)."""
     try:
         obj = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise _Bad(MALFORMED_JSON, f"malformed JSON: {e}") from None
     if not isinstance(obj, dict):
         raise _Bad(UNKNOWN_SHAPE, f"expected a JSON object, got {type(obj).__name__}")
-    keys = [k for k in _SHAPES if k in obj]
-    if len(keys) != 1:
-        found = "none" if not keys else " and ".join(f"'{k}'" for k in keys)
-        raise _Bad(UNKNOWN_SHAPE, f"need exactly one of the fields 'messages', 'prompt', 'input_ids'; found {found}")
-    shape = _SHAPES[keys[0]]
-    if shape not in checked:
-        _check_tokenizer(tokenizer, shape, vocab_size)
-        checked.add(shape)
-    if shape == "pre-tokenised":
-        return _encode_pretokenised(obj, vocab_size)
-    ids, labels = (_encode_chat if shape == "chat" else _encode_prompt)(obj, tokenizer)
-    _check_encoded(ids, tokenizer, vocab_size)  # labels are ids or -100
-    return ids, labels
+    return obj
+
+
+class LineEncoder:
+    """One line's object -> ``(input_ids, labels, truncated)``, or ``_Bad``: every check of the module
+    docstring, in its order. Shared by :func:`load_jsonl` and :func:`ds_chunkflow.hf_data.load_sft_data`."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, vocab_size: int, max_seq_len: int | None,
+                 on_overlong: OnOverlong, assistant_turns: AssistantTurns = "all") -> None:
+        self.tokenizer, self.vocab_size = tokenizer, vocab_size
+        self.max_seq_len, self.on_overlong, self.assistant_turns = max_seq_len, on_overlong, assistant_turns
+        self._checked: set[str] = set()
+        self._labeler: ChatLabeler | None = None
+
+    def __call__(self, obj: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, bool]:
+        keys = [k for k in _SHAPES if k in obj]
+        if len(keys) != 1:
+            found = "none" if not keys else " and ".join(f"'{k}'" for k in keys)
+            raise _Bad(UNKNOWN_SHAPE,
+                       f"need exactly one of the fields 'messages', 'prompt', 'input_ids'; found {found}")
+        shape = _SHAPES[keys[0]]
+        if shape not in self._checked:
+            _check_tokenizer(self.tokenizer, shape, self.vocab_size)
+            if shape == "chat":
+                self._labeler = ChatLabeler(self.tokenizer, self.assistant_turns)  # ValueError: a tokenizer problem
+            self._checked.add(shape)
+        if shape == "pre-tokenised":
+            ids, labels = _encode_pretokenised(obj, self.vocab_size)
+        else:
+            ids, labels = _encode_chat(obj, self._labeler) if shape == "chat" else _encode_prompt(obj, self.tokenizer)
+            _check_encoded(ids, self.tokenizer, self.vocab_size)  # labels are ids or -100
+        return _fit(ids, labels, self.max_seq_len, self.on_overlong)
 
 
 def _fit(
-    ids: list[int], labels: list[int], max_seq_len: int | None, on_overlong: OnOverlong
-) -> tuple[list[int], list[int], bool]:
+    ids: np.ndarray, labels: np.ndarray, max_seq_len: int | None, on_overlong: OnOverlong
+) -> tuple[np.ndarray, np.ndarray, bool]:
     """Apply ``max_seq_len`` (raises ``_Bad(OVERLONG)`` unless truncating), then the no-loss check."""
     truncated = max_seq_len is not None and len(ids) > max_seq_len
     if truncated:
         if on_overlong != "truncate":
             raise _Bad(OVERLONG, f"sample has {len(ids)} tokens, longer than max_seq_len={max_seq_len}")
         ids, labels = ids[:max_seq_len], labels[:max_seq_len]
-    if all(t == IGNORE_INDEX for t in labels[1:]):  # labels[0] is never a target
+    if not (labels[1:] != IGNORE_INDEX).any():  # labels[0] is never a target
         cut = f" after truncation to max_seq_len={max_seq_len}" if truncated else ""
         raise _Bad(NO_LOSS, f"all labels are masked{cut} (no loss tokens)")
     return ids, labels, truncated
+
+
+def check_arguments(name: str, tokenizer: PreTrainedTokenizerBase, on_error: str, on_overlong: str,
+                    max_seq_len: int | None, vocab_size: int | None, assistant_turns: str = "all") -> int:
+    """Validate a loader's arguments (ValueError naming the argument); the vocab_size to check ids against."""
+    if on_error not in ("error", "skip"):
+        raise ValueError(f"on_error must be 'error' or 'skip', got {on_error!r}")
+    if on_overlong not in ("error", "skip", "truncate"):
+        raise ValueError(f"on_overlong must be 'error', 'skip' or 'truncate', got {on_overlong!r}")
+    if assistant_turns not in ("all", "last"):
+        raise ValueError(f"assistant_turns must be 'all' or 'last', got {assistant_turns!r}")
+    if max_seq_len is not None and not _is_positive_int(max_seq_len):
+        raise ValueError(f"max_seq_len must be a positive int or None, got {max_seq_len!r}")
+    if max_seq_len is None and on_overlong != "error":
+        logger.warning("%s: on_overlong=%r has no effect without max_seq_len", name, on_overlong)
+    if vocab_size is not None and not _is_positive_int(vocab_size):
+        raise ValueError(f"vocab_size must be a positive int or None, got {vocab_size!r}")
+    if vocab_size is None:
+        return len(tokenizer)
+    if len(tokenizer) > vocab_size:
+        logger.warning(
+            "%s: the tokenizer has %d entries but the model embeds only vocab_size=%d ids; the model cannot "
+            "embed %s. A line that encodes to one of them is an out_of_vocab error (on_error='skip' skips and "
+            "counts it)", name, len(tokenizer), vocab_size, _tokenizer_excess(tokenizer, vocab_size))
+    return vocab_size
 
 
 def load_jsonl(
@@ -327,36 +375,22 @@ def load_jsonl(
     on_error: OnError = "error",
     on_overlong: OnOverlong = "error",
     vocab_size: int | None = None,
+    assistant_turns: AssistantTurns = "all",
 ) -> SFTDataset:
-    """Read a JSONL SFT file (see the module docstring for shapes, checks and guarantees).
+    """Read a JSONL SFT file into memory (see the module docstring for shapes, checks and guarantees).
 
     ``vocab_size``: ids the model can embed, ``model.get_input_embeddings().weight.shape[0]``
     (under ZeRO-3, where that weight is partitioned, ``model.config.vocab_size``); default
     ``len(tokenizer)``. Pass it: a tokenizer may hold more entries than the model embeds.
+    ``assistant_turns``: ``"all"`` assistant replies carry loss, or only the ``"last"``.
     """
-    if on_error not in ("error", "skip"):
-        raise ValueError(f"on_error must be 'error' or 'skip', got {on_error!r}")
-    if on_overlong not in ("error", "skip", "truncate"):
-        raise ValueError(f"on_overlong must be 'error', 'skip' or 'truncate', got {on_overlong!r}")
-    if max_seq_len is not None and not _is_positive_int(max_seq_len):
-        raise ValueError(f"max_seq_len must be a positive int or None, got {max_seq_len!r}")
-    if max_seq_len is None and on_overlong != "error":
-        logger.warning("load_jsonl: on_overlong=%r has no effect without max_seq_len", on_overlong)
-    if vocab_size is not None and not _is_positive_int(vocab_size):
-        raise ValueError(f"vocab_size must be a positive int or None, got {vocab_size!r}")
-    if vocab_size is None:
-        vocab_size = len(tokenizer)
-    elif len(tokenizer) > vocab_size:
-        logger.warning(
-            "load_jsonl: the tokenizer has %d entries but the model embeds only vocab_size=%d ids; the model cannot "
-            "embed %s. A line that encodes to one of them is an out_of_vocab error (on_error='skip' skips and "
-            "counts it)", len(tokenizer), vocab_size, _tokenizer_excess(tokenizer, vocab_size))
-
+    vocab_size = check_arguments("load_jsonl", tokenizer, on_error, on_overlong, max_seq_len, vocab_size,
+                                 assistant_turns)
+    encode = LineEncoder(tokenizer, vocab_size, max_seq_len, on_overlong, assistant_turns)
     path = os.fspath(path)
     stats = LoadStats(path=path)
     samples: list[dict[str, torch.Tensor]] = []
     line_numbers: list[int] = []
-    checked: set[str] = set()
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
             stats.num_lines += 1
@@ -364,8 +398,7 @@ def load_jsonl(
                 stats.num_blank_lines += 1
                 continue
             try:
-                encoded = _parse_line(raw, tokenizer, checked, vocab_size)
-                ids, labels, truncated = _fit(*encoded, max_seq_len, on_overlong)
+                ids, labels, truncated = encode(parse_json_line(raw))
             except _Bad as bad:
                 policy = on_overlong if bad.reason == OVERLONG else on_error
                 if policy == "error":
@@ -374,7 +407,7 @@ def load_jsonl(
                 stats.first_skipped_line.setdefault(bad.reason, lineno)
                 logger.debug("%s:%d: skipped: %s", path, lineno, bad.problem)
                 continue
-            sample = {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels)}  # int lists -> torch.long
+            sample = {"input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(labels)}  # int64 = torch.long
             samples.append(sample)
             line_numbers.append(lineno)
             stats.num_samples += 1

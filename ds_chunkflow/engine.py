@@ -90,6 +90,11 @@ class ChunkFlowMixin:
         return CostModel(linear=1.0, attention=weight)
 
     def _write_metrics(self, metrics: dict[str, float]) -> None:
+        stats = getattr(self.chunkflow_dataset, "stats", None)  # what the data loader skipped or cut (opt-in)
+        if stats is not None:
+            metrics["data_lines_skipped"] = float(stats.num_skipped)
+            metrics["data_samples_truncated"] = float(stats.num_truncated)
+            metrics.update({f"data_skipped_{reason}": float(n) for reason, n in sorted(stats.skipped.items())})
         self.last_metrics = metrics
         if self.monitor.enabled:
             self.monitor.write_events([(f"Train/chunkflow/{k}", v, self.global_steps) for k, v in metrics.items()])

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import torch
 from tqdm import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
 import ds_chunkflow
 from ds_chunkflow.config import load_config_file, split_config
-from ds_chunkflow.data import load_jsonl
+from ds_chunkflow.hf_data import load_sft_data
 
 
 def existing_checkpoints(output_dir: str) -> list[str]:
@@ -55,9 +55,14 @@ def model_vocab_size(model) -> int:
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 parser.add_argument("--deepspeed_config", default="ds_configs/sft_zero3.yaml")
 parser.add_argument("--model", default=None, help="HF model dir; default: a tiny random Qwen2")
-parser.add_argument("--data", default="examples/data/sample_sft.jsonl")
+parser.add_argument("--data", default="examples/data/sample_sft.jsonl", help=".jsonl, .json, .parquet or a "
+                    "save_to_disk dir; chat lines use the tokenizer's own chat template (stock templates work)")
 parser.add_argument("--on_error", choices=["error", "skip"], default="error",
                     help="a bad data line: stop naming file and line (default), or skip it and count it by reason")
+parser.add_argument("--assistant_turns", choices=["all", "last"], default="all",
+                    help="chat lines: loss on every assistant reply (default) or on the last one only")
+parser.add_argument("--data_cache", default=None, help="tokenised-data cache (default: <output_dir>/data_cache)")
+parser.add_argument("--num_proc", type=int, default=None, help="tokenising processes (default: the CPUs, at most 8)")
 parser.add_argument("--steps", type=int, default=30)
 parser.add_argument("--lr", type=float, default=3e-3)
 parser.add_argument("--output_dir", default="outputs/sft")
@@ -93,7 +98,8 @@ if args.model is None:
         ds_chunkflow.init_distributed()
         torch.distributed.barrier()
 tokenizer = AutoTokenizer.from_pretrained(args.model)
-model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+# under ZeRO-3 each rank loads only its partition (transformers' zero.Init path), in the config's dtype
+model = ds_chunkflow.load_pretrained(args.model, config)
 vocab_size = model_vocab_size(model)  # may be < len(tokenizer): the loader refuses ids the model cannot embed
 stages = (config.get("pipeline") or {}).get("stages", 1)
 if stages > 1:  # pipeline parallelism: the model's layers become a DeepSpeed PipelineModule
@@ -103,8 +109,12 @@ if stages > 1:  # pipeline parallelism: the model's layers become a DeepSpeed Pi
     model = pipeline_module(model, num_stages=stages)
 
 # ----------------------------------------------------------------------------- data
-dataset = load_jsonl(args.data, tokenizer, max_seq_len=cf.max_seq_len if cf else None,
-                     on_overlong=cf.on_overlong if cf else "error", on_error=args.on_error, vocab_size=vocab_size)
+if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not torch.distributed.is_initialized():
+    ds_chunkflow.init_distributed()  # so that one rank per node tokenises and the others memory-map its cache
+dataset = load_sft_data(args.data, tokenizer, max_seq_len=cf.max_seq_len if cf else None,
+                        on_overlong=cf.on_overlong if cf else "error", on_error=args.on_error, vocab_size=vocab_size,
+                        assistant_turns=args.assistant_turns, num_proc=args.num_proc,
+                        cache_dir=args.data_cache or os.path.join(args.output_dir, "data_cache"))
 if int(os.environ.get("RANK", 0)) == 0:
     print(f"data: {dataset.stats.summary()}")
 
@@ -164,6 +174,10 @@ if is_main and history:
     if "peak_activation_bytes" in history[0]:
         print(f"peak activations {max(h['peak_activation_bytes'] for h in history) / 2**20:.1f} MiB, "
               f"peak K/V state {max(h['peak_kv_state_bytes'] for h in history) / 2**20:.1f} MiB")
+    if "zero3_param_gathers" in history[0]:
+        print(f"ZeRO-3 parameter all-gathers per step (rank 0): "
+              f"{sum(h['zero3_param_gathers'] for h in history) / len(history):.0f}, "
+              f"{sum(h['zero3_param_gather_bytes'] for h in history) / len(history) / 2**20:.1f} MiB")
     print(f"checkpoint: {args.output_dir}; wandb (offline) files: {os.environ['WANDB_DIR']}/wandb")
 if torch.distributed.is_initialized():
     torch.distributed.barrier()

@@ -1,4 +1,4 @@
-"""Tests for ds_chunkflow/data.py and ds_chunkflow/toy_tokenizer.py (pure CPU)."""
+"""Tests for ds_chunkflow/data.py (load_jsonl), ds_chunkflow/sampler.py and ds_chunkflow/testing/tokenizer.py (pure CPU)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
 from ds_chunkflow.data import IGNORE_INDEX, DataError, GlobalBatchSampler, load_jsonl
+from ds_chunkflow.testing.chat_templates import QWEN2_5
 from ds_chunkflow.testing.tokenizer import CHAT_TEMPLATE, VOCAB_SIZE, build_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -80,9 +81,11 @@ def test_tokenizer_is_small_and_deterministic(tokenizer) -> None:
 
 
 def test_tokenizer_save_load_round_trip(tokenizer) -> None:
-    """A tokenizer loaded with AutoTokenizer encodes, masks and names its specials like the built one."""
+    """A tokenizer loaded with AutoTokenizer encodes, masks and names its specials like the built one; its
+    template is the stock Qwen2.5 one, and the marked variant still gives transformers' assistant masks."""
     built = build_tokenizer()
-    assert tokenizer.chat_template == built.chat_template == CHAT_TEMPLATE
+    assert tokenizer.chat_template == built.chat_template == QWEN2_5
+    tokenizer, built = build_tokenizer(chat_template=CHAT_TEMPLATE), build_tokenizer(chat_template=CHAT_TEMPLATE)
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
         assert getattr(tokenizer, name) == getattr(built, name) is not None
     kwargs = dict(tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
@@ -207,12 +210,30 @@ def test_file_without_samples_raises(tokenizer, tmp_path: Path) -> None:
         load_jsonl(path, tokenizer, on_error="skip")
 
 
-def test_chat_template_without_generation_markers_is_rejected(tokenizer, tmp_path: Path) -> None:
-    """Chat data with a template lacking {% generation %} raises instead of masking every label."""
-    tokenizer = build_tokenizer()
-    tokenizer.chat_template = CHAT_TEMPLATE.replace("{%- generation %}", "").replace("{%- endgeneration %}", "")
-    with pytest.raises(ValueError, match="generation"):
-        load_jsonl(write(tmp_path, json.dumps(CHAT)), tokenizer, on_error="skip")
+@pytest.mark.parametrize("template", ["stock", "marked"])
+def test_chat_labels_same_with_and_without_generation_markers(tmp_path: Path, template) -> None:
+    """The stock Qwen2.5 template (no markers, labelled by rendering) and the marked ChatML template give
+    loss on exactly each assistant reply plus its <|im_end|>."""
+    tok = build_tokenizer(chat_template=None if template == "stock" else CHAT_TEMPLATE)
+    ds = load_jsonl(write(tmp_path, json.dumps(CHAT)), tok)
+    assert loss_spans(tok, ds[0]) == [m["content"] + "<|im_end|>" for m in CHAT["messages"] if m["role"] == "assistant"]
+
+
+def test_chat_last_turn_only(tokenizer, tmp_path: Path) -> None:
+    """assistant_turns="last" puts loss on the final assistant reply (and its end token) only."""
+    ds = load_jsonl(write(tmp_path, json.dumps(CHAT)), tokenizer, assistant_turns="last")
+    assert loss_spans(tokenizer, ds[0]) == [CHAT["messages"][-1]["content"] + "<|im_end|>"]
+
+
+def test_chat_the_template_cannot_label_is_a_line_error(tmp_path: Path) -> None:
+    """A template that rewrites replies (here: upper-cases them) is a chat_template DataError naming the line,
+    or skipped and counted; never a silent mis-mask."""
+    tok = build_tokenizer(chat_template=QWEN2_5.replace("message.content + '<|im_end|>'",
+                                                        "message.content | upper + '<|im_end|>'"))
+    path = write(tmp_path, GOOD, json.dumps(CHAT))
+    with pytest.raises(DataError, match=r"data.jsonl:2: the chat template does not write every assistant reply"):
+        load_jsonl(path, tok)
+    assert load_jsonl(path, tok, on_error="skip").stats.skipped == {"chat_template": 1}
 
 
 # --- the model's vocabulary and max_seq_len, checked at load time ------------------------
@@ -305,6 +326,7 @@ BAD_ARGS = [
     ({"on_overlong": "drop"}, "on_overlong"),
     ({"max_seq_len": 0}, "max_seq_len"),
     ({"vocab_size": 0}, "vocab_size"),
+    ({"assistant_turns": "first"}, "assistant_turns"),
 ]
 
 

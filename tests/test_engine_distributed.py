@@ -137,3 +137,19 @@ def test_bf16_zero2_tracks_the_fp32_reference(tmp_path):
     assert overall < 2e-2 and per_param[worst] < 5e-2, (overall, worst, per_param[worst])
     for a, b in zip(r["losses"], ref_losses):
         assert abs(a - b) / abs(b) < 2e-2, (r["losses"], ref_losses)
+
+
+def test_skipped_data_lines_are_counted_in_the_metrics(tmp_path):
+    """Lines the loader skipped (on_error="skip", opt-in) appear in the step metrics, by reason."""
+    import json
+
+    from workers import train_with_skipped_lines
+
+    data = tmp_path / "data.jsonl"
+    good = [json.dumps({"input_ids": list(range(5, 5 + n))}) for n in (9, 7, 12)]
+    data.write_text("\n".join([good[0], "{not json", good[1], json.dumps({"input_ids": [1, 999]}), good[2]]) + "\n")
+    out = tmp_path / "metrics.pt"
+    run_ranks(train_with_skipped_lines, str(data), str(out))
+    metrics = torch.load(f"{out}.0")
+    assert metrics["data_lines_skipped"] == 2
+    assert metrics["data_skipped_malformed_json"] == 1 and metrics["data_skipped_out_of_vocab"] == 1, metrics

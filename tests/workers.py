@@ -211,3 +211,20 @@ def train_loaded(rank, world, model_dir, out_path, chunkflow, bf16=False, steps=
     losses = [engine.train_batch(global_batch(s, model.config.vocab_size)).item() for s in range(steps)]
     torch.save({"share": share, "dtypes": dtypes, "losses": losses, "before": before, "after": master_state(engine),
                 "metrics": engine.last_metrics}, f"{out_path}.{rank}")
+
+
+def train_with_skipped_lines(rank, world, data_path, out_path):
+    """One step from a JSONL loaded with on_error="skip"; saves the step's metrics."""
+    import ds_chunkflow
+    from ds_chunkflow.hf_data import load_sft_data
+    from ds_chunkflow.testing.models import build_tiny_model
+    from ds_chunkflow.testing.tokenizer import build_tokenizer
+
+    model = build_tiny_model("qwen2", seed=0, vocab_size=512)
+    data = load_sft_data(data_path, build_tokenizer(), on_error="skip", vocab_size=512,
+                         cache_dir=f"{out_path}.cache")
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    engine, *_ = ds_chunkflow.initialize(model=model, optimizer=opt, training_data=data,
+                                         config=ds_config(2, data={"global_batch_size": 2}))
+    engine.train_batch()
+    torch.save(engine.last_metrics, f"{out_path}.{rank}")

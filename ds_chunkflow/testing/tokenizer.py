@@ -14,13 +14,19 @@ Guarantees:
 * special tokens ``<|bos|>``, ``<|eos|>``, ``<|pad|>``, ``<|im_start|>``, ``<|im_end|>``
   are single ids that BPE merges never produce (as in every HF tokenizer, the literal
   string ``<|im_end|>`` inside text *is* matched as the special token);
-* the ChatML :data:`CHAT_TEMPLATE` wraps each assistant reply (and its ``<|im_end|>``,
+* its chat template is the released Qwen2.5 one (ChatML, no ``{% generation %}`` markers;
+  :mod:`ds_chunkflow.chat_labels` labels it by rendering); ``chat_template=CHAT_TEMPLATE``
+  gives the marked ChatML variant, which wraps each assistant reply (and its ``<|im_end|>``,
   so the model learns to stop) in ``{% generation %}`` markers, hence
   ``apply_chat_template(..., return_assistant_tokens_mask=True, return_dict=True)``
   returns ``assistant_masks``::
 
       text  <|im_start|>user\\nHi<|im_end|>\\n<|im_start|>assistant\\nHello<|im_end|>\\n
       mask  0           0    0  0         0  0           0         0  1    1         0
+
+* ``family="qwen2.5" | "llama3" | "mistral" | "gemma" | "gemma3"``: the same BPE with that
+  family's special tokens and its released template (:mod:`ds_chunkflow.testing.chat_templates`),
+  to test stock templates without downloading a tokenizer.
 """
 
 from __future__ import annotations
@@ -29,6 +35,8 @@ import os
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
+
+from .chat_templates import FAMILIES, QWEN2_5
 
 VOCAB_SIZE = 512
 """Upper bound on ``len(tokenizer)``: 256 bytes + 5 special tokens + learned merges."""
@@ -72,14 +80,14 @@ Numbers like 0 1 2 3 4 5 6 7 8 9 10 100 1000 and symbols like ( ) [ ] { } : ; , 
 """Built-in training text: plain English plus a little code."""
 
 
-def _train() -> Tokenizer:
+def _train(special_tokens: list[str]) -> Tokenizer:
     """Train the byte-level BPE on :data:`CORPUS` (deterministic: fixed corpus and sizes)."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=VOCAB_SIZE,
-        special_tokens=list(SPECIAL_TOKENS),
+        special_tokens=special_tokens,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -87,18 +95,29 @@ def _train() -> Tokenizer:
     return tok
 
 
-def build_tokenizer(save_dir: str | os.PathLike[str] | None = None) -> PreTrainedTokenizerFast:
+def build_tokenizer(
+    save_dir: str | os.PathLike[str] | None = None, *, family: str = "toy", chat_template: str | None = None
+) -> PreTrainedTokenizerFast:
     """Build the toy tokenizer; if ``save_dir`` is given, ``save_pretrained`` it there.
 
-    The saved directory loads back with ``AutoTokenizer.from_pretrained(save_dir)``.
+    ``family``: ``"toy"`` (the special tokens above, the stock Qwen2.5 template) or a key of
+    :data:`~ds_chunkflow.testing.chat_templates.FAMILIES` (that family's special tokens and template).
+    ``chat_template`` replaces the family's template. The saved directory loads back with
+    ``AutoTokenizer.from_pretrained(save_dir)``.
     """
+    if family == "toy":
+        spec = {"template": QWEN2_5, "bos": BOS, "eos": EOS, "pad": PAD, "extra": [IM_START, IM_END]}
+    elif family in FAMILIES:
+        spec = FAMILIES[family]
+    else:
+        raise ValueError(f"family must be 'toy' or one of {sorted(FAMILIES)}, got {family!r}")
+    named = {k: spec[k] for k in ("bos", "eos", "pad") if spec[k] is not None}
+    specials = list(dict.fromkeys([*named.values(), *spec["extra"]]))
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=_train(),
-        bos_token=BOS,
-        eos_token=EOS,
-        pad_token=PAD,
-        extra_special_tokens=[IM_START, IM_END],
-        chat_template=CHAT_TEMPLATE,
+        tokenizer_object=_train(specials),
+        **{f"{k}_token": v for k, v in named.items()},
+        extra_special_tokens=spec["extra"],
+        chat_template=chat_template or spec["template"],
         clean_up_tokenization_spaces=False,
     )
     assert len(tokenizer) <= VOCAB_SIZE, len(tokenizer)
