@@ -33,7 +33,7 @@ from .guard import check_model
 from .hf_model import enable_recompute
 from .memory import peak_rss_bytes
 from .mixers import use_chunkflow_mixers
-from .monitor import step_metrics
+from .monitor import step_metrics, write_events
 
 SAMPLER_KEY = "ds_chunkflow_sampler"
 logger = logging.getLogger(__name__)
@@ -96,8 +96,8 @@ class ChunkFlowMixin:
             metrics["data_samples_truncated"] = float(stats.num_truncated)
             metrics.update({f"data_skipped_{reason}": float(n) for reason, n in sorted(stats.skipped.items())})
         self.last_metrics = metrics
-        if self.monitor.enabled:
-            self.monitor.write_events([(f"Train/chunkflow/{k}", v, self.global_steps) for k, v in metrics.items()])
+        if self.monitor.enabled and self.global_rank == 0:
+            write_events(self.monitor, metrics, self.global_steps, self.global_samples)
 
     def save_checkpoint(self, save_dir, tag=None, client_state=None, save_latest=True, **kwargs):
         """DeepSpeed's save, made crash-safe (:mod:`ds_chunkflow.checkpoint`): files durable on every

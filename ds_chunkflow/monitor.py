@@ -45,3 +45,22 @@ def step_metrics(batch: BatchPlan, loss: float, seconds: float, peak_rss: int, s
     if peak_activation_bytes is not None:
         metrics["peak_activation_bytes"] = float(peak_activation_bytes)
     return metrics
+
+
+def write_events(monitor, metrics: dict[str, float], step: int, wandb_step: int) -> None:
+    """``Train/chunkflow/<name>`` events through DeepSpeed's monitor, at the optimizer ``step``.
+
+    wandb needs one monotonic step per run, and DeepSpeed logs its own ``Train/Samples/*`` events at
+    its sample counter (``engine.global_samples``), which runs ahead of the optimizer step; wandb would
+    drop ours (with a warning). So wandb gets them at ``wandb_step`` (that counter) with the optimizer
+    step as one more metric, ``optimizer_step``; csv / tensorboard / comet at the optimizer step.
+    """
+    events = [(f"Train/chunkflow/{k}", v, step) for k, v in metrics.items()]
+    wandb = getattr(monitor, "wandb_monitor", None)
+    for name in ("tb_monitor", "csv_monitor", "comet_monitor"):
+        sub = getattr(monitor, name, None)
+        if sub is not None:
+            sub.write_events(events)
+    if wandb is not None:
+        wandb.write_events([(label, value, wandb_step) for label, value, _ in events]
+                           + [("Train/chunkflow/optimizer_step", float(step), wandb_step)])
