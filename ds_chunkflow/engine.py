@@ -145,6 +145,8 @@ class ChunkFlowEngine(ChunkFlowMixin, DeepSpeedEngine):
         if data_iter is not None:
             raise TypeError("ChunkFlowEngine.train_batch takes a list of sequences, not a data iterator")
         start = time.perf_counter()
+        self.module.train()  # as DeepSpeed's PipelineEngine.train_batch: from_pretrained returns eval mode,
+        # which would leave dropout and chunkflow.recompute_layers silently off
         sequences = self.next_global_batch() if sequences is None else sequences
         batch = self._plan_agreed(sequences, self.dp_world_size, self._cost_model(), self.data_parallel_group)
         world = self.dp_world_size

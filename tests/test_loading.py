@@ -29,6 +29,8 @@ def test_zero3_load_is_partitioned_and_trains_exactly(tmp_path):
     run_ranks(train_loaded, str(model_dir), str(out), {"keep_chunks": 2, "offload": {"activations": "far"}})
     results = [torch.load(f"{out}.{r}") for r in range(2)]
     for r in results:
+        # from_pretrained hands over an eval-mode model; train_batch trains it in train mode (dropout, recompute)
+        assert r["loaded_in_eval_mode"] and r["trained_in_train_mode"]
         assert 0.45 < r["share"] < 0.56, r["share"]  # measured: 0.50 (partitions are padded per parameter)
         assert r["dtypes"] == {"torch.float32"}
         assert r["metrics"]["recomputed_chunks"] == 0 and r["metrics"]["offloaded_bytes"] > 0

@@ -202,6 +202,7 @@ def train_loaded(rank, world, model_dir, out_path, chunkflow, bf16=False, steps=
     if bf16:
         config["bf16"] = {"enabled": True}
     model = ds_chunkflow.load_pretrained(model_dir, config)
+    loaded_in_eval_mode = not model.training  # transformers' from_pretrained returns eval mode
     params = list(model.parameters())
     share = sum(p.ds_tensor.numel() for p in params) / sum(p.ds_numel for p in params)
     dtypes = {str(p.ds_tensor.dtype) for p in params}
@@ -210,7 +211,8 @@ def train_loaded(rank, world, model_dir, out_path, chunkflow, bf16=False, steps=
     before = master_state(engine)
     losses = [engine.train_batch(global_batch(s, model.config.vocab_size)).item() for s in range(steps)]
     torch.save({"share": share, "dtypes": dtypes, "losses": losses, "before": before, "after": master_state(engine),
-                "metrics": engine.last_metrics}, f"{out_path}.{rank}")
+                "metrics": engine.last_metrics, "loaded_in_eval_mode": loaded_in_eval_mode,
+                "trained_in_train_mode": engine.module.training}, f"{out_path}.{rank}")
 
 
 def train_with_skipped_lines(rank, world, data_path, out_path):
