@@ -51,7 +51,7 @@ _UNSUPPORTED_ROPE = ("dynamic", "longrope")
 _CACHE_ATTR = "_ds_chunkflow_guard"
 # Hybrids whose attention layers call transformers' AttentionInterface (read in the transformers 5.24
 # sources) although the class does not declare ``_supports_attention_backend``; the probe checks them.
-INTERFACE_VERIFIED = ("BambaForCausalLM", "NemotronHForCausalLM", "Qwen3NextForCausalLM")
+INTERFACE_VERIFIED = ("BambaForCausalLM", "JambaForCausalLM", "NemotronHForCausalLM", "Qwen3NextForCausalLM")
 
 
 class ModelRefused(NotImplementedError):

@@ -15,11 +15,18 @@ The module's own code does the work. transformers' mixers take their starting st
 (``update_conv_state`` / ``update_recurrent_state``); :class:`_StateCache` is that part of
 the cache API. In a packed chunk the model-module functions that mix tokens
 (:data:`_SEGMENTED_FUNCTIONS`: ``causal_conv1d_fn``, ``mamba2_chunk_scan``,
-``torch_chunk_gated_delta_rule``) are wrapped to run once per segment; the module itself is
-called once, so under ZeRO-3 every rank gathers the same parameters in the same order
-whatever its chunks pack. The CPU torch path is the tested one; where causal-conv1d /
-mamba-ssm / flash-linear-attention are installed, the model's dispatch to them (which take
-initial states) is used unchanged (untested here: no GPU).
+``torch_chunk_gated_delta_rule``, ``mamba_selective_scan``) are wrapped to run once per
+segment; the module itself is called once, so under ZeRO-3 every rank gathers the same
+parameters in the same order whatever its chunks pack. The CPU torch path is the tested one;
+where causal-conv1d / mamba-ssm / flash-linear-attention are installed, the model's dispatch
+to them (which take initial states) is used unchanged (untested here: no GPU). Jamba's Mamba1
+scan is the exception: neither transformers' multi-token ``mamba_selective_scan`` nor
+mamba-ssm's kernel takes a start state, so a dependent chunk with a carried state runs
+transformers' torch recurrence from it (:func:`_selective_scan_from`; a token loop, also on GPU).
+
+A layer that calls its mixer without the layer's kwargs (Jamba) gives the mixer its chunk only
+through the model's forward; a transformers layer checkpoint recomputing it in the backward
+runs under the chunk layout of its forward (:func:`_under_current_chunk`).
 
 The state and its gradient, per dependent group and mixer (:class:`MixerStates`, on the
 group's :class:`~ds_chunkflow.state.GroupState`)::
@@ -62,11 +69,14 @@ SUPPORTED = {
         "Mamba2 SSD (Granite-4 hybrid)",
     "transformers.models.bamba.modeling_bamba.BambaMixer": "Mamba2 SSD (Bamba)",
     "transformers.models.nemotron_h.modeling_nemotron_h.NemotronHMamba2Mixer": "Mamba2 SSD (NemotronH)",
+    "transformers.models.jamba.modeling_jamba.JambaMambaMixer": "Mamba1 selective scan (Jamba)",
 }
 
 _OUTSIDE, _PLAIN = "outside the model's forward", "a forward without the chunk layout"
 _CURRENT: contextvars.ContextVar = contextvars.ContextVar("ds_chunkflow_chunk", default=_OUTSIDE)
 _ACTIVE_ATTR = "_ds_chunkflow_mixers_active"
+# the _StateCache of the mixer call under way: a scan function the model calls without its start state reads it here
+_CALL: contextvars.ContextVar = contextvars.ContextVar("ds_chunkflow_mixer_call", default=None)
 
 
 def class_path(module: torch.nn.Module) -> str:
@@ -186,12 +196,16 @@ def _run_dependent(name: str, original, x: torch.Tensor, seg: SegmentSpec) -> to
     end = seg.position + seg.length
     last = end >= seg.state.seq_len
     cache = _StateCache(states.start(name, seg.position))
-    if seg.length == 1:
-        if not last:
-            raise NotImplementedError(f"mixer {name}: a one-token dependent chunk inside a sequence (chunk_size 1)")
-        out = original(F.pad(x, (0, 0, 0, 1)), cache=cache, attention_mask=None)[:, :1]
-    else:
-        out = original(x, cache=cache, attention_mask=None)
+    if seg.length == 1 and not last:
+        raise NotImplementedError(f"mixer {name}: a one-token dependent chunk inside a sequence (chunk_size 1)")
+    token = _CALL.set(cache)
+    try:
+        if seg.length == 1:
+            out = original(F.pad(x, (0, 0, 0, 1)), cache=cache, attention_mask=None)[:, :1]
+        else:
+            out = original(x, cache=cache, attention_mask=None)
+    finally:
+        _CALL.reset(token)
     if last:
         return out
     missing = set(cache.initial) - set(cache.final)
@@ -212,11 +226,13 @@ def _run_dependent(name: str, original, x: torch.Tensor, seg: SegmentSpec) -> to
 #
 #     mixer([a a a b b c]) -> in_proj -> conv(a) conv(b) conv(c) -> scan(a) scan(b) scan(c) -> out_proj
 #
-# name -> {argument: time dim} of the model-module functions that mix tokens (all take one batch row).
+# name -> {argument: time dim} of the model-module functions that mix tokens (all take one batch row); the
+# output's time dim is the first argument's.
 _SEGMENTED_FUNCTIONS = {
     "causal_conv1d_fn": {"hidden_states": -1},
     "mamba2_chunk_scan": {"hidden_states": 1, "dt": 1, "B": 1, "C": 1},
     "torch_chunk_gated_delta_rule": {"query": 1, "key": 1, "value": 1, "g": 1, "beta": 1},
+    "mamba_selective_scan": {"hidden_states": -1, "dt": -1, "B": -1, "C": -1, "z": -1},  # Jamba: [B, C, T]
 }
 _SEGMENTS: contextvars.ContextVar[list[tuple[int, int]] | None] = contextvars.ContextVar("ds_chunkflow_segments",
                                                                                           default=None)
@@ -237,18 +253,64 @@ def _segmented(fn, time_dims: dict[str, int]):
         for lo, hi in bounds:
             part = dict(bound.arguments)
             for arg, dim in time_dims.items():
-                t = part[arg]
-                part[arg] = t.narrow(dim, lo, hi - lo) if dim >= 0 else t[..., lo:hi]
+                t = part.get(arg)
+                if t is not None:
+                    part[arg] = t.narrow(dim, lo, hi - lo) if dim >= 0 else t[..., lo:hi]
             extra = part.pop(var_keyword, {}) if var_keyword else {}
             result = fn(**part, **extra)
             out, rest = (result[0], result[1:]) if isinstance(result, tuple) else (result, None)
             outs.append(out)
-        dim = -1 if fn.__name__ == "causal_conv1d_fn" else 1
-        out = torch.cat(outs, dim=dim)
+        out = torch.cat(outs, dim=next(iter(time_dims.values())))
         return out if rest is None else (out, *rest)  # the final state is the last sequence's (unused)
 
     run.__wrapped__ = fn
     return run
+
+
+# ---------------------------------------------------------------------------- scans that take no start state
+# Jamba's (Mamba1) multi-token scan ``mamba_selective_scan`` always starts from zero (transformers uses the cached
+# SSM state only in one-token decode, and mamba-ssm's ``selective_scan_fn`` takes no initial state). In a dependent
+# chunk with a carried state the call runs :func:`_selective_scan_from` instead: transformers' torch recurrence
+# (``mamba_selective_scan``'s sequential branch) line for line, the state starting from the carried one.
+def _selective_scan_from(ssm_state, hidden_states, dt, A, B, C, D=None, z=None, delta_bias=None,
+                         delta_softplus=False, return_last_state=False, **kwargs):
+    """``hidden_states, dt, z`` ``[b, d, T]``, ``B, C`` ``[b, n, T]``, ``A`` ``[d, n]``, ``ssm_state`` ``[b, d, n]``."""
+    input_dtype = hidden_states.dtype
+    if delta_bias is not None:
+        dt = dt + delta_bias.to(dt.dtype)[..., None]
+    if delta_softplus:
+        dt = F.softplus(dt)
+    B = B.transpose(1, 2)
+    C = C.transpose(1, 2)
+    discrete_A = torch.exp(A[None, :, None, :] * dt[:, :, :, None])
+    discrete_B = dt[:, :, :, None] * B[:, None, :, :].float()
+    deltaB_u = discrete_B * hidden_states[:, :, :, None].float()
+    scan_outputs = []
+    for index in range(hidden_states.shape[-1]):
+        ssm_state = discrete_A[:, :, index] * ssm_state + deltaB_u[:, :, index]
+        scan_output = torch.matmul(ssm_state.to(input_dtype), C[:, index, :].unsqueeze(-1))
+        scan_outputs.append(scan_output[:, :, 0])
+    scan_output = torch.stack(scan_outputs, dim=-1)
+    if D is not None:
+        scan_output = scan_output + hidden_states * D[None, :, None]
+    if z is not None:
+        scan_output = scan_output * F.silu(z)
+    return (scan_output, ssm_state) if return_last_state else scan_output
+
+
+def _started(fn):
+    """The model's scan ``fn``, or where the call under way has a carried SSM state, the same scan from it."""
+    def run(*args, **kwargs):
+        cache = _CALL.get()
+        start = cache.initial.get("recurrent0") if cache is not None else None
+        return fn(*args, **kwargs) if start is None else _selective_scan_from(start, *args, **kwargs)
+
+    run.__wrapped__ = fn
+    return run
+
+
+# name -> the wrapper that gives that model-module function the carried start state
+_STARTED_FUNCTIONS = {"mamba_selective_scan": _started}
 
 
 @contextlib.contextmanager
@@ -259,7 +321,10 @@ def _patched_functions(mixers: list[tuple[str, torch.nn.Module]]):
         for fname, dims in _SEGMENTED_FUNCTIONS.items():
             if hasattr(mod, fname):
                 saved.append((mod, fname, getattr(mod, fname)))
-                setattr(mod, fname, _segmented(getattr(mod, fname), dims))
+                fn = getattr(mod, fname)
+                if fname in _STARTED_FUNCTIONS:
+                    fn = _STARTED_FUNCTIONS[fname](fn)
+                setattr(mod, fname, _segmented(fn, dims))
     try:
         yield
     finally:
@@ -269,10 +334,12 @@ def _patched_functions(mixers: list[tuple[str, torch.nn.Module]]):
 
 def _run_packed(original, x: torch.Tensor, segments: list[SegmentSpec]) -> torch.Tensor:
     # an empty cache keeps the mixer on its unfused path, whose token mixing goes through the functions above
-    token = _SEGMENTS.set([(s.start, s.start + s.length) for s in segments])
+    cache = _StateCache({})
+    token, call = _SEGMENTS.set([(s.start, s.start + s.length) for s in segments]), _CALL.set(cache)
     try:
-        return original(x, cache=_StateCache({}), attention_mask=None)
+        return original(x, cache=cache, attention_mask=None)
     finally:
+        _CALL.reset(call)
         _SEGMENTS.reset(token)
 
 
@@ -316,6 +383,15 @@ def use_chunkflow_mixers(model: torch.nn.Module):
     handles = [model.register_forward_pre_hook(enter, with_kwargs=True),
                model.register_forward_hook(leave, with_kwargs=True, always_call=True)]
     previous = [(m, vars(m).get("forward")) for _, m in mixers]  # an instance-level forward, if any
+    # transformers' layer checkpointing recomputes a layer's forward inside the backward, outside the model's
+    # forward; a layer that does not pass its kwargs to its mixer (Jamba) would leave the mixer without its chunk:
+    # the recompute runs under the chunk layout the forward had.
+    mixer_ids = {id(m) for _, m in mixers}
+    holders = [h for h in model.modules() if "_gradient_checkpointing_func" in vars(h)
+               and any(id(m) in mixer_ids for m in h.modules())]
+    checkpointing = [(h, vars(h)["_gradient_checkpointing_func"]) for h in holders]
+    for h, ckpt in checkpointing:
+        h._gradient_checkpointing_func = _under_current_chunk(ckpt)
     for name, m in mixers:
         m.forward = _adapter(name, m.forward)
     object.__setattr__(model, _ACTIVE_ATTR, True)
@@ -331,3 +407,22 @@ def use_chunkflow_mixers(model: torch.nn.Module):
                 del m.forward
             else:
                 m.forward = forward
+        for h, ckpt in checkpointing:
+            h._gradient_checkpointing_func = ckpt
+
+
+def _under_current_chunk(checkpoint):
+    def run(function, *args, **kwargs):
+        chunk = _CURRENT.get()
+
+        def under_chunk(*a, **k):
+            token = _CURRENT.set(chunk)
+            try:
+                return function(*a, **k)
+            finally:
+                _CURRENT.reset(token)
+
+        return checkpoint(under_chunk, *args, **kwargs)
+
+    run.__wrapped__ = checkpoint
+    return run

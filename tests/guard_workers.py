@@ -36,7 +36,7 @@ def refused_everywhere(rank, world, stage, out_path):
     import ds_chunkflow
     from ds_chunkflow.guard import ModelRefused
 
-    model_type, _, overrides, _ = REFUSED["jamba"]
+    model_type, _, overrides, _ = REFUSED["mamba2"]
     model = build(model_type, overrides, dtype=torch.float32)
     try:
         ds_chunkflow.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),

@@ -48,10 +48,10 @@ def assert_matches_reference(got, families):
 
 
 def test_hybrid_refused_on_every_rank_under_zero3(tmp_path):
-    """Jamba (Mamba1, no adapter) under ZeRO-3: initialize raises ModelRefused on both ranks (no hang), before
+    """Mamba2 (pure SSM, no adapter) under ZeRO-3: initialize raises ModelRefused on both ranks (no hang), before
     any gradient."""
     out = tmp_path / "refused"
     run_ranks(refused_everywhere, 3, str(out), timeout=120)
     for r in range(2):
         text = (tmp_path / f"refused.{r}").read_text()
-        assert "JambaForCausalLM" in text and "mixes tokens" in text and "grads written: 0" in text
+        assert "Mamba2ForCausalLM" in text and "mixes tokens" in text and "grads written: 0" in text

@@ -49,11 +49,11 @@ def test_probe_alone_catches_every_hybrid(family, monkeypatch):
 def test_static_scan_names_the_mixer():
     """The refusal of a hybrid without an adapter names the offending module, the mixers that are supported,
     and what the user can do."""
-    model_type, _, overrides, _ = REFUSED["jamba"]
+    model_type, _, overrides, _ = REFUSED["mamba2"]
     with pytest.raises(ModelRefused) as info:
         check_model(build(model_type, overrides, dtype=torch.float32))
     msg = str(info.value)
-    assert "JambaForCausalLM" in msg and "model.layers.0.mamba (JambaMambaMixer)" in msg
+    assert "Mamba2ForCausalLM" in msg and "backbone.layers.0.mixer (Mamba2Mixer)" in msg
     assert "Lfm2ShortConv" in msg and "chunkflow.enabled: false" in msg
 
 
@@ -70,7 +70,7 @@ def test_unknown_subclass_of_a_supported_mixer_is_refused():
         check_model(model)
 
 
-@pytest.mark.parametrize("family", ["lfm2", "qwen3_next", "granitemoehybrid", "bamba", "nemotron_h"])
+@pytest.mark.parametrize("family", ["lfm2", "qwen3_next", "granitemoehybrid", "bamba", "nemotron_h", "jamba"])
 def test_supported_hybrid_passes_scan_and_probe(family):
     """Every hybrid family with adapters passes the static scan and the probe (float32) with rounding error."""
     model_type, _, overrides, _ = exact_case(family)

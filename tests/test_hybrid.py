@@ -12,7 +12,7 @@ from ds_chunkflow.chunk_core import ChunkRun
 from ds_chunkflow.guard import ModelRefused, check_model
 from ds_chunkflow.testing.families import build, exact_case
 
-HYBRIDS = ["lfm2", "qwen3_next", "granitemoehybrid", "bamba", "nemotron_h"]
+HYBRIDS = ["lfm2", "qwen3_next", "granitemoehybrid", "bamba", "nemotron_h", "jamba"]
 CHUNK = 8
 
 
@@ -41,10 +41,11 @@ def test_split_sequence_carries_state_and_its_gradient(family, keep):
     assert max(_errors(model, seqs, keep_chunks=keep)) < tol
 
 
-@pytest.mark.parametrize("family", ["lfm2", "qwen3_next", "granitemoehybrid"])
+@pytest.mark.parametrize("family", ["lfm2", "qwen3_next", "granitemoehybrid", "jamba"])
 def test_activation_offload_and_layer_recompute_stay_exact(family):
     """Far chunks offloaded to the CPU, and transformers' layer checkpointing recomputing a mixer inside its
-    chunk's backward: the gradient still reaches the state of the chunk before."""
+    chunk's backward: the gradient still reaches the state of the chunk before (Jamba's layer calls its mixer
+    without the layer's kwargs: the recompute still finds its chunk)."""
     model, tol = _model(family)
     seqs = make_sequences([37, 5, 3], model.config.vocab_size, seed=5)
     assert max(_errors(model, seqs, keep_chunks=1, offload_activations=True)) < tol
@@ -52,7 +53,7 @@ def test_activation_offload_and_layer_recompute_stay_exact(family):
     assert max(_errors(model, seqs, keep_chunks=2)) < tol
 
 
-@pytest.mark.parametrize("family", ["lfm2", "qwen3_next", "granitemoehybrid"])
+@pytest.mark.parametrize("family", ["lfm2", "qwen3_next", "granitemoehybrid", "jamba"])
 def test_a_lost_state_or_state_gradient_would_be_caught(family, monkeypatch):
     """The tests above are sensitive: starting every chunk from zero moves loss and gradients far beyond the
     tolerance (and the guard's probe refuses it), dropping the gradient the next chunk sends back moves the gradients

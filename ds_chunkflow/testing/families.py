@@ -77,13 +77,15 @@ EXACT = {
                    dict(layers_block_type=["linear_attention", "full_attention", "mlp"], num_hidden_layers=3,
                         head_dim=16, mamba_num_heads=4, mamba_head_dim=32, ssm_state_size=8, n_groups=1,
                         chunk_size=4), FP32_INSIDE),
+    # Mamba1: its scan casts B and the inputs to float32 (``.float()``) even in a float64 model
+    "jamba": ("jamba", "Mamba1 hybrid", dict(attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2,
+                                             expert_layer_offset=1, num_experts=2, mamba_d_state=8,
+                                             mamba_dt_rank=8, use_mamba_kernels=False,
+                                             experts_implementation="eager"), FP32_INSIDE),
 }
 
 # family -> (model_type, kind, overrides, reason substring)
 REFUSED = {
-    "jamba": ("jamba", "Mamba hybrid", dict(attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2,
-                                            expert_layer_offset=1, num_experts=2, mamba_d_state=8,
-                                            mamba_dt_rank=8, use_mamba_kernels=False), "mixes tokens"),
     "recurrent_gemma": ("recurrent_gemma", "RG-LRU", dict(num_hidden_layers=3, lru_width=64, head_dim=16,
                                                           block_types=["recurrent", "recurrent", "attention"]),
                         "mixes tokens"),
