@@ -167,7 +167,8 @@ def _deepspeed_engine(cfg: dict):
     slot, norm = ChunkSlot(), {"loss_tokens": 1}
     layers = pipe_layers(model, slot)
 
-    def loss_fn(logits, targets):  # x gas: DeepSpeed divides each micro-batch's loss by gas
+    def loss_fn(hidden, targets):  # x gas: DeepSpeed divides each micro-batch's loss by gas
+        logits = slot.head.logits(hidden)  # the head layer passes hidden on; the stock way: full logits + CE
         ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="sum")
         return ce * (gas / norm["loss_tokens"])
 
