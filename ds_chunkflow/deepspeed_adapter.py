@@ -36,6 +36,13 @@ way.
 
    ``tests/test_deepspeed_adapter.py`` shows on 2 ranks that plain DeepSpeed still gets F,F,B,B
    wrong (so a DeepSpeed that fixes or changes it is noticed) and that these two make it exact.
+5. ZeRO-3 and mixture-of-experts blocks: ZeRO-3 records the order of module calls and checks at
+   every forward that ranks agree on it (``partitioned_param_coordinator.reset_step``, a
+   collective). An MoE block that calls its expert modules a data-dependent number of times
+   (Granite MoE) gives ranks different traces, and they hang. DeepSpeed's own remedy,
+   ``deepspeed.utils.set_z3_leaf_modules``, makes the block one ZeRO-3 unit (all its parameters
+   gathered on entry): :func:`zero3_leaf_moe_blocks` applies it to every module with an
+   ``experts`` or ``router`` child before ``deepspeed.initialize``.
 4. ZeRO-3 parameter all-gathers are counted by wrapping ``partition_parameters._dist_allgather_fn``
    (every coalesced fetch goes through it, 0.19.8): :func:`count_param_gathers`.
 """
@@ -138,6 +145,19 @@ def count_param_gathers():
         yield count
     finally:
         pp._dist_allgather_fn = original
+
+
+def zero3_leaf_moe_blocks(model) -> list[str]:
+    """Marks the model's MoE blocks (modules with an ``experts`` or ``router`` child) as ZeRO-3 leaves
+    (touch point 5); returns their class names. Call before ``deepspeed.initialize``."""
+    from deepspeed.utils import set_z3_leaf_modules
+
+    classes = sorted({type(m) for m in model.modules()
+                      if any(name in ("experts", "router") for name, _ in m.named_children())},
+                     key=lambda c: c.__name__)
+    if classes:
+        set_z3_leaf_modules(model, classes)
+    return [c.__name__ for c in classes]
 
 
 def missing_names() -> list[str]:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from .config import ChunkFlowConfig, split_config
-from .deepspeed_adapter import decide_shm_comm_build, engine_classes
+from .deepspeed_adapter import decide_shm_comm_build, engine_classes, zero3_leaf_moe_blocks
 
 
 def initialize(args: Any = None, model: torch.nn.Module | None = None, optimizer=None, model_parameters=None,
@@ -49,6 +49,8 @@ def initialize(args: Any = None, model: torch.nn.Module | None = None, optimizer
         return deepspeed.initialize(args=args, model=model, optimizer=optimizer, model_parameters=model_parameters,
                                     training_data=training_data, lr_scheduler=lr_scheduler, config=ds_config,
                                     **kwargs)
+    if (ds_config.get("zero_optimization") or {}).get("stage", 0) == 3 and not isinstance(model, PipelineModule):
+        zero3_leaf_moe_blocks(model)  # MoE blocks as one ZeRO-3 unit, or ranks' call traces differ and hang
     with engine_classes(*_engine_factories(cf, training_data)):
         return deepspeed.initialize(args=args, model=model, optimizer=optimizer, model_parameters=model_parameters,
                                     training_data=None, lr_scheduler=lr_scheduler, config=ds_config, **kwargs)

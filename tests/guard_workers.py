@@ -15,7 +15,10 @@ def dp_family_batch(vocab_size):
     return make_sequences([5 * 16 + 3, 21, 9, 4, 1], vocab_size, seed=11)
 
 
-def train_families(rank, world, stage, out_path, families=DP_FAMILIES, keep_chunks=2):
+MOE_DP_FAMILIES = ("granitemoehybrid", "mixtral", "qwen2_moe")  # expert calls depend on the routing
+
+
+def train_families(rank, world, stage, out_path, families=DP_FAMILIES, keep_chunks=2, zero_extra=None):
     """One SGD step per family under ZeRO-``stage``; rank 0 saves loss and gathered parameters."""
     import ds_chunkflow
 
@@ -23,8 +26,10 @@ def train_families(rank, world, stage, out_path, families=DP_FAMILIES, keep_chun
     for family in families:
         model_type, _, overrides, _ = exact_case(family)
         model = build(model_type, overrides, dtype=torch.float32)
+        config = ds_config(stage, keep_chunks=keep_chunks)
+        config["zero_optimization"].update(zero_extra or {})
         engine, *_ = ds_chunkflow.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
-                                             config=ds_config(stage, keep_chunks=keep_chunks))
+                                             config=config)
         loss = engine.train_batch(dp_family_batch(model.config.vocab_size)).item()
         results[family] = {"loss": loss, "state": gathered_state(engine)}
     if rank == 0:

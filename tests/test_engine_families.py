@@ -2,7 +2,14 @@
 
 import pytest
 import torch
-from guard_workers import DP_FAMILIES, HYBRID_DP_FAMILIES, dp_family_batch, refused_everywhere, train_families
+from guard_workers import (
+    DP_FAMILIES,
+    HYBRID_DP_FAMILIES,
+    MOE_DP_FAMILIES,
+    dp_family_batch,
+    refused_everywhere,
+    train_families,
+)
 from reference import reference_loss_and_grads
 
 from ds_chunkflow.testing.families import build, exact_case
@@ -26,6 +33,16 @@ def test_hybrids_match_reference_under_zero3(tmp_path):
     out = tmp_path / "hybrids.pt"
     run_ranks(train_families, 3, str(out), HYBRID_DP_FAMILIES, 1)
     assert_matches_reference(torch.load(out), HYBRID_DP_FAMILIES)
+
+
+def test_moe_under_zero3_with_every_parameter_partitioned(tmp_path):
+    """MoE blocks whose expert calls depend on the routing (Granite MoE) under ZeRO-3 with nothing persistent
+    and no prefetch, K=2: no rank waits on another (they hung before the blocks became ZeRO-3 leaves:
+    ds_chunkflow.deepspeed_adapter.zero3_leaf_moe_blocks), and each matches the plain reference."""
+    out = tmp_path / "moe.pt"
+    run_ranks(train_families, 3, str(out), MOE_DP_FAMILIES, 2,
+              {"stage3_param_persistence_threshold": 0, "stage3_prefetch_bucket_size": 0}, timeout=150)
+    assert_matches_reference(torch.load(out), MOE_DP_FAMILIES)
 
 
 def assert_matches_reference(got, families):
