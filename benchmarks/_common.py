@@ -67,3 +67,16 @@ def num_loss_tokens(batch: list[dict]) -> int:
 
 def rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+def in_fresh_process(target, *args):
+    """``target(*args, queue)`` in a new spawned process (so its peak RSS is its own); returns what it put."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    p = ctx.Process(target=target, args=(*args, queue))
+    p.start()
+    result = queue.get()
+    p.join()
+    return result

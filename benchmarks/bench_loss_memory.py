@@ -21,14 +21,13 @@ process); ``step_s`` median of ``--repeats`` steps. Writes benchmarks/results/lo
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
 import os
 import statistics
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import rss_bytes, save_json, table  # noqa: E402
+from _common import in_fresh_process, rss_bytes, save_json, table  # noqa: E402
 from bench_memory import _full_step  # noqa: E402  (the whole sequence's logits and CE in one call)
 
 VOCAB = 151_936
@@ -75,14 +74,8 @@ def _point(part: str, system: str, args: dict, queue) -> None:
                "tokens_per_s": tokens / statistics.median(times)})
 
 
-def run_point(*args) -> dict:
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    p = ctx.Process(target=_point, args=(*args, queue))
-    p.start()
-    row = queue.get()
-    p.join()
-    return row
+def run_point(*args):
+    return in_fresh_process(_point, *args)
 
 
 def main() -> None:

@@ -17,13 +17,12 @@ Writes benchmarks/results/memory.json and memory.png.
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
 import os
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import RESULTS, save_json, table  # noqa: E402
+from _common import RESULTS, in_fresh_process, save_json, table  # noqa: E402
 
 
 def _model(hidden: int, layers: int):
@@ -85,13 +84,7 @@ def _point(system: str, multiple: int, chunk: int, hidden: int, layers: int, rep
 
 
 def run_point(*args):
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    p = ctx.Process(target=_point, args=(*args, queue))
-    p.start()
-    result = queue.get()
-    p.join()
-    return result
+    return in_fresh_process(_point, *args)
 
 
 def _plot(rows, path):

@@ -10,12 +10,13 @@ from .attention import use_chunkflow_attention
 from .batch import SequenceDict
 from .batch_plan import plan_batch
 from .chunk_core import num_loss_pieces
+from .config import ChunkFlowConfig
 from .executor import ExecStats, Executor
 from .guard import check_model
 from .memory import ActivationMeter
 from .mixers import use_chunkflow_mixers
 
-LOSS_PIECE_TOKENS = 1024  # the chunkflow config's default (loss_piece_tokens)
+LOSS_PIECE_TOKENS = ChunkFlowConfig.model_fields["loss_piece_tokens"].default  # the config's default
 
 
 def chunked_step(model, sequences: Sequence[SequenceDict], *, chunk_size: int, keep_chunks: int = 1,

@@ -48,7 +48,7 @@ from ..attention import ChunkContext, SegmentSpec, use_chunkflow_attention
 from ..chunk_core import head_loss
 from ..distributed import agree_on_errors
 from ..guard import PROBE_TOLERANCE, check_model
-from ..hf_model import FORWARD_EXTRAS, ForwardExtras, forward_extras  # noqa: F401  (FORWARD_EXTRAS re-exported)
+from ..hf_model import ForwardExtras, forward_extras
 
 TIED_KEY = "embed_tokens"
 TIED_WEIGHT = "embed.embed_tokens.weight"  # inside TiedEmbeddingPipe
@@ -264,7 +264,7 @@ def self_check(model, layers: list, slot: ChunkSlot) -> float:
                       f"forward by {worst:.1e} (relative, tolerance {tol:.0e} for {param.dtype}) on a probe input, "
                       "so the model's forward does something between its layers that the pipeline wrapper does not "
                       "reproduce. Train it without pipeline parallelism, or add what its forward does to "
-                      "ds_chunkflow.pipeline.model.FORWARD_EXTRAS")
+                      "ds_chunkflow.hf_model.FORWARD_EXTRAS")
     return worst
 
 
