@@ -52,6 +52,9 @@ class ChunkContext:
 
     segments: list[SegmentSpec]
     num_layer_calls: int = 0
+    sp: object | None = None
+    """A sequence-parallel shard's :class:`~ds_chunkflow.sequence_parallel.UlyssesChunk`: the layer
+    gets this rank's rows and the segments describe the whole chunk."""
 
 
 def _expand(t: torch.Tensor, n_rep: int) -> torch.Tensor:
@@ -174,6 +177,9 @@ def chunkflow_attention(module, query, key, value, attention_mask, scaling=None,
         raise ValueError(f"ChunkFlow runs one chunk per call (batch 1), got batch {query.shape[0]}")
     layer = module.layer_idx
     chunkflow.num_layer_calls += 1
+    sp = chunkflow.sp
+    if sp is not None:  # my rows, all heads -> all rows, my heads (sequence_parallel.py)
+        query, key, value = sp.gather_heads(query), sp.gather_heads(key), sp.gather_heads(value)
     for seg in chunkflow.segments:
         if seg.state is not None:
             rows = slice(seg.start, seg.start + seg.length)
@@ -189,6 +195,8 @@ def chunkflow_attention(module, query, key, value, attention_mask, scaling=None,
         # drawn from the global RNG, which the executor replays for a recomputed chunk
         seed = int(torch.randint(0, 2**62, (1,)).item())
     out = _ChunkAttention.apply(query, key, value, chunkflow, layer, scale, sliding_window, float(dropout), seed)
+    if sp is not None:
+        out = sp.scatter_heads(out)
     return out.transpose(1, 2).contiguous(), None
 
 

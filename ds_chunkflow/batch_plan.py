@@ -32,6 +32,11 @@ class BatchPlan:
         """max / mean of the ranks' modelled cost."""
         return imbalance([s.cost for s in self.shares])
 
+    @property
+    def num_sp_groups(self) -> int:
+        """Dependent groups spread over a sequence-parallel group of ranks."""
+        return len({g[0].group for s in self.shares for g in s.sp_groups})
+
     def recompute_fraction(self) -> float:
         stats = [plan_stats(p) for p in self.rank_plans]
         return sum(s.recompute_tokens for s in stats) / max(1, sum(s.forward_tokens for s in stats))
@@ -55,7 +60,7 @@ def guard_lengths(sequences: Sequence[SequenceDict], max_seq_len: int | None, on
 
 def plan_batch(sequences: Sequence[SequenceDict], *, chunk_size: int, keep_chunks: int, num_ranks: int = 1,
                offload_activations: bool = False, cost: CostModel | None = None, max_seq_len: int | None = None,
-               on_overlong: str = "error", num_loss_tokens: int | None = None) -> BatchPlan:
+               on_overlong: str = "error", num_loss_tokens: int | None = None, sp_max_size: int = 1) -> BatchPlan:
     kept, skipped = guard_lengths(sequences, max_seq_len, on_overlong)
     if not kept:
         raise ValueError("the global batch is empty (after the max_seq_len guard)")
@@ -64,6 +69,6 @@ def plan_batch(sequences: Sequence[SequenceDict], *, chunk_size: int, keep_chunk
     if num_loss_tokens <= 0:
         raise ValueError("num_loss_tokens must be > 0: the batch has no label to predict (all labels are -100)")
     layout = build_chunks([int(s["input_ids"].numel()) for s in kept], chunk_size)
-    shares = assign_to_ranks(layout, num_ranks, cost)
+    shares = assign_to_ranks(layout, num_ranks, cost, sp_max_size)
     plans = align([build_plan(s, keep_chunks, offload_activations) for s in shares])
     return BatchPlan(kept, layout, shares, plans, num_loss_tokens, skipped)

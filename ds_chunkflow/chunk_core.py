@@ -6,7 +6,8 @@ but not in what a chunk is. :class:`ChunkRun` holds, for one global batch, every
 per chunk and must be the same in both:
 
 * **targets**: shifted once per whole sequence before any cut (``batch.shifted_targets``);
-* **inputs**: the chunk's ids / positions / targets (``batch.materialize``);
+* **inputs**: the chunk's ids / positions / targets (``batch.materialize``); a sequence-parallel
+  shard's rows only (:mod:`ds_chunkflow.sequence_parallel`);
 * **state**: the K/V state of each dependent group, created at its first chunk (on the CPU
   for sequences of at least ``kv_state_min_tokens``), freed with :meth:`release`;
 * **RNG replay**: the RNG state before a chunk's first forward, restored for its recompute
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Callable, Hashable, Sequence
+from typing import Callable, Hashable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -28,16 +29,18 @@ from torch.utils.checkpoint import checkpoint
 from .attention import ChunkContext, SegmentSpec
 from .batch import ChunkInputs, SequenceDict, materialize, shifted_targets
 from .chunking import IGNORE_INDEX, Chunk
+from .sequence_parallel import UlyssesChunk, shard_inputs, ulysses_chunk
 from .state import GroupState
 
 
-def chunk_context(chunk: Chunk, state: GroupState | None) -> ChunkContext:
-    """The attention's view of a chunk: one segment per packed sequence, or one dependent piece."""
+def chunk_context(chunk: Chunk, state: GroupState | None, sp: UlyssesChunk | None = None) -> ChunkContext:
+    """The attention's view of a chunk: one segment per packed sequence, or one dependent piece.
+    A sequence-parallel shard's attention sees the whole chunk (after the all-to-all, ``sp``)."""
     specs, row = [], 0
     for s in chunk.segments:
         specs.append(SegmentSpec(row, s.length, s.start if chunk.is_dependent else 0, state))
         row += s.length
-    return ChunkContext(specs)
+    return ChunkContext(specs, sp=sp)
 
 
 def get_rng() -> tuple:
@@ -99,6 +102,9 @@ class ChunkRun:
     sequences: Sequence[SequenceDict]
     device: torch.device
     kv_state_min_tokens: int | None = None
+    sp_groups: Mapping[tuple[int, ...], object] = field(default_factory=dict)
+    """Data-parallel ranks of a sequence-parallel block -> its process group."""
+    pad_token_id: int = 0
     states: dict[int, GroupState] = field(default_factory=dict)
     _rng: dict[Hashable, tuple] = field(default_factory=dict)
     bytes_moved: int = 0
@@ -108,7 +114,9 @@ class ChunkRun:
         self.targets = [shifted_targets(s["labels"]) for s in self.sequences]
 
     def inputs(self, chunk: Chunk) -> ChunkInputs:
-        return materialize(chunk, self.sequences, self.targets, device=self.device)
+        """The chunk's tensors; a sequence-parallel shard's rows only (padded, :func:`shard_inputs`)."""
+        full = materialize(chunk, self.sequences, self.targets, device=self.device)
+        return full if chunk.shard is None else shard_inputs(full, chunk.shard, self.pad_token_id)
 
     def state(self, chunk: Chunk) -> GroupState | None:
         """The K/V state of a dependent chunk's group (created at first use); None for a standalone chunk."""
@@ -120,7 +128,8 @@ class ChunkRun:
         return self.states[chunk.group]
 
     def context(self, chunk: Chunk) -> ChunkContext:
-        return chunk_context(chunk, self.state(chunk))
+        sp = None if chunk.shard is None else ulysses_chunk(chunk.shard, chunk.num_tokens, self.sp_groups)
+        return chunk_context(chunk, self.state(chunk), sp)
 
     def release(self, group: int) -> None:
         """Frees a group's K/V state after its last backward."""

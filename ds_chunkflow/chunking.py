@@ -34,7 +34,7 @@ from __future__ import annotations
 import bisect
 import heapq
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Sequence
 
 IGNORE_INDEX = -100
@@ -50,21 +50,60 @@ class Segment:
 
 
 @dataclass(frozen=True)
+class Shard:
+    """One rank's share of a sequence-parallel chunk: rows part ``index`` of ``len(ranks)``.
+
+    The chunk's T rows are cut into ``len(ranks)`` contiguous parts of ``ceil(T / P)`` rows (the
+    last parts may be short or empty: the executor pads them, see :mod:`ds_chunkflow.sequence_parallel`)::
+
+        T = 10, ranks (2, 3, 4): rows [0, 4) on rank 2, [4, 8) on rank 3, [8, 10) + 2 pad rows on rank 4
+    """
+
+    ranks: tuple[int, ...]
+    index: int
+
+    @property
+    def size(self) -> int:
+        return len(self.ranks)
+
+    def rows_per_rank(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.size)
+
+    def rows(self, num_tokens: int) -> tuple[int, int]:
+        """``[lo, hi)``: the chunk rows this rank holds."""
+        per = self.rows_per_rank(num_tokens)
+        lo = min(self.index * per, num_tokens)
+        return lo, min(lo + per, num_tokens)
+
+
+@dataclass(frozen=True)
 class Chunk:
     """One model call's worth of tokens.
 
     A standalone chunk packs whole sequences (``group is None``). A dependent chunk is
     piece ``index`` of ``count`` of sequence ``group`` and starts at token ``offset``.
+    A chunk with a ``shard`` is run by a sequence-parallel group of ranks, this rank holding
+    the rows ``shard.rows(num_tokens)``.
     """
 
     segments: tuple[Segment, ...]
     group: int | None = None
     index: int = 0
     count: int = 1
+    shard: Shard | None = None
 
     @property
     def num_tokens(self) -> int:
+        """Tokens of the whole chunk (over all ranks of a sequence-parallel group)."""
         return sum(s.length for s in self.segments)
+
+    @property
+    def local_tokens(self) -> int:
+        """Tokens this rank holds (a shard's rows; the whole chunk otherwise)."""
+        if self.shard is None:
+            return self.num_tokens
+        lo, hi = self.shard.rows(self.num_tokens)
+        return hi - lo
 
     @property
     def is_dependent(self) -> bool:
@@ -76,6 +115,9 @@ class Chunk:
         return self.segments[0].start if self.is_dependent else 0
 
     def __repr__(self) -> str:
+        if self.shard is not None:
+            return (f"Chunk(seq={self.group}, {self.index}/{self.count}, tokens={self.num_tokens}, "
+                    f"shard {self.shard.index}/{self.shard.size} of ranks {self.shard.ranks})")
         if self.is_dependent:
             return f"Chunk(seq={self.group}, {self.index}/{self.count}, tokens={self.num_tokens})"
         return f"Chunk(packed={[s.seq_index for s in self.segments]}, tokens={self.num_tokens})"
@@ -173,10 +215,13 @@ class CostModel:
 
     Per layer a token costs ~24 h^2 FLOPs in the dense parts and a (query, key) pair ~4 h
     in attention, so ``attention / linear`` ~ 1 / (6 h). The default is h = 4096.
+    ``all_to_all``: the cost of sending one token's attention inputs and output to another rank
+    (sequence parallelism), relative to computing it (``linear``).
     """
 
     linear: float = 1.0
     attention: float = 1.0 / (6 * 4096)
+    all_to_all: float = 0.1
 
     def chunk_cost(self, chunk: Chunk) -> float:
         pairs = 0.0
@@ -185,44 +230,95 @@ class CostModel:
             pairs += s.length * (s.length + 1) / 2 + s.length * (s.start if chunk.is_dependent else 0)
         return chunk.num_tokens * self.linear + pairs * self.attention
 
+    def group_cost(self, chunks: Sequence[Chunk], sp_size: int = 1) -> float:
+        """Per-rank cost of a dependent group run by ``sp_size`` ranks: its compute / P plus the
+        all-to-all traffic each rank sends, ``(tokens / P) x (P - 1) / P``."""
+        compute = sum(self.chunk_cost(c) for c in chunks)
+        tokens = sum(c.num_tokens for c in chunks)
+        p = sp_size
+        return compute / p + self.all_to_all * (tokens / p) * (p - 1) / p
+
 
 @dataclass
 class RankShare:
-    """What one data-parallel rank runs: whole dependent groups and standalone chunks."""
+    """What one data-parallel rank runs: whole dependent groups, its shards of sequence-parallel
+    groups (run first, in the same order on every rank of their group) and standalone chunks."""
 
     rank: int
     groups: list[list[Chunk]] = field(default_factory=list)
     standalone: list[Chunk] = field(default_factory=list)
     cost: float = 0.0
+    sp_groups: list[list[Chunk]] = field(default_factory=list)
+
+    def all_chunks(self) -> list[Chunk]:
+        return [c for g in self.sp_groups + self.groups for c in g] + self.standalone
 
     @property
     def num_chunks(self) -> int:
-        return len(self.standalone) + sum(len(g) for g in self.groups)
+        return len(self.all_chunks())
 
     @property
     def num_tokens(self) -> int:
-        return sum(c.num_tokens for c in self.standalone) + sum(c.num_tokens for g in self.groups for c in g)
+        """Tokens this rank computes (a shard counts its own rows)."""
+        return sum(c.local_tokens for c in self.all_chunks())
 
 
-def assign_to_ranks(layout: ChunkLayout, num_ranks: int, cost: CostModel | None = None) -> list[RankShare]:
-    """Longest-processing-time-first assignment of groups and standalone chunks to ranks.
+def sp_sizes(num_ranks: int, max_size: int) -> list[int]:
+    """Sequence-parallel sizes a group may get: powers of two up to ``max_size`` dividing ``num_ranks``."""
+    sizes, p = [], 2
+    while p <= min(max_size, num_ranks):
+        if num_ranks % p == 0:
+            sizes.append(p)
+        p *= 2
+    return sizes
 
-    A dependent group is one indivisible item (its K/V state lives on one rank). Items
-    go, most expensive first, to the rank with the lowest cost so far (ties: fewest
-    chunks, then lowest rank), which keeps max/mean cost within 4/3 of optimal.
-    Ranks may end with different chunk counts; the executor pads them to equal steps.
-    """
-    if num_ranks <= 0:
-        raise ValueError(f"num_ranks must be > 0, got {num_ranks}")
-    cost = cost or CostModel()
+
+SP_THRESHOLDS = (1.0, 0.75, 0.5, 0.35, 0.25)
+"""Candidate per-rank cost caps (fractions of the mean load) above which a group is spread."""
+
+
+def choose_sp_sizes(layout: ChunkLayout, num_ranks: int, cost: CostModel, max_size: int,
+                    cap_fraction: float) -> dict[int, int]:
+    """Group index -> sequence-parallel size, for the groups whose cost exceeds ``cap_fraction`` of the
+    mean per-rank load: the smallest size that brings the group's per-rank cost (all-to-all included)
+    under the cap, or the size with the lowest per-rank cost if none does."""
+    sizes = sp_sizes(num_ranks, max_size)
+    if not sizes:
+        return {}
+    total = sum(cost.group_cost(g) for g in layout.groups) + sum(cost.chunk_cost(c) for c in layout.standalone)
+    cap = cap_fraction * total / num_ranks
+    chosen = {}
+    for k, g in enumerate(layout.groups):
+        if cost.group_cost(g) <= cap:
+            continue
+        fits = [p for p in sizes if cost.group_cost(g, p) <= cap]
+        best = fits[0] if fits else min(sizes, key=lambda p: (cost.group_cost(g, p), p))
+        if cost.group_cost(g, best) < cost.group_cost(g):
+            chosen[k] = best
+    return chosen
+
+
+def _assign(layout: ChunkLayout, num_ranks: int, cost: CostModel, sp: dict[int, int]) -> list[RankShare]:
+    shares = [RankShare(r) for r in range(num_ranks)]
+    # Sequence-parallel groups first, largest size first, each on the aligned block of its size with
+    # the lowest load. Blocks nest, so the ranks of one group share every earlier group: their plans
+    # reach it at the same step.
+    for k in sorted(sp, key=lambda k: (-sp[k], -cost.group_cost(layout.groups[k]), k)):
+        p, g = sp[k], layout.groups[k]
+        start = min(range(0, num_ranks, p), key=lambda b: (max(shares[r].cost for r in range(b, b + p)), b))
+        ranks = tuple(range(start, start + p))
+        for j, r in enumerate(ranks):
+            shares[r].sp_groups.append([replace(c, shard=Shard(ranks, j)) for c in g])
+            shares[r].cost += cost.group_cost(g, p)
     items: list[tuple[float, int, list[Chunk], bool]] = []
     for k, g in enumerate(layout.groups):
-        items.append((sum(cost.chunk_cost(c) for c in g), k, g, True))
+        if k not in sp:
+            items.append((cost.group_cost(g), k, g, True))
     for k, c in enumerate(layout.standalone):
         items.append((cost.chunk_cost(c), len(layout.groups) + k, [c], False))
     items.sort(key=lambda it: (-it[0], it[1]))
-    shares = [RankShare(r) for r in range(num_ranks)]
-    heap = [(0.0, 0, r) for r in range(num_ranks)]
+    heap = [(s.cost, s.num_chunks, s.rank) for s in shares]
+    heapq.heapify(heap)
     for c, _, chunks, dependent in items:
         _, _, r = heapq.heappop(heap)
         share = shares[r]
@@ -233,6 +329,36 @@ def assign_to_ranks(layout: ChunkLayout, num_ranks: int, cost: CostModel | None 
         share.cost += c
         heapq.heappush(heap, (share.cost, share.num_chunks, r))
     return shares
+
+
+def assign_to_ranks(layout: ChunkLayout, num_ranks: int, cost: CostModel | None = None,
+                    sp_max_size: int = 1) -> list[RankShare]:
+    """Longest-processing-time-first assignment of groups and standalone chunks to ranks.
+
+    A dependent group is one item (its K/V state lives on one rank), unless ``sp_max_size`` > 1
+    lets the cost model spread it over a sequence-parallel group of ranks (each holding a share of
+    every chunk's tokens and of the K/V state's heads). Items go, most expensive first, to the rank
+    with the lowest cost so far (ties: fewest chunks, then lowest rank), which keeps max/mean cost
+    within 4/3 of optimal for the whole items. With sequence parallelism, every cap in
+    :data:`SP_THRESHOLDS` is tried (:func:`choose_sp_sizes`) and the assignment with the lowest
+    maximum cost wins (ties: fewer spread groups). Ranks may end with different chunk counts; the
+    executor pads them to equal steps.
+    """
+    if num_ranks <= 0:
+        raise ValueError(f"num_ranks must be > 0, got {num_ranks}")
+    cost = cost or CostModel()
+    best, best_key = _assign(layout, num_ranks, cost, {}), None
+    if sp_max_size > 1 and layout.groups:
+        best_key = (max(s.cost for s in best), 0)
+        for cap in SP_THRESHOLDS:
+            sp = choose_sp_sizes(layout, num_ranks, cost, sp_max_size, cap)
+            if not sp:
+                continue
+            shares = _assign(layout, num_ranks, cost, sp)
+            key = (max(s.cost for s in shares), len(sp))
+            if key < best_key:
+                best, best_key = shares, key
+    return best
 
 
 def imbalance(costs: Sequence[float]) -> float:

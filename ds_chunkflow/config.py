@@ -10,6 +10,8 @@ Example (YAML; JSON works the same)::
         activations: none     # none | far (offload instead of recomputing)
         kv_state_min_tokens: 131072
       recompute_layers: none  # none | all | N: activation checkpointing inside a chunk
+      sequence_parallel:
+        max_size: 1           # > 1: a long sample may run on up to this many ranks (Ulysses)
       data:
         global_batch_size: 64
 
@@ -21,7 +23,7 @@ from __future__ import annotations
 import json
 import warnings
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -46,6 +48,23 @@ class BalanceConfig(_Section):
     """Cost of one attended (query, key) pair relative to one token; None: 1 / (6 * hidden_size)."""
 
 
+class SequenceParallelConfig(_Section):
+    max_size: int = Field(1, ge=1)
+    """Most ranks that may run one long sample together (Ulysses: an all-to-all over heads around each
+    attention); 1: off. A power of two; it must divide the data-parallel world size and the model's
+    attention and key/value head counts (checked at start)."""
+    all_to_all_cost_weight: float = Field(0.1, ge=0)
+    """Cost of sending one token's attention inputs and output to another rank, relative to computing
+    the token: ~0.1 within an NVLink node, ~1 across nodes; the cost model spreads a sample only where
+    its compute saved outweighs this."""
+
+    @model_validator(mode="after")
+    def _power_of_two(self):
+        if self.max_size & (self.max_size - 1):
+            raise ValueError(f"max_size must be a power of two (sequence-parallel blocks nest), got {self.max_size}")
+        return self
+
+
 class DataConfig(_Section):
     global_batch_size: int | None = Field(None, gt=0)
     """Samples per optimizer step (one of this or ``global_batch_tokens``)."""
@@ -65,10 +84,14 @@ class DataConfig(_Section):
 class ChunkFlowConfig(_Section):
     enabled: bool = True
     """Route train_batch through ChunkFlow; false: plain DeepSpeed."""
-    chunk_size: int = Field(4096, gt=0)
-    """Tokens per chunk: short sequences are packed up to it, longer ones split every chunk_size tokens."""
-    keep_chunks: int = Field(1, ge=1)
-    """K: dependent chunks of one sequence that keep activations; the rest are recomputed (or offloaded)."""
+    chunk_size: Annotated[int, Field(gt=0)] | Literal["auto"] = 4096
+    """Tokens per chunk: short sequences are packed up to it, longer ones split every chunk_size tokens.
+    ``auto``: the largest that fits ``memory_budget_gib``, chosen at engine start (:mod:`ds_chunkflow.autotune`)."""
+    keep_chunks: Annotated[int, Field(ge=1)] | Literal["auto"] = 1
+    """K: dependent chunks of one sequence that keep activations; the rest are recomputed (or offloaded).
+    ``auto``: the largest that fits ``memory_budget_gib`` (after chunk_size)."""
+    memory_budget_gib: float | None = Field(None, gt=0)
+    """Per-rank memory budget (GiB) that ``chunk_size: auto`` / ``keep_chunks: auto`` must fit; required by them."""
     max_seq_len: int | None = Field(None, gt=0)
     """Guard against runaway samples; None: no limit."""
     on_overlong: Literal["error", "skip"] = "error"
@@ -76,12 +99,24 @@ class ChunkFlowConfig(_Section):
     offload: OffloadConfig = Field(default_factory=OffloadConfig)
     balance: BalanceConfig = Field(default_factory=BalanceConfig)
     data: DataConfig = Field(default_factory=DataConfig)
+    sequence_parallel: SequenceParallelConfig = Field(default_factory=SequenceParallelConfig)
     pad_token_id: int = Field(0, ge=0)
     """Token id of the one-token padding calls that keep ranks in step."""
     loss_piece_tokens: int = Field(1024, gt=0)
     """Target rows per piece of the chunked lm_head + cross-entropy: one piece's logits exist at a time."""
     recompute_layers: Literal["none", "all"] | int = "none"
     """Activation checkpointing inside a chunk: none, all decoder layers, or every N-th layer (N >= 1)."""
+
+    @model_validator(mode="after")
+    def _auto_needs_budget(self):
+        auto = [k for k in ("chunk_size", "keep_chunks") if getattr(self, k) == "auto"]
+        if auto and self.memory_budget_gib is None:
+            raise ValueError(f"chunkflow.memory_budget_gib: required when {' and '.join(auto)} is auto "
+                             "(the per-rank memory budget, in GiB, the automatic choice must fit)")
+        if not auto and self.memory_budget_gib is not None:
+            warnings.warn("chunkflow.memory_budget_gib has no effect: neither chunk_size nor keep_chunks is auto",
+                          stacklevel=2)
+        return self
 
     @model_validator(mode="after")
     def _recompute_every(self):
@@ -159,6 +194,9 @@ def check_deepspeed_keys(cf: ChunkFlowConfig, ds_config: dict[str, Any], pipelin
             "whole global batch, set by chunkflow.data.global_batch_size / global_batch_tokens or by the list "
             "passed to train_batch; remove train_batch_size")
     stage = (ds_config.get("zero_optimization") or {}).get("stage", 0)
+    if pipeline and cf.sequence_parallel.max_size > 1:
+        raise ConfigError(f"chunkflow.sequence_parallel.max_size: {cf.sequence_parallel.max_size} is not supported "
+                          "with pipeline parallelism (a PipelineModule); use max_size: 1")
     if pipeline and stage > 1:
         raise ConfigError(f"zero_optimization.stage: {stage} is not possible with pipeline parallelism "
                           "(DeepSpeed's PipelineEngine supports ZeRO 0 or 1); use stage 0 or 1")

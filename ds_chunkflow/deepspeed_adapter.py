@@ -43,6 +43,9 @@ way.
    ``deepspeed.utils.set_z3_leaf_modules``, makes the block one ZeRO-3 unit (all its parameters
    gathered on entry): :func:`zero3_leaf_moe_blocks` applies it to every module with an
    ``experts`` or ``router`` child before ``deepspeed.initialize``.
+6. Sequence parallelism's all-to-all is DeepSpeed's own differentiable one
+   (``deepspeed.sequence.layer._dim_zero_all_to_all`` with ``register_all_to_all_group``, the pair
+   ``UlyssesSPAttentionHF`` uses, 0.19.8): :func:`all_to_all_dim0`.
 4. ZeRO-3 parameter all-gathers are counted by wrapping ``partition_parameters._dist_allgather_fn``
    (every coalesced fetch goes through it, 0.19.8): :func:`count_param_gathers`.
 """
@@ -160,6 +163,19 @@ def zero3_leaf_moe_blocks(model) -> list[str]:
     return [c.__name__ for c in classes]
 
 
+_registered_groups: set = set()
+
+
+def all_to_all_dim0(group, x):
+    """Differentiable all-to-all over dim 0 (part j goes to rank j of ``group``; touch point 6)."""
+    from deepspeed.sequence.layer import _dim_zero_all_to_all, register_all_to_all_group
+
+    if id(group) not in _registered_groups:
+        register_all_to_all_group(group)
+        _registered_groups.add(id(group))
+    return _dim_zero_all_to_all(group, x.contiguous())
+
+
 def missing_names() -> list[str]:
     """The touch points above that the installed DeepSpeed does not have (empty when all are there)."""
     import deepspeed
@@ -179,4 +195,8 @@ def missing_names() -> list[str]:
         missing.append("deepspeed.runtime.zero.partition_parameters._dist_allgather_fn")
     if not hasattr(DeepSpeedZeroOptimizer_Stage3, "clear_backward_seen_flag"):
         missing.append("DeepSpeedZeroOptimizer_Stage3.clear_backward_seen_flag")
+    from deepspeed.sequence import layer
+
+    missing += [f"deepspeed.sequence.layer.{n}" for n in ("_dim_zero_all_to_all", "register_all_to_all_group")
+                if not hasattr(layer, n)]
     return missing

@@ -24,7 +24,7 @@ from .attention import use_chunkflow_attention
 from .batch import SequenceDict
 from .batch_plan import BatchPlan, plan_batch
 from .chunk_core import num_loss_pieces
-from .chunking import CostModel
+from .chunking import CostModel, sp_sizes
 from .config import ChunkFlowConfig
 from .deepspeed_adapter import Zero3LiveGraphs, count_param_gathers
 from .distributed import agree_on_errors, all_reduce
@@ -32,8 +32,9 @@ from .executor import Executor, GraphHooks
 from .guard import check_model
 from .hf_model import enable_recompute
 from .memory import peak_rss_bytes
-from .mixers import use_chunkflow_mixers
+from .mixers import supported_mixers, use_chunkflow_mixers
 from .monitor import step_metrics, write_events
+from .sequence_parallel import SequenceParallelRefused, check_heads, sp_group_ranks
 
 SAMPLER_KEY = "ds_chunkflow_sampler"
 logger = logging.getLogger(__name__)
@@ -60,7 +61,7 @@ class ChunkFlowMixin:
         return [self.chunkflow_dataset[i] for i in indices]
 
     def _plan_agreed(self, sequences: Sequence[SequenceDict], num_ranks: int, cost: CostModel,
-                     group) -> BatchPlan:
+                     group, sp_max_size: int = 1) -> BatchPlan:
         """The batch plan, or the same error on every rank of ``group``; the batch itself is checked equal.
 
         Under ZeRO every forward / backward is a collective and in a pipeline every chunk a message,
@@ -71,7 +72,7 @@ class ChunkFlowMixin:
         try:
             batch = plan_batch(sequences, chunk_size=cf.chunk_size, keep_chunks=cf.keep_chunks, num_ranks=num_ranks,
                                offload_activations=cf.offload.activations == "far", cost=cost,
-                               max_seq_len=cf.max_seq_len, on_overlong=cf.on_overlong)
+                               max_seq_len=cf.max_seq_len, on_overlong=cf.on_overlong, sp_max_size=sp_max_size)
         except (ValueError, TypeError) as e:
             error = e
         agree_on_errors(error, group=group, device=self.device)
@@ -87,7 +88,8 @@ class ChunkFlowMixin:
         if weight is None:
             config = getattr(self.module, "hf_config", None) or self.module.config
             weight = 1.0 / (6 * getattr(config, "hidden_size", 4096))
-        return CostModel(linear=1.0, attention=weight)
+        return CostModel(linear=1.0, attention=weight,
+                         all_to_all=self.chunkflow_config.sequence_parallel.all_to_all_cost_weight)
 
     def _write_metrics(self, metrics: dict[str, float]) -> None:
         stats = getattr(self.chunkflow_dataset, "stats", None)  # what the data loader skipped or cut (opt-in)
@@ -118,11 +120,8 @@ class ChunkFlowMixin:
         path, client_state = super().load_checkpoint(load_dir, tag=resolved.tag, **kwargs)
         if path is None:
             raise checkpoint.CheckpointError(f"DeepSpeed could not load checkpoint tag {resolved.tag} in {load_dir}")
-        if self.chunkflow_sampler is not None:
-            if SAMPLER_KEY not in (client_state or {}):
-                raise ValueError(f"checkpoint {path} has no data-sampler position ({SAMPLER_KEY}); "
-                                 "it was not written by a ChunkFlow engine with training data")
-            self.chunkflow_sampler.load_state_dict(client_state.pop(SAMPLER_KEY))
+        if self.chunkflow_sampler is not None:  # a plain DeepSpeed tag has none: a warning, the data from its start
+            checkpoint.restore_sampler(self.chunkflow_sampler, client_state, SAMPLER_KEY, path, resolved)
         return path, client_state
 
 
@@ -138,6 +137,36 @@ class ChunkFlowEngine(ChunkFlowMixin, DeepSpeedEngine):
         self.guard_report = report
         logger.info("ds_chunkflow guard: %s passed (probe error %.1e <= %.0e) in %.2f s", report.model_class,
                     report.max_error, report.tolerance, report.seconds)
+        self.sp_groups = self._sequence_parallel_groups()
+
+    def _sequence_parallel_groups(self) -> dict[tuple[int, ...], Any]:
+        """One process group per aligned block of data-parallel ranks a long sample may be spread over
+        (created collectively, on every rank, in the same order); refuses what cannot be exact."""
+        sp = self.chunkflow_config.sequence_parallel
+        sizes = sp_sizes(self.dp_world_size, sp.max_size)
+        if sp.max_size == 1:
+            return {}
+        error = None
+        try:
+            if sp.max_size > self.dp_world_size or self.dp_world_size % sp.max_size:
+                raise SequenceParallelRefused(
+                    f"chunkflow.sequence_parallel.max_size: {sp.max_size} must divide the data-parallel world "
+                    f"size {self.dp_world_size}")
+            check_heads(self.module.config, sp.max_size)
+            if supported_mixers(self.module):
+                raise SequenceParallelRefused(
+                    f"chunkflow.sequence_parallel.max_size: {sp.max_size}: {type(self.module).__name__} has "
+                    "recurrent token mixers (a hybrid model), whose state runs through the tokens in order; "
+                    "sequence parallelism splits a chunk's tokens over ranks. Use max_size: 1")
+        except SequenceParallelRefused as e:
+            error = e
+        agree_on_errors(error, group=self.data_parallel_group, device=self.device)
+        import deepspeed.comm as dist
+        import torch.distributed as tdist
+
+        global_ranks = tdist.get_process_group_ranks(self.data_parallel_group)
+        return {ranks: dist.new_group(ranks=[global_ranks[r] for r in ranks])
+                for ranks in sp_group_ranks(self.dp_world_size, sizes)}
 
     # ------------------------------------------------------------------ step
     def train_batch(self, sequences: Sequence[SequenceDict] | None = None, data_iter=None) -> torch.Tensor:
@@ -148,7 +177,8 @@ class ChunkFlowEngine(ChunkFlowMixin, DeepSpeedEngine):
         self.module.train()  # as DeepSpeed's PipelineEngine.train_batch: from_pretrained returns eval mode,
         # which would leave dropout and chunkflow.recompute_layers silently off
         sequences = self.next_global_batch() if sequences is None else sequences
-        batch = self._plan_agreed(sequences, self.dp_world_size, self._cost_model(), self.data_parallel_group)
+        batch = self._plan_agreed(sequences, self.dp_world_size, self._cost_model(), self.data_parallel_group,
+                                  sp_max_size=self.chunkflow_config.sequence_parallel.max_size)
         world = self.dp_world_size
 
         def backward(loss: torch.Tensor, boundary: bool) -> None:
@@ -161,7 +191,8 @@ class ChunkFlowEngine(ChunkFlowMixin, DeepSpeedEngine):
                             cf.offload.kv_state_min_tokens, pad_token_id=cf.pad_token_id,
                             loss_pieces=num_loss_pieces(cf.chunk_size, cf.loss_piece_tokens),
                             model=self.module,
-                            graph_hooks=Zero3LiveGraphs(self) if zero3 else GraphHooks())
+                            graph_hooks=Zero3LiveGraphs(self) if zero3 else GraphHooks(),
+                            sp_groups=self.sp_groups)
         with (use_chunkflow_attention(self.module.config), use_chunkflow_mixers(self.module),
               count_param_gathers() as gathers):
             stats = executor.run(batch.rank_plans[self._dp_rank()])

@@ -84,11 +84,14 @@ class Executor:
     loss_pieces: int = 1
     """Pieces of the chunked lm_head + CE per chunk (the same on every rank: ZeRO-3 gathers per call)."""
     graph_hooks: GraphHooks = field(default_factory=GraphHooks)
+    sp_groups: dict = field(default_factory=dict)
+    """Data-parallel ranks of each sequence-parallel block -> its process group (shards need them)."""
     _losses: dict = field(default_factory=dict)
     _pads: collections.deque = field(default_factory=collections.deque)
 
     def __post_init__(self) -> None:
-        self.run_state = ChunkRun(self.sequences, self.device, self.state_offload_min_tokens)
+        self.run_state = ChunkRun(self.sequences, self.device, self.state_offload_min_tokens, self.sp_groups,
+                                  self.pad_token_id)
         if self.model is None:
             self.model = self.forward_fn
         self.head = OutputHead(self.model)

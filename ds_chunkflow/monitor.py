@@ -32,6 +32,7 @@ def step_metrics(batch: BatchPlan, loss: float, seconds: float, peak_rss: int, s
         "packing_efficiency": layout.packing_efficiency,
         "recompute_fraction": batch.recompute_fraction(),
         "dp_imbalance": batch.imbalance,
+        "sequence_parallel_groups": float(batch.num_sp_groups),
         "samples_skipped": float(batch.num_skipped),
         "peak_rss_bytes": float(peak_rss),
     }

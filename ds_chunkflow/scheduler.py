@@ -133,11 +133,12 @@ def group_steps(chunks: list[Chunk], keep_chunks: int, offload: bool = False) ->
 
 
 def build_plan(share: RankShare, keep_chunks: int, offload_activations: bool = False) -> list[Step]:
-    """All steps of one rank: dependent groups (longest first), then standalone chunks."""
+    """All steps of one rank: its sequence-parallel groups (in the share's order, which the other
+    ranks of each group share), dependent groups (longest first), then standalone chunks."""
     if keep_chunks < 1:
         raise ValueError(f"keep_chunks must be >= 1, got {keep_chunks}")
     steps: list[Step] = []
-    for g in sorted(share.groups, key=lambda g: (-len(g), g[0].group)):
+    for g in share.sp_groups + sorted(share.groups, key=lambda g: (-len(g), g[0].group)):
         steps += group_steps(g, keep_chunks, offload_activations)
     steps += [Step(fwd=[Forward(c)], bwd=[Backward(c)]) for c in share.standalone]
     return steps

@@ -8,11 +8,13 @@ CHUNK = 16
 LR = 0.5  # train_steps / reference_steps SGD-momentum: large, so the updates stand far above bf16 noise
 
 
-def global_batch(step: int, vocab_size: int):
+def global_batch(step: int, vocab_size: int, long_len: int | None = None):
+    """7 short sequences and two split ones; ``long_len``: the first split one has that many tokens
+    (a dominant sample, which the cost model spreads over ranks when sequence parallelism is on)."""
     from reference import make_sequences
 
     g = torch.Generator().manual_seed(100 + step)
-    lengths = [int(x) for x in torch.randint(1, 24, (7,), generator=g)] + [CHUNK * 5 + 3, CHUNK * 2 + 1]
+    lengths = [int(x) for x in torch.randint(1, 24, (7,), generator=g)] + [long_len or CHUNK * 5 + 3, CHUNK * 2 + 1]
     return make_sequences(lengths, vocab_size, seed=step)
 
 
@@ -67,7 +69,7 @@ def recorded_exec_stats():
         Executor.run = run
 
 
-def train_steps(rank, world, stage, steps, out_path, chunkflow=None, extra=None, model_kwargs=None):
+def train_steps(rank, world, stage, steps, out_path, chunkflow=None, extra=None, model_kwargs=None, long_len=None):
     """``steps`` SGD-momentum steps; every rank saves ``{out_path}.{rank}``: the losses, the fp32
     parameters before and after (``master_state``), the module's parameters and their dtype, the
     last step's metrics and this rank's own byte counts of the last step (``recorded_exec_stats``)."""
@@ -80,13 +82,13 @@ def train_steps(rank, world, stage, steps, out_path, chunkflow=None, extra=None,
     engine, *_ = ds_chunkflow.initialize(model=model, optimizer=opt, config=config)
     before = master_state(engine)
     with recorded_exec_stats() as moved:
-        losses = [engine.train_batch(global_batch(s, model.config.vocab_size)).item() for s in range(steps)]
+        losses = [engine.train_batch(global_batch(s, model.config.vocab_size, long_len)).item() for s in range(steps)]
     torch.save({"losses": losses, "before": before, "after": master_state(engine), "module": gathered_state(engine),
                 "dtype": next(engine.module.parameters()).dtype, "metrics": engine.last_metrics,
                 "moved": moved[-1]}, f"{out_path}.{rank}")
 
 
-def reference_steps(steps, model=None):
+def reference_steps(steps, model=None, long_len=None):
     """Single process, plain PyTorch: the same model (default: the tiny Qwen2), SGD-momentum and global batches."""
     from reference import reference_loss_and_grads
 
@@ -97,7 +99,7 @@ def reference_steps(steps, model=None):
     losses = []
     for s in range(steps):
         opt.zero_grad(set_to_none=True)
-        loss, _ = reference_loss_and_grads(model, global_batch(s, model.config.vocab_size))
+        loss, _ = reference_loss_and_grads(model, global_batch(s, model.config.vocab_size, long_len))
         opt.step()
         losses.append(loss.item())
     return losses, {n: p.detach().clone() for n, p in model.named_parameters()}
