@@ -9,7 +9,10 @@
     Also: BFD's standalone chunk count against ``ceil(short tokens / chunk_size)``, all chunks
     against ``ceil(tokens / chunk_size)``, and the wall time of ``build_chunks``.
 (b) Data-parallel imbalance (max / mean per rank, by ``CostModel`` cost and by token count):
-    ChunkFlow's ``assign_to_ranks`` against an equal number of samples per rank in data order.
+    ChunkFlow's ``assign_to_ranks`` against an equal number of samples per rank in data order, and
+    with sequence parallelism (a dominant group spread over an aligned block of up to all ranks,
+    its all-to-all traffic in the cost at two weights). The mean is the compute-only mean, so an
+    all-to-all term shows as imbalance.
 
     python benchmarks/bench_chunking.py [--quick]     # table on stdout, JSON in benchmarks/results/
 """
@@ -125,6 +128,18 @@ def by_chunkflow(lengths: list[int], num_ranks: int, cost: CostModel, chunk_size
     return [s.cost for s in shares], [s.num_tokens for s in shares], max(max(items), mean) / mean
 
 
+def by_chunkflow_sp(lengths: list[int], num_ranks: int, cost: CostModel, chunk_size: int,
+                    sp_max_size: int) -> tuple[list[float], list[int], None]:
+    """``assign_to_ranks`` with sequence parallelism up to ``sp_max_size`` ranks per group; a spread
+    group's per-rank cost includes its all-to-all term (``CostModel.group_cost``)."""
+    shares = assign_to_ranks(build_chunks(lengths, chunk_size), num_ranks, cost, sp_max_size)
+    return [s.cost for s in shares], [s.num_tokens for s in shares], None
+
+
+SP_ALL_TO_ALL = (0.1, 1.0)
+"""all-to-all cost weights simulated: ~NVLink within a node, ~InfiniBand across nodes."""
+
+
 def balance_rows(batch_sizes, num_batches: int, seed: int) -> list[dict]:
     cost = CostModel()
     rows = []
@@ -134,6 +149,11 @@ def balance_rows(batch_sizes, num_batches: int, seed: int) -> list[dict]:
             methods = {"by sample count": lambda b, m=num_ranks: by_sample_count(b, m, cost)}
             for c in CHUNK_SIZES:
                 methods[f"chunkflow C={c}"] = lambda b, m=num_ranks, c=c: by_chunkflow(b, m, cost, c)
+            for c in CHUNK_SIZES:
+                for w in SP_ALL_TO_ALL:
+                    sp_cost = CostModel(all_to_all=w)
+                    methods[f"chunkflow+SP C={c} a2a={w}"] = (
+                        lambda b, m=num_ranks, c=c, sc=sp_cost: by_chunkflow_sp(b, m, sc, c, m))
             for method, run in methods.items():
                 cost_imb, token_imb, bound = zip(*((imbalance(cs), imbalance(ts), lb) for cs, ts, lb in map(run, batches)))
                 rows.append(dict(batch=batch_size, ranks=num_ranks, method=method, batches=num_batches,
@@ -166,10 +186,11 @@ def print_tables(result: dict) -> None:
         print(f"  build_chunks wall time, {k}: {v * 1e3:.1f} ms (median of 3)")
     print("\n(b) data-parallel imbalance, max/mean per rank (mean and worst over batches)")
     print("  (bound: max(largest group or chunk, mean) / mean, the best any assignment of ChunkFlow's items reaches)")
-    print(f"  {'batch':>5} {'ranks':>5} {'method':<18} {'cost mean':>9} {'worst':>7} {'bound':>7} {'tokens mean':>11} {'worst':>7}")
+    print("  (chunkflow+SP: a group may be spread over up to all ranks, its all-to-all traffic counted at a2a x tokens)")
+    print(f"  {'batch':>5} {'ranks':>5} {'method':<28} {'cost mean':>9} {'worst':>7} {'bound':>7} {'tokens mean':>11} {'worst':>7}")
     for r in result["balance"]:
         bound = "" if r["cost_bound_mean"] is None else f"{r['cost_bound_mean']:.3f}"
-        print(f"  {r['batch']:>5} {r['ranks']:>5} {r['method']:<18} {r['cost_mean']:>9.3f} {r['cost_worst']:>7.3f}"
+        print(f"  {r['batch']:>5} {r['ranks']:>5} {r['method']:<28} {r['cost_mean']:>9.3f} {r['cost_worst']:>7.3f}"
               f" {bound:>7} {r['tokens_mean']:>11.3f} {r['tokens_worst']:>7.3f}")
 
 
