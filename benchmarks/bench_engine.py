@@ -10,7 +10,9 @@ Every system trains on the same global batches (``--global_batch`` chat samples 
 ``sum(CE over loss tokens) / loss tokens of the global batch``, so their losses must agree:
 
 * ``chunkflow``      ``ds_chunkflow.initialize`` + ``engine.train_batch(sequences)``
-                     (``--keep_chunks``; ``chunkflow_k4``: the same with keep_chunks 4);
+                     (``--keep_chunks``; ``chunkflow_k4``: the same with keep_chunks 4;
+                     ``chunkflow_sp``: with ``sequence_parallel.max_size: 2``, so the cost model
+                     may spread a dominant sample over both ranks);
 * ``padded``         (a) plain ``deepspeed.initialize``; each rank takes every W-th sample
                      (DistributedSampler), micro-batches of ``--micro_batch`` samples padded
                      to their longest, attention_mask for the padding;
@@ -56,7 +58,8 @@ sys.path[:0] = [str(REPO), str(HERE)]
 from _common import load_samples, num_loss_tokens, rss_bytes, save_json, table, targets_of  # noqa: E402
 
 MODEL = {"family": "qwen2", "vocab_size": 512, "hidden_size": 128, "num_layers": 4}  # --hidden/--layers/--vocab
-SYSTEMS = ("chunkflow", "chunkflow_k4", "padded", "packed", "packed_varlen")
+SYSTEMS = ("chunkflow", "chunkflow_k4", "chunkflow_sp", "padded", "packed", "packed_varlen")
+SP_SIZE = 2  # chunkflow_sp: sequence_parallel.max_size (both ranks)
 BASELINES = ("padded", "packed", "packed_varlen")
 VARLEN = "bench_varlen"
 
@@ -141,7 +144,8 @@ def work_per_rank(system, batch, world, cfg) -> list[dict]:
     if system.startswith("chunkflow"):
         seqs = [{k: torch.tensor(v) for k, v in s.items()} for s in batch]
         plan = plan_batch(seqs, chunk_size=cfg["chunk_size"], keep_chunks=cfg["keep_chunks"], num_ranks=world,
-                          cost=cost)  # the assignment does not depend on keep_chunks
+                          cost=cost, sp_max_size=SP_SIZE if system == "chunkflow_sp" else 1)
+        # (the assignment does not depend on keep_chunks)
         return [{"real": s.num_tokens, "computed": s.num_tokens, "cost": s.cost} for s in plan.shares]
     out = []
     for r in range(world):
@@ -184,6 +188,8 @@ def _engine(system, cfg):
         keep = int(system[len("chunkflow_k"):]) if system.startswith("chunkflow_k") else cfg["keep_chunks"]
         config["chunkflow"] = {"chunk_size": cfg["chunk_size"], "keep_chunks": keep,
                                "pad_token_id": cfg["pad_id"], "recompute_layers": cfg["recompute_layers"]}
+        if system == "chunkflow_sp":
+            config["chunkflow"]["sequence_parallel"] = {"max_size": SP_SIZE}
     from ds_chunkflow.deepspeed_adapter import decide_shm_comm_build
 
     decide_shm_comm_build()
@@ -307,8 +313,11 @@ def summarise(system, ranks, batches, cfg, world=2) -> dict:
         return sum(max(v) / (sum(v) / len(v)) for v in per_step) / len(per_step)
 
     mib = 2**20
+    dominant = max(range(len(batches)), key=lambda i: max(len(s["input_ids"]) for s in batches[i]))
     return {
         "system": system,
+        "dominant_step": dominant,  # the step holding the longest sample: its tokens / its wall time
+        "dominant_step_tokens_per_s": sum(len(s["input_ids"]) for s in batches[dominant]) / ranks[0]["step_s"][dominant],
         "tokens_per_s": tokens / wall,
         "tokens_per_cpu_s": tokens / sum(max(c) for c in cpu),
         "s_per_step": wall / len(batches),
@@ -370,10 +379,13 @@ def parse_args():
 def ratios(rows) -> list[dict]:
     """ChunkFlow variant / baseline: throughput (wall, CPU) and peak RSS."""
     by = {r["system"]: r for r in rows}
+    pairs = [(c, b) for c in by if c.startswith("chunkflow") for b in BASELINES if b in by]
+    if "chunkflow_sp" in by and "chunkflow" in by:
+        pairs.append(("chunkflow_sp", "chunkflow"))  # sequence parallelism: after / before
     return [{"pair": f"{c} / {b}", "tokens_per_s": by[c]["tokens_per_s"] / by[b]["tokens_per_s"],
              "tokens_per_cpu_s": by[c]["tokens_per_cpu_s"] / by[b]["tokens_per_cpu_s"],
-             "peak_rss": by[c]["peak_rss_mib"] / by[b]["peak_rss_mib"]}
-            for c in by if c.startswith("chunkflow") for b in BASELINES if b in by]
+             "dominant_step_tokens_per_s": by[c]["dominant_step_tokens_per_s"] / by[b]["dominant_step_tokens_per_s"],
+             "peak_rss": by[c]["peak_rss_mib"] / by[b]["peak_rss_mib"]} for c, b in pairs]
 
 
 def main():
@@ -413,7 +425,7 @@ def main():
               f"{[round(x, 2) for x in rows[-1]['step_s']]} s", flush=True)
     for r in rows:  # same init, data and objective: every system's losses must match
         r["max_loss_diff"] = max(abs(a - b) for a, b in zip(r["losses"], rows[0]["losses"]))
-    columns = ["system", "tokens_per_s", "tokens_per_cpu_s", "s_per_step", "load_rss_mib", "peak_rss_mib",
+    columns = ["system", "tokens_per_s", "tokens_per_cpu_s", "dominant_step_tokens_per_s", "s_per_step", "load_rss_mib", "peak_rss_mib",
                "train_rss_mib", "gathers_per_step", "gather_mib_per_step", "imb_cpu", "imb_tokens", "imb_cost",
                "computed_per_real", "max_loss_diff"]
     print(table(rows, columns))
