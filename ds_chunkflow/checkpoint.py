@@ -12,8 +12,10 @@ Save (:func:`save_checkpoint`, used by both ChunkFlow engines through ``ChunkFlo
    of the directory); a final barrier.
 
 So a kill at any moment leaves ``latest`` either at the previous tag or at a complete new one, and a
-tag without a manifest is known to be incomplete. The layout is DeepSpeed's: stock tools
-(``zero_to_fp32.py``, ``load_checkpoint(tag=...)``) read it as before; the manifest is one more file.
+tag without a manifest is known to be incomplete. Rank 0 also marks the tag ``ds_chunkflow_saving``
+before step 1 and removes the mark after step 4, so a torn ChunkFlow save never passes for a stock one.
+The layout is DeepSpeed's: stock tools (``zero_to_fp32.py``, ``load_checkpoint(tag=...)``) read it as
+before; the manifest (and, while saving, the mark) is one more file.
 
 Load (:func:`resolve_tag`): ``latest`` is used if the tag it names is complete (manifest present,
 every listed file present with its listed size, ``.pt`` zip archives with an intact central
@@ -21,6 +23,13 @@ directory). Otherwise the newest complete tag by the manifest's global step is u
 naming each tag skipped and why. A damaged tag is never used; no complete tag at all is an error
 naming the directory and what was found. Rank 0 decides and broadcasts; every rank then checks its
 own files of the chosen tag, and any failure is raised on all ranks.
+
+Stock DeepSpeed tags (no manifest, no saving mark: e.g. a run to warm-start from) are loadable when
+complete by DeepSpeed's own standard (:func:`check_stock_tag`: the model states file names the data-
+and model-parallel world sizes, and every rank's ``*model_states.pt`` / ``*optim_states.pt`` it implies
+is present and a readable zip), with a warning; they carry no data-sampler position
+(:func:`restore_sampler`). They are chosen automatically only in a directory holding no ChunkFlow tag at
+all; in a ChunkFlow directory a manifest-less tag is a torn save, loadable only as an explicit ``tag``.
 """
 
 from __future__ import annotations
@@ -28,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import tempfile
 import warnings
 import zipfile
@@ -39,6 +49,7 @@ import torch.distributed as dist
 from .distributed import all_reduce
 
 MANIFEST = "ds_chunkflow_complete.json"
+SAVING = "ds_chunkflow_saving"  # a ChunkFlow save of this tag started and has not finished
 LATEST = "latest"
 FORMAT = 1
 
@@ -55,6 +66,7 @@ class Resolved:
     step: int | None = None
     skipped: list[str] = field(default_factory=list)  # one line per tag not used: "tag: reason"
     found: str = ""  # what the directory held, for error messages
+    stock: bool = False  # written by plain DeepSpeed: no manifest, no data-sampler position
 
 
 # ----------------------------------------------------------------------------- durable writes
@@ -130,6 +142,8 @@ def save_checkpoint(engine, ds_save, save_dir, tag=None, client_state=None, save
     rank, world = _rank(), _world()
     tag_dir = os.path.join(save_dir, tag)
     if rank == 0:  # rewriting a tag: incomplete until its new manifest is written (DeepSpeed barriers first)
+        os.makedirs(tag_dir, exist_ok=True)
+        atomic_write_text(os.path.join(tag_dir, SAVING), f"{engine.global_steps}\n")  # before the manifest goes
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(tag_dir, MANIFEST))
             _fsync_path(tag_dir)
@@ -153,6 +167,8 @@ def save_checkpoint(engine, ds_save, save_dir, tag=None, client_state=None, save
         manifest = {"format": FORMAT, "tag": tag, "global_step": int(engine.global_steps),
                     "global_samples": int(getattr(engine, "global_samples", 0)), "world_size": world, "files": files}
         atomic_write_text(os.path.join(tag_dir, MANIFEST), json.dumps(manifest, indent=1))
+        with contextlib.suppress(FileNotFoundError):  # after the manifest: never neither of the two
+            os.unlink(os.path.join(tag_dir, SAVING))
         if save_latest:
             atomic_write_text(os.path.join(save_dir, LATEST), tag)
     _barrier()  # no rank goes on before `latest` names the complete tag
@@ -182,7 +198,7 @@ def _check_file(tag_dir: str, entry: dict) -> str | None:
     if not os.path.isfile(path):
         return f"missing file {entry['path']} {who}"
     size = os.path.getsize(path)
-    if size != entry["size"]:
+    if entry["size"] is not None and size != entry["size"]:
         return f"truncated file {entry['path']} {who}: {size} bytes, the manifest says {entry['size']}"
     if entry.get("zip") and not zipfile.is_zipfile(path):
         return f"damaged file {entry['path']} {who}: not a readable zip archive"
@@ -194,14 +210,74 @@ def _check_file(tag_dir: str, entry: dict) -> str | None:
     return None
 
 
-def check_tag(load_dir, tag: str, rank: int | None = None) -> tuple[dict | None, str | None]:
+_MODEL_STATES = re.compile(r"^(zero_pp_rank_(\d+)_)?mp_rank_(\d+)_model_states\.pt$")
+_OPTIM_STATES = re.compile(r"^(bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
+
+
+def _stock_expected(names: set[str], dp: int, mp: int) -> list[tuple[str, int]]:
+    """(file, data-parallel rank) of every rank file DeepSpeed writes for ``dp`` x ``mp`` ranks, judging
+    the ZeRO stage and bf16 prefix by the files present (ZeRO-3: per-rank model states; ZeRO >= 1: optim)."""
+    matches = [m for m in map(_MODEL_STATES.match, names) if m]
+    if any(m.group(1) for m in matches):  # ZeRO-3: one model states file per data-parallel rank
+        expected = [(f"zero_pp_rank_{d}_mp_rank_{m:02d}_model_states.pt", d) for d in range(dp) for m in range(mp)]
+    else:
+        expected = [(f"mp_rank_{m:02d}_model_states.pt", -1) for m in range(mp)]  # read by every rank
+    optim = [m for m in map(_OPTIM_STATES.match, names) if m]
+    if optim:
+        prefix = "bf16_" if any(m.group(1) for m in optim) else ""
+        expected += [(f"{prefix}zero_pp_rank_{d}_mp_rank_{m:02d}_optim_states.pt", d)
+                     for d in range(dp) for m in range(mp)]
+    return expected
+
+
+def check_stock_tag(tag_dir: str, rank: int | None = None) -> tuple[dict | None, str | None]:
+    """``(info, None)`` if ``tag_dir`` is a complete tag by DeepSpeed's own standard, else ``(None, reason)``.
+
+    Complete: no ChunkFlow saving mark; a model states file, whose ``dp_world_size`` / ``mp_world_size``
+    (read with ``mmap``: no tensor data is read) imply every rank file of :func:`_stock_expected`; each
+    present and a readable zip. ``info``: ``global_step``, the world sizes, ``stock: True``. With
+    ``rank``, only the files that rank reads are checked (world sizes then from that rank's files)."""
+    if os.path.isfile(os.path.join(tag_dir, SAVING)):
+        return None, f"a ds_chunkflow save of this tag did not finish ({SAVING} is there, {MANIFEST} is not)"
+    names = set(os.listdir(tag_dir))
+    states = sorted(n for n in names if _MODEL_STATES.match(n))
+    if not states:
+        return None, (f"no manifest ({MANIFEST}) and no DeepSpeed model states file "
+                      "(mp_rank_XX_model_states.pt or zero_pp_rank_N_mp_rank_XX_model_states.pt)")
+    info = {"global_step": None, "stock": True}
+    if rank is None:
+        reason = _check_file(tag_dir, {"path": states[0], "size": os.path.getsize(os.path.join(tag_dir, states[0])),
+                                       "zip": True, "rank": 0})
+        if reason:
+            return None, reason
+        try:
+            meta = torch.load(os.path.join(tag_dir, states[0]), map_location="cpu", mmap=True, weights_only=False)
+            dp, mp = int(meta["dp_world_size"]), int(meta["mp_world_size"])
+            info.update(global_step=int(meta.get("global_steps", 0)), dp_world_size=dp, mp_world_size=mp)
+        except Exception as e:  # noqa: BLE001 - any unreadable state is a reason, not a crash
+            return None, f"unreadable DeepSpeed model states {states[0]}: {type(e).__name__}: {e}"
+        expected = _stock_expected(names, dp, mp)
+    else:
+        expected = [(f, d) for f, d in _stock_expected(names, rank + 1, 1) if d in (rank, -1)]
+    for path, d in expected:
+        reason = _check_file(tag_dir, {"path": path, "size": None, "zip": True, "rank": d if d >= 0 else "any"})
+        if reason:
+            return None, f"{reason} (a DeepSpeed tag without manifest: every rank's files are expected)"
+    info["files"] = [path for path, _ in expected]
+    return info, None
+
+
+def check_tag(load_dir, tag: str, rank: int | None = None, allow_stock: bool = False) -> tuple[dict | None, str | None]:
     """``(manifest, None)`` if ``tag`` in ``load_dir`` is complete, else ``(None, reason)``.
 
-    With ``rank``, only that rank's files are checked (the manifest must still be there)."""
+    With ``rank``, only that rank's files are checked (the manifest must still be there). ``allow_stock``:
+    a tag without manifest may be complete by DeepSpeed's standard (:func:`check_stock_tag`)."""
     tag_dir = os.path.join(os.fspath(load_dir), tag)
     if not os.path.isdir(tag_dir):
         return None, f"no directory {tag_dir}"
     manifest, reason = _read_manifest(tag_dir)
+    if reason and allow_stock and not os.path.isfile(os.path.join(tag_dir, MANIFEST)):
+        return check_stock_tag(tag_dir, rank)
     if reason:
         return None, reason
     for entry in manifest["files"]:
@@ -228,27 +304,38 @@ def read_latest(load_dir) -> tuple[str | None, str | None]:
     return tag, None
 
 
+def _is_chunkflow_dir(load_dir: str) -> bool:
+    """Some tag of ``load_dir`` was written (or begun) by ds_chunkflow: a manifest or a saving mark."""
+    for name in os.listdir(load_dir):
+        tag_dir = os.path.join(load_dir, name)
+        if os.path.isfile(os.path.join(tag_dir, MANIFEST)) or os.path.isfile(os.path.join(tag_dir, SAVING)):
+            return True
+    return False
+
+
 def find_complete_tag(load_dir) -> Resolved:
     """The tag to resume from in ``load_dir`` (single process, no collectives): ``latest`` if it is
-    complete, else the newest complete tag by global step; ``Resolved(tag=None, ...)`` if none is."""
+    complete, else the newest complete tag by global step; ``Resolved(tag=None, ...)`` if none is.
+    A directory without any ChunkFlow tag is judged by DeepSpeed's standard (:func:`check_stock_tag`)."""
     load_dir = os.fspath(load_dir)
     if not os.path.isdir(load_dir):
         return Resolved(None, found=f"directory {load_dir} does not exist")
+    stock = not _is_chunkflow_dir(load_dir)
     skipped: list[str] = []
     latest, why = read_latest(load_dir)
     if latest is not None:
-        manifest, reason = check_tag(load_dir, latest)
+        manifest, reason = check_tag(load_dir, latest, allow_stock=stock)
         if manifest is not None:
-            return Resolved(latest, int(manifest["global_step"]))
+            return Resolved(latest, manifest["global_step"], stock=stock)
         skipped.append(f"{latest} (named by `{LATEST}`): {reason}")
     candidates, others = [], []
     for name in sorted(os.listdir(load_dir)):
         if name == latest or not os.path.isdir(os.path.join(load_dir, name)):
             continue
-        manifest, reason = check_tag(load_dir, name)
+        manifest, reason = check_tag(load_dir, name, allow_stock=stock)
         if manifest is not None:
-            candidates.append((int(manifest["global_step"]), name))
-        elif os.path.isfile(os.path.join(load_dir, name, MANIFEST)) or _looks_like_tag(load_dir, name):
+            candidates.append((int(manifest["global_step"] or 0), name))
+        elif looks_like_tag(load_dir, name):
             others.append(f"{name}: {reason}")
     if latest is None:
         skipped.insert(0, why)
@@ -258,14 +345,32 @@ def find_complete_tag(load_dir) -> Resolved:
     step, tag = max(candidates)
     # the newer incomplete tags are what was lost; older incomplete ones are only noise
     newer = [o for o in others if not _is_older(load_dir, o.split(":")[0], step)]
-    return Resolved(tag, step, skipped + newer)
+    return Resolved(tag, step, skipped + newer, stock=stock)
 
 
-def _looks_like_tag(load_dir: str, name: str) -> bool:
+def looks_like_tag(load_dir, name: str) -> bool:
+    """``load_dir/name`` belongs to a run's checkpoints: named ``global_step*``, or holding a ChunkFlow
+    manifest / saving mark, or DeepSpeed state files (``*model_states.pt``, ``*optim_states.pt``)."""
+    tag_dir = os.path.join(os.fspath(load_dir), name)
+    if not os.path.isdir(tag_dir):
+        return False
+    if name.startswith("global_step"):
+        return True
     try:
-        return any(f.endswith(".pt") for f in os.listdir(os.path.join(load_dir, name)))
+        return any(f in (MANIFEST, SAVING) or f.endswith(("model_states.pt", "optim_states.pt"))
+                   for f in os.listdir(tag_dir))
     except OSError:
         return False
+
+
+def checkpoint_entries(save_dir) -> list[str]:
+    """What in ``save_dir`` belongs to a run's checkpoints: ``latest`` (if there), then the tag
+    directories (:func:`looks_like_tag`), sorted; empty for a fresh or missing directory."""
+    save_dir = os.fspath(save_dir)
+    if not os.path.isdir(save_dir):
+        return []
+    found = [LATEST] if os.path.exists(os.path.join(save_dir, LATEST)) else []
+    return found + sorted(name for name in os.listdir(save_dir) if looks_like_tag(save_dir, name))
 
 
 def _is_older(load_dir: str, name: str, step: int) -> bool:
@@ -294,8 +399,9 @@ def resolve_tag(load_dir, tag: str | None = None, device="cpu", warn: bool = Tru
     decided = None
     if _rank() == 0:
         if tag is not None:
-            manifest, reason = check_tag(load_dir, str(tag))
-            decided = (Resolved(str(tag), int(manifest["global_step"])) if manifest is not None else
+            manifest, reason = check_tag(load_dir, str(tag), allow_stock=True)
+            decided = (Resolved(str(tag), manifest["global_step"], stock=bool(manifest.get("stock")))
+                       if manifest is not None else
                        f"checkpoint tag {tag} in {load_dir} is incomplete or damaged: {reason}")
         else:
             found = find_complete_tag(load_dir)
@@ -304,7 +410,7 @@ def resolve_tag(load_dir, tag: str | None = None, device="cpu", warn: bool = Tru
     decided = _broadcast(decided, device)
     if isinstance(decided, str):
         raise CheckpointError(decided)
-    _, reason = check_tag(load_dir, decided.tag, rank=_rank())  # this rank's own files (node-local disks too)
+    _, reason = check_tag(load_dir, decided.tag, rank=_rank(), allow_stock=decided.stock)  # own files (node-local)
     bad, = all_reduce([1.0 if reason else 0.0], "max", None, device)
     if reason:
         raise CheckpointError(f"checkpoint tag {decided.tag} in {load_dir}: rank {_rank()} finds {reason}")
@@ -312,7 +418,27 @@ def resolve_tag(load_dir, tag: str | None = None, device="cpu", warn: bool = Tru
         raise CheckpointError(f"checkpoint tag {decided.tag} in {load_dir}: another rank found its files damaged")
     if warn and decided.skipped and _rank() == 0:
         warnings.warn(describe_skips(load_dir, decided), stacklevel=3)
+    if warn and decided.stock and _rank() == 0:
+        warnings.warn(f"ds_chunkflow: checkpoint tag {decided.tag} in {load_dir} has no ChunkFlow manifest "
+                      f"({MANIFEST}): loading it as a plain DeepSpeed checkpoint, complete by DeepSpeed's standard "
+                      "(every rank's files present)", stacklevel=3)
     return decided
+
+
+def restore_sampler(sampler, client_state: dict | None, key: str, path, resolved: Resolved) -> None:
+    """Puts the data sampler where the checkpoint left it (``client_state[key]``, popped). A plain
+    DeepSpeed tag has no such position: the sampler stays at its start, with a warning saying so; a
+    ChunkFlow tag without it is an error (written by an engine without training data)."""
+    if key in (client_state or {}):
+        sampler.load_state_dict(client_state.pop(key))
+        return
+    if resolved.stock:
+        warnings.warn(f"ds_chunkflow: checkpoint {path} (plain DeepSpeed) has no data-sampler position ({key}): "
+                      "weights and optimizer state are loaded, the training data starts again from its first "
+                      "global batch", stacklevel=3)
+        return
+    raise ValueError(f"checkpoint {path} has no data-sampler position ({key}); "
+                     "it was not written by a ChunkFlow engine with training data")
 
 
 # ----------------------------------------------------------------------------- resuming (examples)

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from .autotune import AutotuneError, autotune_engine, needs_autotune
 from .config import ChunkFlowConfig, split_config
 from .deepspeed_adapter import decide_shm_comm_build, engine_classes, zero3_leaf_moe_blocks
 
@@ -30,7 +31,9 @@ def initialize(args: Any = None, model: torch.nn.Module | None = None, optimizer
     :class:`~ds_chunkflow.engine.ChunkFlowEngine` (a
     :class:`~ds_chunkflow.pipeline.engine.ChunkFlowPipelineEngine` for a ``PipelineModule``)
     and ``training_data`` (an :class:`~ds_chunkflow.data.SFTDataset`) feeds its global-batch
-    sampler; without one this is plain ``deepspeed.initialize``.
+    sampler; without one this is plain ``deepspeed.initialize``. ``chunk_size: auto`` /
+    ``keep_chunks: auto`` are resolved here, once, after the engine is built
+    (:func:`ds_chunkflow.autotune.autotune_engine`: ``engine.chunkflow_autotune`` says what and why).
     """
     import deepspeed
 
@@ -49,11 +52,17 @@ def initialize(args: Any = None, model: torch.nn.Module | None = None, optimizer
         return deepspeed.initialize(args=args, model=model, optimizer=optimizer, model_parameters=model_parameters,
                                     training_data=training_data, lr_scheduler=lr_scheduler, config=ds_config,
                                     **kwargs)
+    if needs_autotune(cf) and isinstance(model, PipelineModule):
+        raise AutotuneError("chunkflow.chunk_size / keep_chunks: auto is not supported with pipeline parallelism "
+                            "(the probe runs the whole model on one rank); set numbers")
     if (ds_config.get("zero_optimization") or {}).get("stage", 0) == 3 and not isinstance(model, PipelineModule):
         zero3_leaf_moe_blocks(model)  # MoE blocks as one ZeRO-3 unit, or ranks' call traces differ and hang
     with engine_classes(*_engine_factories(cf, training_data)):
-        return deepspeed.initialize(args=args, model=model, optimizer=optimizer, model_parameters=model_parameters,
-                                    training_data=None, lr_scheduler=lr_scheduler, config=ds_config, **kwargs)
+        result = deepspeed.initialize(args=args, model=model, optimizer=optimizer, model_parameters=model_parameters,
+                                      training_data=None, lr_scheduler=lr_scheduler, config=ds_config, **kwargs)
+    if needs_autotune(cf):  # once, before the first plan; the same choice on every rank (collective)
+        autotune_engine(result[0], training_data)
+    return result
 
 
 def _engine_factories(cf: ChunkFlowConfig, training_data):

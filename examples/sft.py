@@ -17,20 +17,9 @@ from tqdm import tqdm
 from transformers import AutoTokenizer
 
 import ds_chunkflow
+from ds_chunkflow.checkpoint import checkpoint_entries
 from ds_chunkflow.config import load_config_file, split_config
 from ds_chunkflow.hf_data import load_sft_data
-
-
-def existing_checkpoints(output_dir: str) -> list[str]:
-    """What in ``output_dir`` belongs to a run's checkpoints: a ``latest`` file, tag dirs (``global_step*`` or
-    holding DeepSpeed state files); empty when it has none (a fresh or missing dir)."""
-    root = Path(output_dir)
-    if not root.is_dir():
-        return []
-    found = ["latest"] if (root / "latest").exists() else []
-    found += sorted(d.name for d in root.iterdir() if d.is_dir() and (
-        d.name.startswith("global_step") or any(d.glob("*model_states.pt")) or any(d.glob("*optim_states.pt"))))
-    return found
 
 
 def set_monitor_paths(config: dict, output_dir: str, run_id: str) -> None:
@@ -76,7 +65,7 @@ parser.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_
 args = parser.parse_args()
 config = load_config_file(args.deepspeed_config)  # read once, validated before any data is read
 cf, _ = split_config(config)
-existing = existing_checkpoints(args.output_dir)  # checked on every rank before anything is written
+existing = checkpoint_entries(args.output_dir)  # checked on every rank before anything is written
 if existing and not (args.resume or args.overwrite):
     parser.error(f"--output_dir {args.output_dir} holds another run's checkpoints ({', '.join(existing)}); "
                  "pass --resume to continue that run, --overwrite to train over it, or choose another --output_dir")
@@ -126,6 +115,8 @@ is_main = engine.global_rank == 0
 if is_main:
     g = engine.guard_report  # the model guard's probe: chunked == unchunked forward, checked at start-up
     print(f"guard: {g.model_class} exact under chunking (probe error {g.max_error:.1e}) in {g.seconds:.2f} s")
+    if getattr(engine, "chunkflow_autotune", None) is not None:  # chunk_size / keep_chunks: auto
+        print(f"autotune: {engine.chunkflow_autotune.summary()}")
 if args.resume:  # the same decision on every rank (rank 0 looks); none to resume from: an error unless auto
     from ds_chunkflow.checkpoint import CheckpointError, resume_decision
 

@@ -143,3 +143,37 @@ def pipeline_save_damage_resume(rank, world, ckpt_dir, out_path):
     torch.save({"files": files, "full": full, "tag": engine.chunkflow_loaded_checkpoint.tag, "step": step,
                 "resumed": resumed, "warnings": [str(w.message) for w in caught if "ds_chunkflow" in str(w.message)]},
                f"{out_path}.{rank}")
+
+
+def stock_save_then_chunkflow_load(rank, world, stage, ckpt_dir, out_path):
+    """Plain ``deepspeed.initialize`` (no chunkflow section) trains 2 steps and saves as stock DeepSpeed
+    does; a ChunkFlow engine with training data then loads that directory (no tag): the warnings, the
+    step, the weights against the stock engine's, and one step trained after it."""
+    from workers import gathered_state
+
+    import ds_chunkflow
+    from ds_chunkflow.testing.models import build_tiny_model
+
+    model = build_tiny_model("qwen2", seed=1)
+    config = {k: v for k, v in ds_config(stage).items() if k != "chunkflow"}  # no section: plain DeepSpeed
+    stock, *_ = ds_chunkflow.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-2),
+                                        config=config)  # (not deepspeed.initialize: that would build the shm op)
+    assert not hasattr(stock, "chunkflow_config")
+    data = _dataset(model.config.vocab_size)
+    for step in range(2):
+        ids = data[step]["input_ids"].unsqueeze(0)
+        stock.backward(stock(input_ids=ids, labels=ids).loss)
+        stock.step()
+    stock.save_checkpoint(ckpt_dir)
+    saved = gathered_state(stock)
+    engine = _engine(stage)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        engine.load_checkpoint(ckpt_dir)
+    loaded = gathered_state(engine)
+    same = all(torch.equal(saved[n], loaded[n]) for n in saved)
+    loss = engine.train_batch().item()
+    torch.save({"tag": engine.chunkflow_loaded_checkpoint.tag, "stock": engine.chunkflow_loaded_checkpoint.stock,
+                "step": engine.global_steps, "same": same, "loss": loss, "files": sorted(os.listdir(
+                    os.path.join(ckpt_dir, "global_step2"))),
+                "warnings": [str(w.message) for w in caught if "ds_chunkflow" in str(w.message)]}, f"{out_path}.{rank}")

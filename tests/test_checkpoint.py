@@ -201,6 +201,136 @@ def test_example_resume_argument_parsing():
     assert "resume_decision" in src
 
 
+# ----------------------------------------------------------------------------- stock DeepSpeed tags
+def _stock_tag(d, tag, step, dp=2, zero3=False, bf16=False):
+    """A tag as plain DeepSpeed writes it for ``dp`` ranks (no manifest): the model states file(s) with the
+    world sizes and step DeepSpeed records, and each rank's optimizer shard."""
+    tag_dir = d / tag
+    tag_dir.mkdir(parents=True)
+    meta = {"module": {"w": torch.zeros(4)}, "dp_world_size": dp, "mp_world_size": 1, "global_steps": step}
+    states = [f"zero_pp_rank_{r}_mp_rank_00_model_states.pt" for r in range(dp)] if zero3 else [
+        "mp_rank_00_model_states.pt"]
+    for name in states:
+        torch.save(meta, tag_dir / name)
+    prefix = "bf16_" if bf16 else ""
+    for r in range(dp):
+        torch.save({"state": torch.full((64,), float(r))}, tag_dir / f"{prefix}zero_pp_rank_{r}_mp_rank_00_optim_states.pt")
+    return tag_dir
+
+
+@pytest.mark.parametrize("zero3, bf16", [(False, False), (True, False), (False, True)], ids=["zero2", "zero3", "bf16"])
+def test_stock_deepspeed_tag_is_loadable_when_every_rank_file_is_there(tmp_path, zero3, bf16):
+    """A directory written by plain DeepSpeed (no manifest anywhere): `latest` is used when every file its
+    model states imply (dp_world_size ranks) is there; one rank's shard missing falls back to the older
+    complete tag, naming the file; resolve_tag warns that there is no ChunkFlow manifest."""
+    _stock_tag(tmp_path, "global_step3", 3, zero3=zero3, bf16=bf16)
+    newest = _stock_tag(tmp_path, "global_step5", 5, zero3=zero3, bf16=bf16)
+    (tmp_path / "latest").write_text("global_step5")
+    r = ck.find_complete_tag(tmp_path)
+    assert (r.tag, r.step, r.stock, r.skipped) == ("global_step5", 5, True, [])
+    with pytest.warns(UserWarning, match="global_step5 .* has no ChunkFlow manifest"):
+        assert ck.resolve_tag(tmp_path).stock
+    shard = f"{'bf16_' if bf16 else ''}zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    (newest / shard).unlink()
+    r = ck.find_complete_tag(tmp_path)
+    assert (r.tag, r.step) == ("global_step3", 3)
+    assert len(r.skipped) == 1 and f"missing file {shard}" in r.skipped[0], r.skipped
+    if zero3:  # rank 1's model states are as necessary as its optimizer shard
+        _stock_tag(tmp_path, "global_step7", 7, zero3=True).joinpath(
+            "zero_pp_rank_1_mp_rank_00_model_states.pt").unlink()
+        (tmp_path / "latest").write_text("global_step7")
+        assert "missing file zero_pp_rank_1_mp_rank_00_model_states.pt" in ck.find_complete_tag(tmp_path).skipped[0]
+
+
+def test_stock_tag_with_a_damaged_shard_is_refused(tmp_path):
+    """Same size check is impossible without a manifest, but a cut zip archive is still caught."""
+    tag_dir = _stock_tag(tmp_path, "global_step3", 3)
+    shard = tag_dir / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    with open(shard, "r+b") as f:
+        f.truncate(shard.stat().st_size - 50)
+    with pytest.raises(ck.CheckpointError, match="damaged file zero_pp_rank_0_mp_rank_00_optim_states.pt"):
+        ck.resolve_tag(tmp_path)
+
+
+def _deepspeed_like_save(engine, killed_at_manifest=False):
+    """A ds_save writing what DeepSpeed writes for one rank (model states with world sizes, one shard)."""
+
+    def ds_save(save_dir, tag, client_state, save_latest, **kwargs):
+        os.makedirs(os.path.join(save_dir, tag), exist_ok=True)
+        meta = {"dp_world_size": 1, "mp_world_size": 1, "global_steps": engine.global_steps}
+        engine.checkpoint_engine.save(meta, os.path.join(save_dir, tag, "mp_rank_00_model_states.pt"))
+        engine.checkpoint_engine.save({"w": torch.zeros(8)}, os.path.join(save_dir, tag, OPTIM))
+        return True
+
+    return ds_save
+
+
+def test_torn_chunkflow_save_never_passes_for_a_stock_tag(tmp_path, monkeypatch):
+    """A ChunkFlow save killed after DeepSpeed wrote every file but before the manifest, in a directory
+    holding no other tag, looks like a complete stock tag; its saving mark keeps it refused."""
+    engine = _FakeEngine()
+    engine.global_steps = 4
+    write = ck.atomic_write_text
+
+    def killed_at_manifest(path, text):
+        if path.endswith(ck.MANIFEST):
+            raise KeyboardInterrupt("killed while writing the manifest")
+        write(path, text)
+
+    monkeypatch.setattr(ck, "atomic_write_text", killed_at_manifest)
+    with pytest.raises(KeyboardInterrupt):
+        ck.save_checkpoint(engine, _deepspeed_like_save(engine), tmp_path)
+    monkeypatch.setattr(ck, "atomic_write_text", write)
+    r = ck.find_complete_tag(tmp_path)
+    assert r.tag is None and "did not finish" in r.found, r.found
+    with pytest.raises(ck.CheckpointError, match="did not finish"):
+        ck.resolve_tag(tmp_path, "global_step4")
+    ck.save_checkpoint(engine, _deepspeed_like_save(engine), tmp_path)  # a finished save: the mark is gone
+    assert not (tmp_path / "global_step4" / ck.SAVING).exists()
+    assert (ck.find_complete_tag(tmp_path).tag, ck.find_complete_tag(tmp_path).stock) == ("global_step4", False)
+
+
+def test_stock_tag_in_a_chunkflow_directory_loads_only_when_named(two_tags):
+    """Among ChunkFlow tags, a manifest-less tag is a torn save for the automatic choice; named
+    explicitly, a stock-complete one loads (a warm start), marked stock."""
+    d, _ = two_tags
+    _stock_tag(d, "global_step9", 9)
+    r = ck.find_complete_tag(d)
+    assert (r.tag, r.stock) == ("global_step2", False)
+    with pytest.warns(UserWarning, match="no ChunkFlow manifest"):
+        r = ck.resolve_tag(d, "global_step9")
+    assert (r.tag, r.step, r.stock) == ("global_step9", 9, True)
+
+
+def test_restore_sampler_without_position(tmp_path):
+    """No sampler position: a stock tag warns and leaves the sampler at its start; a ChunkFlow tag is an
+    error naming the key; a position present is loaded (and popped from the client state)."""
+
+    class Sampler:
+        state = "start"
+
+        def load_state_dict(self, state):
+            self.state = state
+
+    sampler = Sampler()
+    with pytest.warns(UserWarning, match="plain DeepSpeed.*no data-sampler position"):
+        ck.restore_sampler(sampler, {}, "key", "ckpt/t", ck.Resolved("t", stock=True))
+    assert sampler.state == "start"
+    with pytest.raises(ValueError, match=r"no data-sampler position \(key\)"):
+        ck.restore_sampler(sampler, None, "key", "ckpt/t", ck.Resolved("t"))
+    client = {"key": "pos", "other": 1}
+    ck.restore_sampler(sampler, client, "key", "ckpt/t", ck.Resolved("t"))
+    assert sampler.state == "pos" and client == {"other": 1}
+
+
+def test_example_uses_the_public_checkpoint_listing():
+    """examples/sft.py decides "this output_dir holds checkpoints" with ds_chunkflow.checkpoint's own
+    checkpoint_entries, not a copy of its tag detection."""
+    src = open(os.path.join(os.path.dirname(__file__), "..", "examples", "sft.py")).read()
+    assert "checkpoint_entries(args.output_dir)" in src
+    assert "model_states.pt" not in src and "startswith(\"global_step\")" not in src
+
+
 # ----------------------------------------------------------------------------- 2 ranks, DeepSpeed
 @pytest.mark.parametrize("stage", [2, 3])
 def test_damaged_newest_checkpoint_resumes_exactly_from_the_previous(tmp_path, stage):
@@ -240,3 +370,21 @@ def test_pipeline_engine_checkpoint_falls_back_exactly(tmp_path):
     last = r1  # the pipeline's loss is computed on the last stage
     assert len(set(last["full"])) == 3, last["full"]
     assert last["resumed"] == last["full"][1:], (last["resumed"], last["full"])
+
+
+def test_plain_deepspeed_checkpoint_warm_starts_a_chunkflow_engine(tmp_path):
+    """A checkpoint written by plain DeepSpeed (2 ranks, ZeRO-2: no manifest, no sampler position) loads
+    into a ChunkFlow engine on both ranks: the weights are the saved ones bitwise, one warning says there
+    is no ChunkFlow manifest, one that the data starts from its beginning, and training goes on."""
+    from checkpoint_workers import stock_save_then_chunkflow_load
+
+    run_ranks(stock_save_then_chunkflow_load, 2, str(tmp_path / "ckpt"), str(tmp_path / "out"), timeout=150)
+    for rank in range(2):
+        r = torch.load(tmp_path / f"out.{rank}")
+        assert (r["tag"], r["stock"], r["step"]) == ("global_step2", True, 3), r
+        assert r["same"] and r["loss"] == r["loss"], r
+        assert ck.MANIFEST not in r["files"] and "zero_pp_rank_1_mp_rank_00_optim_states.pt" in r["files"], r["files"]
+        sampler = [w for w in r["warnings"] if "no data-sampler position" in w]
+        assert len(sampler) == 1, r["warnings"]
+        if rank == 0:
+            assert len([w for w in r["warnings"] if "no ChunkFlow manifest" in w]) == 1, r["warnings"]

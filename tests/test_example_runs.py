@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from ds_chunkflow.checkpoint import checkpoint_entries
+
 ROOT = Path(__file__).parent.parent
 EXAMPLE = ROOT / "examples" / "sft.py"
 
@@ -40,20 +42,21 @@ def _csv_steps(path: Path) -> list[int]:
 
 
 def test_checkpoint_detection_and_monitor_paths(tmp_path: Path) -> None:
-    """existing_checkpoints finds a `latest` file and tag dirs (not the tiny model, not monitor dirs);
+    """checkpoint_entries (what the example refuses to train over) finds a `latest` file and tag dirs (not the
+    tiny model, not monitor dirs);
     set_monitor_paths puts csv/tensorboard under output_dir with the run id in the job name."""
     fns = _example_functions()
     out = tmp_path / "run"
-    assert fns["existing_checkpoints"](str(out)) == []  # missing dir
+    assert checkpoint_entries(str(out)) == []  # missing dir
     (out / "tiny-qwen2").mkdir(parents=True)
     (out / "csv_monitor" / "sft-1").mkdir(parents=True)
-    assert fns["existing_checkpoints"](str(out)) == []
+    assert checkpoint_entries(str(out)) == []
     (out / "global_step2").mkdir()
     (out / "mytag").mkdir()
     (out / "mytag" / "mp_rank_00_model_states.pt").write_bytes(b"")
-    assert fns["existing_checkpoints"](str(out)) == ["global_step2", "mytag"]
+    assert checkpoint_entries(str(out)) == ["global_step2", "mytag"]
     (out / "latest").write_text("global_step2")
-    assert fns["existing_checkpoints"](str(out)) == ["latest", "global_step2", "mytag"]
+    assert checkpoint_entries(str(out)) == ["latest", "global_step2", "mytag"]
 
     config = {"csv_monitor": {"enabled": True, "job_name": "sft"}, "tensorboard": {"enabled": True},
               "wandb": {"enabled": True}}
