@@ -85,6 +85,8 @@ def _stackable(b: kernels.Block, n_rep: int, dropout: float) -> bool:
 
 
 def _gqa_forward(q, k, v, b: kernels.Block, n_rep: int, scale, dropout, seed):
+    if n_rep > 1 and kernels.takes_gqa(q, v, b, dropout):  # the kernel maps query heads to k/v heads itself
+        return kernels.block_forward(q, k, v, b, scale)
     if _stackable(b, n_rep, dropout):
         rows = kernels.Block(b.q_pos, b.k_pos, n_rep * b.tq, b.tk)
         out, lse = kernels.block_forward(_stack(q, n_rep), k, v, rows, scale)
@@ -94,6 +96,8 @@ def _gqa_forward(q, k, v, b: kernels.Block, n_rep: int, scale, dropout, seed):
 
 def _gqa_backward(do, q, k, v, out, lse, b: kernels.Block, n_rep: int, scale, dropout, seed):
     """Gradients for q ``[1, H, ...]`` and k, v ``[1, Hkv, ...]``."""
+    if n_rep > 1 and kernels.takes_gqa(q, v, b, dropout):
+        return kernels.block_backward(do, q, k, v, out, lse, b, scale)
     if _stackable(b, n_rep, dropout):
         rows = kernels.Block(b.q_pos, b.k_pos, n_rep * b.tq, b.tk)
         dq, dk, dv = kernels.block_backward(_stack(do, n_rep), _stack(q, n_rep), k, v, _stack(out, n_rep),

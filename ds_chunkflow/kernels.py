@@ -1,7 +1,8 @@
 """Attention kernels with an explicit log-sum-exp, so blocks of keys can be merged.
 
 Every kernel works on one *block*: queries at sequence positions ``[qp, qp + Tq)``
-against keys at ``[kp, kp + Tk)`` (tensors ``[1, H, T, d]``, GQA already expanded),
+against keys at ``[kp, kp + Tk)`` (tensors ``[1, H, T, d]``; k/v expanded to q's heads for GQA,
+except for a kernel that takes fewer k/v heads itself, :func:`takes_gqa`),
 with causal visibility by position (``k <= q``) and an optional sliding window
 (``q - k < window``, transformers' convention). ``forward`` returns ``(out, lse)``;
 ``backward`` takes the *merged* ``out``/``lse`` of all blocks of a query row, which is
@@ -15,7 +16,9 @@ Which kernel a block gets is one pure function, :func:`choose_kernel`:
     cut by a sliding window       math (+warning, any device)
     attention dropout > 0         math (+warning, any device)
 
-* ``cpu_flash``: PyTorch's fused CPU flash-attention op (fp64/fp32/bf16/fp16);
+* ``cpu_flash``: PyTorch's fused CPU flash-attention op (fp64/fp32/bf16/fp16); GQA native (query
+  head h reads k/v head ``h // (H / Hkv)``, as transformers' ``repeat_kv``; dk/dv come back per k/v
+  head), so k/v are neither repeated nor their gradients summed;
 * ``cuda_flash`` / ``cuda_efficient``: PyTorch's own fused CUDA SDPA ops that return the
   log-sum-exp (``aten._scaled_dot_product_flash_attention`` / ``_efficient_attention`` and
   their ``_backward``); no flash-attn package needed. Head dims are zero-padded to a
@@ -140,6 +143,7 @@ class FusedBackend:
     head_align: int = 1
     lse_align: int = 1
     contiguous: bool = False  # make every input contiguous first (the CUDA ops want stride 1 rows)
+    native_gqa: bool = False  # takes k/v with fewer heads than q (query head h -> k/v head h // n_rep)
 
 
 def _cpu_flash_forward(q, k, v, is_causal: bool, scale: float):
@@ -185,7 +189,7 @@ MATH, CPU_FLASH, CUDA_FLASH, CUDA_EFFICIENT = "math", "cpu_flash", "cuda_flash",
 # On ROCm the efficient kernel's lse is not padded (see torch/_meta_registrations.py).
 _EFFICIENT_LSE_ALIGN = 1 if torch.version.hip else 32
 BACKENDS: dict[str, FusedBackend] = {
-    CPU_FLASH: FusedBackend(_cpu_flash_forward, _cpu_flash_backward),
+    CPU_FLASH: FusedBackend(_cpu_flash_forward, _cpu_flash_backward, native_gqa=True),
     CUDA_FLASH: FusedBackend(_cuda_flash_forward, _cuda_flash_backward, head_align=8, contiguous=True),
     CUDA_EFFICIENT: FusedBackend(_cuda_efficient_forward, _cuda_efficient_backward, head_align=8,
                                  lse_align=_EFFICIENT_LSE_ALIGN, contiguous=True),
@@ -294,6 +298,12 @@ def fused_backward(backend: FusedBackend, dout, q, k, v, out, lse, b: Block, sca
     lse = _pad_last(lse, _round_up(b.tq, backend.lse_align)).contiguous()
     dq, dk, dv = backend.backward(dop, qp, kp, vp, op, lse, b.is_causal, scale)
     return dq[..., :q.shape[-1]], dk[..., :k.shape[-1]], dv[..., :v.shape[-1]]
+
+
+def takes_gqa(q, v, b: Block, dropout: float = 0.0) -> bool:
+    """Whether block ``b`` runs on a kernel that takes k/v with fewer heads than q (no repeat, no reduce)."""
+    choice = _choose(q, v, b, dropout)
+    return choice.kernel != MATH and BACKENDS[choice.kernel].native_gqa
 
 
 def block_forward(q, k, v, b: Block, scale: float, dropout: float = 0.0, seed: int = 0):

@@ -19,12 +19,22 @@ from .cuda_streams import CopyStream, copy_stream
 
 @dataclass
 class ActivationMeter:
-    """Live and peak bytes of tensors saved for backward (parameters excluded)."""
+    """Live and peak bytes of tensors saved for backward (parameters excluded).
+
+    ``counting=False`` (:meth:`offload_only`, what a training step gets unless it passes a meter)
+    counts only the offloaded bytes: without offload it installs no hooks at all, so a step pays
+    nothing per saved tensor.
+    """
 
     live: int = 0
     peak: int = 0
     offloaded: int = 0
+    counting: bool = True
     _refs: dict = field(default_factory=dict)
+
+    @classmethod
+    def offload_only(cls) -> "ActivationMeter":
+        return cls(counting=False)
 
     def _acquire(self, t: torch.Tensor) -> object:
         key = (t.untyped_storage().data_ptr(), t.device)
@@ -55,6 +65,12 @@ class _Handle:
         self.meter._release(self.key, self.nbytes)
 
 
+def _is_parameter(t: torch.Tensor) -> bool:
+    # ``isinstance(t, Parameter)`` goes through Parameter's Python metaclass check on every saved
+    # tensor; a plain tensor (the usual case) is answered by its exact type first.
+    return type(t) is not torch.Tensor and isinstance(t, torch.nn.Parameter)
+
+
 @contextlib.contextmanager
 def saved_tensor_hooks(meter: ActivationMeter | None = None, offload: bool = False):
     """Counts saved tensors into ``meter``; with ``offload`` keeps them on the CPU until backward.
@@ -63,12 +79,13 @@ def saved_tensor_hooks(meter: ActivationMeter | None = None, offload: bool = Fal
     the host copy is pinned and made on a side stream (:mod:`ds_chunkflow.cuda_streams`); the
     backward's unpack waits for it.
     """
-    if meter is None and not offload:
+    count = meter is not None and meter.counting
+    if not count and not offload:
         yield
         return
 
     def pack(t: torch.Tensor):
-        if isinstance(t, torch.nn.Parameter) or isinstance(t._base, torch.nn.Parameter):  # a weight, or its .t()
+        if _is_parameter(t) or (t._base is not None and _is_parameter(t._base)):  # a weight, or its .t()
             return (t, None, None)
         if offload:
             if meter is not None:
@@ -80,7 +97,7 @@ def saved_tensor_hooks(meter: ActivationMeter | None = None, offload: bool = Fal
             cpu = torch.empty(t.size(), dtype=t.dtype, layout=t.layout)
             cpu.copy_(t)
             return (cpu, t.device, None)
-        return (t, None, meter._acquire(t) if meter is not None else None)
+        return (t, None, meter._acquire(t) if count else None)
 
     def unpack(packed):
         t, where, extra = packed

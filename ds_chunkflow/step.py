@@ -29,7 +29,7 @@ def chunked_step(model, sequences: Sequence[SequenceDict], *, chunk_size: int, k
                        offload_activations=offload_activations, num_loss_tokens=num_loss_tokens)
     device = next(model.parameters()).device
     executor = Executor(model, lambda loss, _boundary: loss.backward(), batch.sequences, batch.num_loss_tokens,
-                        device, state_offload_min_tokens, meter or ActivationMeter(),
+                        device, state_offload_min_tokens, meter or ActivationMeter.offload_only(),
                         loss_pieces=num_loss_pieces(chunk_size, loss_piece_tokens), model=model)
     with use_chunkflow_attention(model.config), use_chunkflow_mixers(model):
         return executor.run(batch.rank_plans[0])

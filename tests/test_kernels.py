@@ -198,3 +198,21 @@ def test_cuda_ops_accept_our_arguments(name, dtype, causal):
     assert out.shape == (1, 4, tq, 20) and lse.shape == (1, 4, tq) and lse.dtype == torch.float32
     dq, dk, dv = kernels.fused_backward(BACKENDS[name], torch.empty_like(out), q, k, v, out, lse, b, 0.2)
     assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
+
+
+def test_cpu_flash_gqa_native_equals_expanded():
+    """cpu_flash takes k/v with fewer heads (query head h -> k/v head h // n_rep): out, lse and dq equal the
+    repeated-k/v kernel's, dk/dv its per-head sums; a block cut by a window (math kernel) is not taken natively."""
+    g = torch.Generator().manual_seed(0)
+    q, do = (torch.randn(1, 4, 6, 8, dtype=torch.float64, generator=g) for _ in range(2))
+    k, v = (torch.randn(1, 2, 6, 8, dtype=torch.float64, generator=g) for _ in range(2))
+    b = kernels.Block(0, 0, 6, 6)
+    assert kernels.takes_gqa(q, v, b) and not kernels.takes_gqa(q, v, kernels.Block(0, 0, 6, 6, window=2))
+    ke, ve = k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)
+    out, lse = kernels.block_forward(q, k, v, b, 0.3)
+    ref_out, ref_lse = kernels.block_forward(q, ke, ve, b, 0.3)
+    torch.testing.assert_close((out, lse), (ref_out, ref_lse), rtol=0, atol=1e-14)
+    dq, dk, dv = kernels.block_backward(do, q, k, v, out, lse, b, 0.3)
+    rq, rk, rv = kernels.block_backward(do, q, ke, ve, out, lse, b, 0.3)
+    torch.testing.assert_close((dq, dk, dv), (rq, rk.view(1, 2, 2, 6, 8).sum(2), rv.view(1, 2, 2, 6, 8).sum(2)),
+                               rtol=0, atol=1e-13)
