@@ -129,11 +129,19 @@ def by_chunkflow(lengths: list[int], num_ranks: int, cost: CostModel, chunk_size
 
 
 def by_chunkflow_sp(lengths: list[int], num_ranks: int, cost: CostModel, chunk_size: int,
-                    sp_max_size: int) -> tuple[list[float], list[int], None]:
+                    sp_max_size: int) -> tuple[list[float], list[int], None, float]:
     """``assign_to_ranks`` with sequence parallelism up to ``sp_max_size`` ranks per group; a spread
-    group's per-rank cost includes its all-to-all term (``CostModel.group_cost``)."""
-    shares = assign_to_ranks(build_chunks(lengths, chunk_size), num_ranks, cost, sp_max_size)
-    return [s.cost for s in shares], [s.num_tokens for s in shares], None
+    group's per-rank cost includes its all-to-all term (``CostModel.group_cost``). The costs are
+    compared with the compute-only mean (the last value returned): the all-to-all shows as imbalance."""
+    layout = build_chunks(lengths, chunk_size)
+    shares = assign_to_ranks(layout, num_ranks, cost, sp_max_size)
+    compute = sum(cost.group_cost(g) for g in layout.groups) + sum(cost.chunk_cost(c) for c in layout.standalone)
+    return [s.cost for s in shares], [s.num_tokens for s in shares], None, compute / num_ranks
+
+
+def _cost_imbalance(costs: list[float], reference_mean: list[float]) -> float:
+    """max / mean, against ``reference_mean[0]`` when given (the compute-only mean of sequence parallelism)."""
+    return max(costs) / reference_mean[0] if reference_mean else imbalance(costs)
 
 
 SP_ALL_TO_ALL = (0.1, 1.0)
@@ -155,7 +163,8 @@ def balance_rows(batch_sizes, num_batches: int, seed: int) -> list[dict]:
                     methods[f"chunkflow+SP C={c} a2a={w}"] = (
                         lambda b, m=num_ranks, c=c, sc=sp_cost: by_chunkflow_sp(b, m, sc, c, m))
             for method, run in methods.items():
-                cost_imb, token_imb, bound = zip(*((imbalance(cs), imbalance(ts), lb) for cs, ts, lb in map(run, batches)))
+                cost_imb, token_imb, bound = zip(*((_cost_imbalance(cs, ref), imbalance(ts), lb)
+                                                   for cs, ts, lb, *ref in map(run, batches)))
                 rows.append(dict(batch=batch_size, ranks=num_ranks, method=method, batches=num_batches,
                                  cost_mean=statistics.mean(cost_imb), cost_worst=max(cost_imb),
                                  cost_bound_mean=None if None in bound else statistics.mean(bound),
