@@ -42,7 +42,8 @@ logger = logging.getLogger(__name__)
 GIB = 1 << 30
 FLOOR = 256  # smallest chunk size considered: below it per-call overheads dominate
 PROBE_TOKENS = (256, 512, 1024)
-MARGIN = 0.15  # allocator slack and what the model does not save through autograd (fragmentation, workspaces)
+MARGIN = 0.35  # allocator slack and what the model does not save through autograd (fragmentation, workspaces);
+# 0.15 let a fresh-clone CI run grow 43.5 MiB against a 42 MiB budget (35 MiB predicted)
 ADAM_STATE_BYTES = 8  # exp_avg + exp_avg_sq in float32, per parameter
 
 

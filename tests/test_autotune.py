@@ -73,7 +73,7 @@ def test_too_small_a_budget_is_refused_naming_budget_and_need():
     the need of chunk_size FLOOR; the boundary is that need itself."""
     profile = _profile_7b_like(static_gib=20.0)
     with pytest.raises(at.AutotuneError, match=r"chunkflow.memory_budget_gib: 16.000 GiB per rank is too small"
-                                               r".*chunk_size 256, keep_chunks 1\) needs 30\.\d{3} GiB") as e:
+                                               r".*chunk_size 256, keep_chunks 1\) needs 36\.\d{3} GiB") as e:
         at.choose(profile, at.Workload(32_768), 16 * at.GIB)
     assert isinstance(e.value, ConfigError)
     need = at.predict(profile, at.Workload(32_768), at.FLOOR, 1).total * (1 + at.MARGIN)

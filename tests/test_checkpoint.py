@@ -130,9 +130,8 @@ def test_kill_mid_save_leaves_latest_on_the_previous_tag(two_tags):
     assert r.tag == "global_step1" and "no manifest" in r.skipped[0], r.skipped
 
 
-def test_kill_before_the_manifest_leaves_latest_alone(two_tags, monkeypatch):
-    """The manifest is written before `latest` moves: a kill between the two keeps the old `latest`."""
-    d, engine = two_tags
+def kill_at_manifest(monkeypatch):
+    """Makes the next manifest write raise KeyboardInterrupt (a kill); returns the real writer."""
     write = ck.atomic_write_text
 
     def killed_at_manifest(path, text):
@@ -141,6 +140,13 @@ def test_kill_before_the_manifest_leaves_latest_alone(two_tags, monkeypatch):
         write(path, text)
 
     monkeypatch.setattr(ck, "atomic_write_text", killed_at_manifest)
+    return write
+
+
+def test_kill_before_the_manifest_leaves_latest_alone(two_tags, monkeypatch):
+    """The manifest is written before `latest` moves: a kill between the two keeps the old `latest`."""
+    d, engine = two_tags
+    kill_at_manifest(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         _save(d, engine, 3)
     assert (d / "latest").read_text() == "global_step2"
@@ -270,14 +276,7 @@ def test_torn_chunkflow_save_never_passes_for_a_stock_tag(tmp_path, monkeypatch)
     holding no other tag, looks like a complete stock tag; its saving mark keeps it refused."""
     engine = _FakeEngine()
     engine.global_steps = 4
-    write = ck.atomic_write_text
-
-    def killed_at_manifest(path, text):
-        if path.endswith(ck.MANIFEST):
-            raise KeyboardInterrupt("killed while writing the manifest")
-        write(path, text)
-
-    monkeypatch.setattr(ck, "atomic_write_text", killed_at_manifest)
+    write = kill_at_manifest(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         ck.save_checkpoint(engine, _deepspeed_like_save(engine), tmp_path)
     monkeypatch.setattr(ck, "atomic_write_text", write)

@@ -46,6 +46,19 @@ def update_errors(result, ref_after):
     return per_param, (num / den).sqrt().item()
 
 
+def assert_matches_reference(results, long_len=None, steps=3):
+    """Both ranks' losses match the reference's to 1e-5, the ranks' parameters are equal, and every
+    parameter's update is within 2e-5 of the reference update's size."""
+    ref_losses, ref_after = reference_steps(steps, long_len=long_len)
+    for r in results:
+        for a, b in zip(r["losses"], ref_losses):
+            assert abs(a - b) / abs(b) < 1e-5, (r["losses"], ref_losses)
+    assert all(torch.equal(results[0]["after"][n], results[1]["after"][n]) for n in ref_after), "ranks diverged"
+    per_param, _ = update_errors(results[0], ref_after)
+    worst = max(per_param, key=per_param.get)
+    assert per_param[worst] < 2e-5, (worst, per_param[worst])
+
+
 KEEP_ALL = {"keep_chunks": 8}  # more than any group's chunks: K = N, every graph alive until its backward
 
 
@@ -66,14 +79,7 @@ def test_two_ranks_match_reference(tmp_path, stage, chunkflow, offloads, recompu
     offload is on; and the chunk forwards run again for backward: none with K = N or with activation
     offload (ZeRO-3 included: several graphs alive, no fallback to recompute)."""
     results = _train(tmp_path, stage, 3, chunkflow)
-    ref_losses, ref_after = reference_steps(3)
-    for r in results:
-        for a, b in zip(r["losses"], ref_losses):
-            assert abs(a - b) / abs(b) < 1e-5, (r["losses"], ref_losses)
-    assert all(torch.equal(results[0]["after"][n], results[1]["after"][n]) for n in ref_after), "ranks diverged"
-    per_param, _ = update_errors(results[0], ref_after)
-    worst = max(per_param, key=per_param.get)
-    assert per_param[worst] < 2e-5, (worst, per_param[worst])  # measured: 2.3e-6
+    assert_matches_reference(results)  # measured: 2.3e-6
 
     for key, i, expected in (("offloaded_bytes", 0, offloads[0]), ("kv_state_bytes_moved", 1, offloads[1])):
         reported = [r["metrics"][key] for r in results]
@@ -170,14 +176,7 @@ def test_sequence_parallel_matches_reference(tmp_path, stage, keep):
     results = _train(tmp_path, stage, 3, {"keep_chunks": keep, "sequence_parallel": {"max_size": 2}},
                      long_len=SP_LONG)
     assert all(r["metrics"]["sequence_parallel_groups"] == 1 for r in results), results[0]["metrics"]
-    ref_losses, ref_after = reference_steps(3, long_len=SP_LONG)
-    for r in results:
-        for a, b in zip(r["losses"], ref_losses):
-            assert abs(a - b) / abs(b) < 1e-5, (r["losses"], ref_losses)
-    assert all(torch.equal(results[0]["after"][n], results[1]["after"][n]) for n in ref_after), "ranks diverged"
-    per_param, _ = update_errors(results[0], ref_after)
-    worst = max(per_param, key=per_param.get)
-    assert per_param[worst] < 2e-5, (worst, per_param[worst])
+    assert_matches_reference(results, long_len=SP_LONG)
     cfg = tiny_config("qwen2")
     head_dim = cfg.hidden_size // cfg.num_attention_heads
     # per layer: K and V of Hkv heads x tokens x head_dim in fp32, and their fp32 gradient buffers
