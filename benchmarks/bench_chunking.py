@@ -135,8 +135,7 @@ def by_chunkflow_sp(lengths: list[int], num_ranks: int, cost: CostModel, chunk_s
     compared with the compute-only mean (the last value returned): the all-to-all shows as imbalance."""
     layout = build_chunks(lengths, chunk_size)
     shares = assign_to_ranks(layout, num_ranks, cost, sp_max_size)
-    compute = sum(cost.group_cost(g) for g in layout.groups) + sum(cost.chunk_cost(c) for c in layout.standalone)
-    return [s.cost for s in shares], [s.num_tokens for s in shares], None, compute / num_ranks
+    return [s.cost for s in shares], [s.num_tokens for s in shares], None, cost.layout_cost(layout) / num_ranks
 
 
 def _cost_imbalance(costs: list[float], reference_mean: list[float]) -> float:

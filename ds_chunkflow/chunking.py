@@ -238,6 +238,10 @@ class CostModel:
         p = sp_size
         return compute / p + self.all_to_all * (tokens / p) * (p - 1) / p
 
+    def layout_cost(self, layout: "ChunkLayout") -> float:
+        """Compute cost of a whole batch (no all-to-all): every group and standalone chunk."""
+        return sum(self.group_cost(g) for g in layout.groups) + sum(self.chunk_cost(c) for c in layout.standalone)
+
 
 @dataclass
 class RankShare:
@@ -285,8 +289,7 @@ def choose_sp_sizes(layout: ChunkLayout, num_ranks: int, cost: CostModel, max_si
     sizes = sp_sizes(num_ranks, max_size)
     if not sizes:
         return {}
-    total = sum(cost.group_cost(g) for g in layout.groups) + sum(cost.chunk_cost(c) for c in layout.standalone)
-    cap = cap_fraction * total / num_ranks
+    cap = cap_fraction * cost.layout_cost(layout) / num_ranks
     chosen = {}
     for k, g in enumerate(layout.groups):
         if cost.group_cost(g) <= cap:

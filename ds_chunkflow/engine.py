@@ -143,7 +143,6 @@ class ChunkFlowEngine(ChunkFlowMixin, DeepSpeedEngine):
         """One process group per aligned block of data-parallel ranks a long sample may be spread over
         (created collectively, on every rank, in the same order); refuses what cannot be exact."""
         sp = self.chunkflow_config.sequence_parallel
-        sizes = sp_sizes(self.dp_world_size, sp.max_size)
         if sp.max_size == 1:
             return {}
         error = None
@@ -165,6 +164,7 @@ class ChunkFlowEngine(ChunkFlowMixin, DeepSpeedEngine):
         import torch.distributed as tdist
 
         global_ranks = tdist.get_process_group_ranks(self.data_parallel_group)
+        sizes = sp_sizes(self.dp_world_size, sp.max_size)
         return {ranks: dist.new_group(ranks=[global_ranks[r] for r in ranks])
                 for ranks in sp_group_ranks(self.dp_world_size, sizes)}
 
