@@ -2,7 +2,7 @@
 
 from .config import ChunkFlowConfig, ConfigError
 from .distributed import init_distributed
-from .step import chunked_forward_backward, chunked_step
+from .step import chunked_evaluate, chunked_forward_backward, chunked_step
 
 
 def initialize(*args, **kwargs):
@@ -19,6 +19,6 @@ def load_pretrained(*args, **kwargs):
     return _load(*args, **kwargs)
 
 
-__all__ = ["ChunkFlowConfig", "ConfigError", "chunked_forward_backward", "chunked_step", "init_distributed",
+__all__ = ["ChunkFlowConfig", "ConfigError", "chunked_evaluate", "chunked_forward_backward", "chunked_step", "init_distributed",
            "initialize", "load_pretrained"]
 __version__ = "0.1.0"

@@ -13,7 +13,7 @@ from typing import Sequence
 
 from .batch import SequenceDict, count_loss_tokens, validate_sequences
 from .chunking import ChunkLayout, CostModel, RankShare, assign_to_ranks, build_chunks, imbalance
-from .scheduler import Step, align, build_plan, plan_stats
+from .scheduler import Step, align, align_eval, build_eval_plan, build_plan, plan_stats
 
 logger = logging.getLogger(__name__)
 
@@ -60,10 +60,17 @@ def guard_lengths(sequences: Sequence[SequenceDict], max_seq_len: int | None, on
 
 def plan_batch(sequences: Sequence[SequenceDict], *, chunk_size: int, keep_chunks: int, num_ranks: int = 1,
                offload_activations: bool = False, cost: CostModel | None = None, max_seq_len: int | None = None,
-               on_overlong: str = "error", num_loss_tokens: int | None = None, sp_max_size: int = 1) -> BatchPlan:
+               on_overlong: str = "error", num_loss_tokens: int | None = None, sp_max_size: int = 1,
+               evaluation: bool = False) -> BatchPlan:
+    """``evaluation``: forward-only plans (:func:`~ds_chunkflow.scheduler.build_eval_plan`) whose losses are
+    sums of cross-entropy (``num_loss_tokens`` is 1); a batch without targets is allowed then."""
     kept, skipped = guard_lengths(sequences, max_seq_len, on_overlong)
     if not kept:
         raise ValueError("the global batch is empty (after the max_seq_len guard)")
+    if evaluation:
+        layout = build_chunks([int(s["input_ids"].numel()) for s in kept], chunk_size)
+        shares = assign_to_ranks(layout, num_ranks, cost, sp_max_size)
+        return BatchPlan(kept, layout, shares, align_eval([build_eval_plan(s) for s in shares]), 1, skipped)
     if num_loss_tokens is None:
         num_loss_tokens = count_loss_tokens(kept)
     if num_loss_tokens <= 0:

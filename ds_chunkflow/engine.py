@@ -21,14 +21,15 @@ from deepspeed.runtime.engine import DeepSpeedEngine
 
 from . import checkpoint
 from .attention import use_chunkflow_attention
-from .batch import SequenceDict
+from .batch import SequenceDict, count_loss_tokens
 from .batch_plan import BatchPlan, plan_batch
-from .chunk_core import num_loss_pieces
+from .chunk_core import get_rng, num_loss_pieces, set_rng
 from .chunking import CostModel, sp_sizes
 from .config import ChunkFlowConfig
 from .deepspeed_adapter import Zero3LiveGraphs, count_param_gathers
 from .distributed import agree_on_errors, all_reduce
-from .executor import Executor, GraphHooks
+from .executor import Executor, GraphHooks, no_backward
+from .memory import ActivationMeter
 from .guard import check_model
 from .hf_model import enable_recompute
 from .memory import peak_rss_bytes
@@ -37,6 +38,7 @@ from .monitor import step_metrics, write_events
 from .sequence_parallel import SequenceParallelRefused, check_heads, sp_group_ranks
 
 SAMPLER_KEY = "ds_chunkflow_sampler"
+EVAL_BATCH_SAMPLES = 256  # samples planned together by evaluate(): the whole set is never planned at once
 logger = logging.getLogger(__name__)
 
 
@@ -61,7 +63,7 @@ class ChunkFlowMixin:
         return [self.chunkflow_dataset[i] for i in indices]
 
     def _plan_agreed(self, sequences: Sequence[SequenceDict], num_ranks: int, cost: CostModel,
-                     group, sp_max_size: int = 1) -> BatchPlan:
+                     group, sp_max_size: int = 1, evaluation: bool = False) -> BatchPlan:
         """The batch plan, or the same error on every rank of ``group``; the batch itself is checked equal.
 
         Under ZeRO every forward / backward is a collective and in a pipeline every chunk a message,
@@ -72,7 +74,8 @@ class ChunkFlowMixin:
         try:
             batch = plan_batch(sequences, chunk_size=cf.chunk_size, keep_chunks=cf.keep_chunks, num_ranks=num_ranks,
                                offload_activations=cf.offload.activations == "far", cost=cost,
-                               max_seq_len=cf.max_seq_len, on_overlong=cf.on_overlong, sp_max_size=sp_max_size)
+                               max_seq_len=None if evaluation else cf.max_seq_len, on_overlong=cf.on_overlong,
+                               sp_max_size=sp_max_size, evaluation=evaluation)
         except (ValueError, TypeError) as e:
             error = e
         agree_on_errors(error, group=group, device=self.device)
@@ -100,6 +103,12 @@ class ChunkFlowMixin:
         self.last_metrics = metrics
         if self.monitor.enabled and self.global_rank == 0:
             write_events(self.monitor, metrics, self.global_steps, self.global_samples)
+
+    def evaluate(self, data, batch_samples: int = EVAL_BATCH_SAMPLES) -> float:
+        raise NotImplementedError(
+            f"{type(self).__name__}.evaluate: evaluation is not supported in pipeline mode (its schedule has no "
+            "forward-only pass yet); evaluate with the data-parallel engine (no `pipeline` section), or leave "
+            "--eval_data / --eval_split unset")
 
     def save_checkpoint(self, save_dir, tag=None, client_state=None, save_latest=True, **kwargs):
         """DeepSpeed's save, made crash-safe (:mod:`ds_chunkflow.checkpoint`): files durable on every
@@ -210,6 +219,49 @@ class ChunkFlowEngine(ChunkFlowMixin, DeepSpeedEngine):
             metrics.update(zero3_param_gathers=gathers.calls, zero3_param_gather_bytes=gathers.bytes)
         self._write_metrics(metrics)
         return torch.tensor(loss)
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self, data, batch_samples: int = EVAL_BATCH_SAMPLES) -> float:
+        """Evaluation loss of ``data`` (a dataset with ``len`` and ``[i]``, or a list of sequences; the
+        same on every rank): ``sum(CE over label tokens) / label tokens`` of the whole set.
+
+        The chunked forward without backward: a long sample's chunks run in order with the K/V state
+        of the ones before, without gradients, so any sample fits the memory a training chunk needs.
+        Samples are spread over the data-parallel ranks by cost (sequence parallelism as in training)
+        and the sums reduced in float64. Training state is untouched: the module's mode and the RNG
+        are restored, the sampler is not read. Logged as ``eval/loss`` and ``eval/tokens`` through the
+        monitor; ``self.last_eval`` holds ``{"loss", "tokens", "samples", "seconds"}``."""
+        start = time.perf_counter()
+        cf, group, world = self.chunkflow_config, self.data_parallel_group, self.dp_world_size
+        num_samples = len(data)
+        was_training, rng = self.module.training, get_rng()
+        self.module.eval()
+        loss_sum, tokens = 0.0, 0
+        try:
+            with use_chunkflow_attention(self.module.config), use_chunkflow_mixers(self.module):
+                for first in range(0, num_samples, batch_samples):
+                    sequences = [data[i] for i in range(first, min(num_samples, first + batch_samples))]
+                    tokens += count_loss_tokens(sequences)
+                    batch = self._plan_agreed(sequences, world, self._cost_model(), group,
+                                              sp_max_size=cf.sequence_parallel.max_size, evaluation=True)
+                    executor = Executor(self, no_backward, batch.sequences, 1, self.device,
+                                        cf.offload.kv_state_min_tokens, ActivationMeter.offload_only(),
+                                        pad_token_id=cf.pad_token_id, model=self.module, sp_groups=self.sp_groups,
+                                        loss_pieces=num_loss_pieces(cf.chunk_size, cf.loss_piece_tokens))
+                    loss_sum += executor.run(batch.rank_plans[self._dp_rank()]).loss.item()
+        finally:
+            self.module.train(was_training)
+            set_rng(rng)
+        if tokens == 0:
+            raise ValueError(f"evaluate: the {num_samples} samples have no label tokens (every label is -100)")
+        loss_sum, = all_reduce([loss_sum], "sum", group, self.device)
+        loss = loss_sum / tokens
+        self.last_eval = {"loss": loss, "tokens": float(tokens), "samples": float(num_samples),
+                          "seconds": time.perf_counter() - start}
+        if self.monitor.enabled and self.global_rank == 0:
+            write_events(self.monitor, {k: v for k, v in self.last_eval.items() if k != "seconds"},
+                         self.global_steps, self.global_samples, prefix="eval/")
+        return loss
 
     def _dp_rank(self) -> int:
         import deepspeed.comm as dist

@@ -31,9 +31,11 @@ from .hf_model import OutputHead, final_hidden
 from .memory import ActivationMeter, saved_tensor_hooks
 from .scheduler import (
     Backward,
+    EvalForward,
     Forward,
     Instruction,
     PadBackward,
+    PadEvalForward,
     PadForward,
     Recompute,
     ReleaseState,
@@ -43,6 +45,11 @@ from .scheduler import (
 )
 
 BackwardFn = Callable[[torch.Tensor, bool], None]
+
+
+def no_backward(loss: torch.Tensor, boundary: bool) -> None:
+    """The backward of an evaluation executor: its plans have none."""
+    raise AssertionError("an evaluation plan has no backward")
 
 
 @dataclass
@@ -116,7 +123,7 @@ class Executor:
         return self.stats
 
     # ------------------------------------------------------------------ helpers
-    def _call(self, chunk: Chunk, with_loss: bool, offload: bool = False) -> torch.Tensor | None:
+    def _call(self, chunk: Chunk, with_loss: bool, offload: bool = False, hooks: bool = True) -> torch.Tensor | None:
         inputs = self.run_state.inputs(chunk)
         ctx = self.run_state.context(chunk)
         with saved_tensor_hooks(self.meter, offload), final_hidden(self.model) as hidden:
@@ -132,7 +139,8 @@ class Executor:
                 return None
             loss = head_loss(self.head, hidden[0], inputs.targets, self.num_loss_tokens, self.loss_pieces)
         self.stats.loss += loss.detach().double().cpu()
-        self.graph_hooks.after_forward(chunk)
+        if hooks:  # a graph kept for a later backward (not an evaluation forward's)
+            self.graph_hooks.after_forward(chunk)
         return loss
 
     def _backward(self, key, loss: torch.Tensor) -> None:
@@ -160,17 +168,22 @@ class Executor:
         self.run_state.forget_rng(ins.chunk)
         self._backward(ins.chunk, self._losses.pop(ins.chunk))
 
-    def _exec_pad_forward(self, ins: PadForward) -> None:
-        # the same module calls as a chunk (forward, then the loss pieces), with no targets: a zero loss
+    def _pad_call(self, grad: bool, with_loss: bool) -> torch.Tensor | None:
+        """The same module calls as a chunk (forward, then the loss pieces), with no targets: a zero loss."""
         ids = torch.full((1, 1), self.pad_token_id, dtype=torch.long, device=self.device)
         ctx = ChunkContext([SegmentSpec(0, 1)])
-        with torch.set_grad_enabled(ins.keep and torch.is_grad_enabled()), final_hidden(self.model) as hidden:
+        with torch.set_grad_enabled(grad and torch.is_grad_enabled()), final_hidden(self.model) as hidden:
             self.forward_fn(input_ids=ids, position_ids=torch.zeros_like(ids), use_cache=False, chunkflow=ctx,
                             logits_to_keep=1)
             self.stats.num_forwards += 1
-            if not ins.keep:
-                return
-            loss = head_loss(self.head, hidden[0], torch.full_like(ids, IGNORE_INDEX), 1, self.loss_pieces)
+            if not with_loss:
+                return None
+            return head_loss(self.head, hidden[0], torch.full_like(ids, IGNORE_INDEX), 1, self.loss_pieces)
+
+    def _exec_pad_forward(self, ins: PadForward) -> None:
+        loss = self._pad_call(grad=ins.keep, with_loss=ins.keep)
+        if not ins.keep:
+            return
         key = ("pad", self._num_pads)
         self._num_pads += 1
         self._pads.append((key, loss))
@@ -178,6 +191,13 @@ class Executor:
 
     def _exec_pad_backward(self, ins: PadBackward) -> None:
         self._backward(*self._pads.popleft())
+
+    def _exec_eval_forward(self, ins: EvalForward) -> None:
+        with torch.no_grad():
+            self._call(ins.chunk, with_loss=True, hooks=False)
+
+    def _exec_pad_eval_forward(self, ins: PadEvalForward) -> None:
+        self._pad_call(grad=False, with_loss=True)
 
     def _exec_release(self, ins: ReleaseState) -> None:
         self.run_state.release(ins.group)
@@ -190,4 +210,6 @@ class Executor:
         PadForward: _exec_pad_forward,
         PadBackward: _exec_pad_backward,
         ReleaseState: _exec_release,
+        EvalForward: _exec_eval_forward,
+        PadEvalForward: _exec_pad_eval_forward,
     }

@@ -48,15 +48,17 @@ def step_metrics(batch: BatchPlan, loss: float, seconds: float, peak_rss: int, s
     return metrics
 
 
-def write_events(monitor, metrics: dict[str, float], step: int, wandb_step: int) -> None:
-    """``Train/chunkflow/<name>`` events through DeepSpeed's monitor, at the optimizer ``step``.
+def write_events(monitor, metrics: dict[str, float], step: int, wandb_step: int,
+                 prefix: str = "Train/chunkflow/") -> None:
+    """``<prefix><name>`` events (``Train/chunkflow/<name>``; ``eval/<name>`` for evaluations) through
+    DeepSpeed's monitor, at the optimizer ``step``.
 
     wandb needs one monotonic step per run, and DeepSpeed logs its own ``Train/Samples/*`` events at
     its sample counter (``engine.global_samples``), which runs ahead of the optimizer step; wandb would
     drop ours (with a warning). So wandb gets them at ``wandb_step`` (that counter) with the optimizer
     step as one more metric, ``optimizer_step``; csv / tensorboard / comet at the optimizer step.
     """
-    events = [(f"Train/chunkflow/{k}", v, step) for k, v in metrics.items()]
+    events = [(f"{prefix}{k}", v, step) for k, v in metrics.items()]
     wandb = getattr(monitor, "wandb_monitor", None)
     for name in ("tb_monitor", "csv_monitor", "comet_monitor"):
         sub = getattr(monitor, name, None)
@@ -64,4 +66,4 @@ def write_events(monitor, metrics: dict[str, float], step: int, wandb_step: int)
             sub.write_events(events)
     if wandb is not None:
         wandb.write_events([(label, value, wandb_step) for label, value, _ in events]
-                           + [("Train/chunkflow/optimizer_step", float(step), wandb_step)])
+                           + [(f"{prefix}optimizer_step", float(step), wandb_step)])

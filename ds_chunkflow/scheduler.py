@@ -99,6 +99,25 @@ class PadBackward(Instruction):
     """Backward of the oldest pending pad loss (a zero gradient)."""
 
 
+class EvalForward(Instruction):
+    """Forward a chunk with no graph and add its summed loss (evaluation: no backward follows).
+
+    Roughly: ``with no_grad(): loss_sum += CE(model(chunk))``; a dependent chunk also fills the
+    K/V state for the next one, as a :class:`StateForward` does.
+    """
+
+    def __init__(self, chunk: Chunk):
+        self.chunk = chunk
+
+
+class PadEvalForward(Instruction):
+    """A one-token evaluation forward with the loss head's calls and no loss, so ranks issue
+    equal collectives (ZeRO-3 gathers per module call).
+
+    Roughly: ``with no_grad(): 0 * CE(model([token 0]))``.
+    """
+
+
 class ReleaseState(Instruction):
     """Free a dependent group's K/V state after its last backward (local: no model call)."""
 
@@ -164,6 +183,27 @@ def align(plans: list[list[Step]]) -> list[list[Step]]:
     return out
 
 
+def build_eval_plan(share: RankShare) -> list[Step]:
+    """One rank's evaluation: every chunk forwarded once, in order, with no graph; a dependent
+    group's state is released after its last chunk. Sequence-parallel groups first (as in
+    :func:`build_plan`), so the ranks of a block reach each shard at the same instruction::
+
+        group g (3 chunks): [E g0] [E g1] [E g2 | release g]     standalone c: [E c]
+    """
+    steps: list[Step] = []
+    for g in share.sp_groups + sorted(share.groups, key=lambda g: (-len(g), g[0].group)):
+        steps += [Step(fwd=[EvalForward(c)]) for c in g]
+        steps[-1].post.append(ReleaseState(g[0].group))
+    steps += [Step(fwd=[EvalForward(c)]) for c in share.standalone]
+    return steps
+
+
+def align_eval(plans: list[list[Step]]) -> list[list[Step]]:
+    """Pads every rank's evaluation plan with :class:`PadEvalForward` steps to the same length."""
+    num_steps = max((len(p) for p in plans), default=0)
+    return [p + [Step(fwd=[PadEvalForward()]) for _ in range(num_steps - len(p))] for p in plans]
+
+
 def flatten(plan: list[Step]) -> list[Instruction]:
     return [ins for step in plan for ins in step.instructions()]
 
@@ -183,11 +223,11 @@ class PlanStats:
 def plan_stats(plan: list[Step]) -> PlanStats:
     fwd = rec = pads = 0
     for ins in flatten(plan):
-        if isinstance(ins, (StateForward, Forward)):
+        if isinstance(ins, (StateForward, Forward, EvalForward)):
             fwd += ins.chunk.num_tokens
         elif isinstance(ins, Recompute):
             fwd += ins.chunk.num_tokens
             rec += ins.chunk.num_tokens
-        elif isinstance(ins, (PadForward, PadBackward)):
+        elif isinstance(ins, (PadForward, PadBackward, PadEvalForward)):
             pads += 1
     return PlanStats(fwd, rec, pads)

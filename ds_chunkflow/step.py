@@ -7,11 +7,11 @@ from typing import Sequence
 import torch
 
 from .attention import use_chunkflow_attention
-from .batch import SequenceDict
+from .batch import SequenceDict, count_loss_tokens
 from .batch_plan import plan_batch
 from .chunk_core import num_loss_pieces
 from .config import ChunkFlowConfig
-from .executor import ExecStats, Executor
+from .executor import ExecStats, Executor, no_backward
 from .guard import check_model
 from .memory import ActivationMeter
 from .mixers import use_chunkflow_mixers
@@ -53,3 +53,22 @@ def chunked_forward_backward(model, sequences: Sequence[SequenceDict], chunk_siz
                          num_loss_tokens=num_loss_tokens, **options)
     dtype = next(model.parameters()).dtype
     return stats.loss.to(torch.float64 if dtype == torch.float64 else torch.float32)
+
+
+def chunked_evaluate(model, sequences: Sequence[SequenceDict], chunk_size: int,
+                     loss_piece_tokens: int = LOSS_PIECE_TOKENS) -> torch.Tensor:
+    """``sum(next-token CE over all label positions) / their count`` of ``sequences`` by the chunked
+    forward without backward (no graph; a long sequence's chunks run in order with the K/V state of
+    the ones before). Equals the model's plain forward; the module's train/eval mode is left as it is."""
+    check_model(model)
+    num_loss_tokens = count_loss_tokens(sequences)
+    if num_loss_tokens == 0:
+        raise ValueError("chunked_evaluate: the sequences have no label tokens (every label is -100)")
+    batch = plan_batch(sequences, chunk_size=chunk_size, keep_chunks=1, evaluation=True)
+    device = next(model.parameters()).device
+    executor = Executor(model, no_backward, batch.sequences, 1, device, meter=ActivationMeter.offload_only(),
+                        loss_pieces=num_loss_pieces(chunk_size, loss_piece_tokens), model=model)
+    with use_chunkflow_attention(model.config), use_chunkflow_mixers(model):
+        total = executor.run(batch.rank_plans[0]).loss
+    dtype = next(model.parameters()).dtype
+    return (total / num_loss_tokens).to(torch.float64 if dtype == torch.float64 else torch.float32)
