@@ -13,7 +13,7 @@ Which kernel a block gets is one pure function, :func:`choose_kernel`:
 
     block                         cpu          cuda fp16/bf16          cuda fp32        cuda fp64
     fully visible / causal-square cpu_flash    cuda_flash (else eff.)  cuda_efficient   math (+warning)
-    cut by a sliding window       math (+warning, any device)
+    cut by a sliding window       math (+w.)   cuda_flash_window       math (+warning)  math (+warning)
     attention dropout > 0         math (+warning, any device)
 
 * ``cpu_flash``: PyTorch's fused CPU flash-attention op (fp64/fp32/bf16/fp16); GQA native (query
@@ -25,6 +25,21 @@ Which kernel a block gets is one pure function, :func:`choose_kernel`:
   multiple of 8 (exact: zero columns add nothing to a score, padded output columns are
   cut off); the efficient kernel's log-sum-exp is padded to a multiple of 32 rows, cut
   for the merge and padded back for its backward;
+* ``cuda_flash_window``: ``aten._flash_attention_forward`` / ``_backward`` (FlashAttention-2, the op behind
+  the SDPA flash op) with ``window_size_left/right``, for a block cut by a sliding window. Its mask is
+  aligned to the bottom-right corner of the block: query row i sees key column j iff
+  ``i + (Tk - Tq) - left <= j <= i + (Tk - Tq) + right``. Ours is ``0 <= q - k < window`` by position, so
+  (worked example: queries at 8..11, keys at 2..7, window 5 -> right 4, left 0)::
+
+      right = (q_pos + Tq) - (k_pos + Tk)        the last query's lead over the last key
+      left  = window - 1 - right
+
+  both >= 0. Only the block's *live* rows go to the kernel (:func:`live_block`: the query rows that see
+  at least one key), which keeps ``left >= 0``: a prefix block of a segment longer than the window
+  has rows past the window's reach (right = Tq > window - 1), which see nothing and get out 0, lse
+  -inf without a kernel call (worked example: queries 10..17, prefix keys 6..9, window 5: rows
+  10..13 are live, right 4, left 0). A row the kernel finds empty gets lse +inf from it (not -inf),
+  mapped to -inf for the merge;
 * ``math``: explicit scores in fp32 (fp64 for fp64): any mask, window and dropout; it
   materialises ``[H, Tq, Tk]`` scores, so every case that lands here on a non-CPU device
   is named in a warning (once per case and device type).
@@ -134,8 +149,9 @@ def math_backward(dout, q, k, v, out, lse, b: Block, scale: float, dropout: floa
 # ----------------------------------------------------------------------------- fused backends
 @dataclass(frozen=True)
 class FusedBackend:
-    """A fused kernel: ``forward(q, k, v, is_causal, scale) -> (out, lse)`` and
-    ``backward(dout, q, k, v, out, lse, is_causal, scale) -> (dq, dk, dv)``, on tensors with
+    """A fused kernel: ``forward(q, k, v, mask, scale) -> (out, lse)`` and
+    ``backward(dout, q, k, v, out, lse, mask, scale) -> (dq, dk, dv)`` (``mask``: ``mask(block)``, the
+    ``is_causal`` flag unless the backend says otherwise), on tensors with
     one head dim (a multiple of ``head_align``); its lse has ``round_up(Tq, lse_align)`` rows."""
 
     forward: Callable
@@ -144,6 +160,7 @@ class FusedBackend:
     lse_align: int = 1
     contiguous: bool = False  # make every input contiguous first (the CUDA ops want stride 1 rows)
     native_gqa: bool = False  # takes k/v with fewer heads than q (query head h -> k/v head h // n_rep)
+    mask: Callable = lambda b: b.is_causal  # what the kernel's mask argument is for block b (a flag, a window)
 
 
 def _cpu_flash_forward(q, k, v, is_causal: bool, scale: float):
@@ -177,15 +194,75 @@ def _cuda_efficient_forward(q, k, v, is_causal: bool, scale: float):
     return out, lse
 
 
+def rows_major(t: torch.Tensor) -> torch.Tensor:
+    """``[B, H, M, d]`` with the memory of a contiguous ``[B, M, H, d]`` (row stride ``H * d``, head stride ``d``).
+
+    The memory-efficient backward takes only the batch and head strides of ``out`` and hard-codes its row
+    stride as ``num_heads * head_dim`` (``o_strideM()`` in ``kernel_backward.h``; the sm80 fp16/bf16 path
+    reads ``output_ptr + row * o_strideM()`` for ``D = rowsum(dO * O)``). A ``[B, H, M, d]``-contiguous
+    ``out`` has row stride ``d``, so the delta term would read other rows' and heads' memory: dq and dk
+    wrong. PyTorch's own callers pass ``out`` in this layout (the forward returns it so)."""
+    b, h, m, d = t.shape
+    if t.stride(3) == 1 and (m == 1 or t.stride(2) == h * d):  # the head stride is read from the tensor
+        return t
+    return t.transpose(1, 2).contiguous().transpose(1, 2)
+
+
 def _cuda_efficient_backward(dout, q, k, v, out, lse, is_causal: bool, scale: float):
     seed = torch.empty((), dtype=torch.int64, device=q.device)  # dropout 0: not used
     offset = torch.empty((), dtype=torch.int64, device=q.device)
     dq, dk, dv, _ = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
-        dout, q, k, v, None, out, lse, seed, offset, 0.0, [True, True, True, False], is_causal, scale=scale)
+        dout, q, k, v, None, rows_major(out), lse, seed, offset, 0.0, [True, True, True, False], is_causal,
+        scale=scale)
     return dq, dk, dv
 
 
+def live_block(b: Block) -> Block | None:
+    """The rows of ``b`` whose queries see at least one key (a contiguous run), as a block; None if none do.
+
+    Query position q sees a key iff ``k_pos <= q`` and ``q - (k_pos + tk - 1) < window``."""
+    lo = max(0, b.k_pos - b.q_pos)
+    hi = b.tq if b.window is None else min(b.tq, b.k_pos + b.tk - 1 + b.window - b.q_pos)
+    if hi <= lo:
+        return None
+    return b if (lo, hi) == (0, b.tq) else Block(b.q_pos + lo, b.k_pos, hi - lo, b.tk, b.window)
+
+
+def flash_window(b: Block) -> tuple[int, int] | None:
+    """``(window_size_left, window_size_right)`` of FlashAttention's bottom-right-aligned local mask that
+    equals block ``b``'s visibility, or None where none does (see the module docstring)."""
+    if b.window is None:
+        return None
+    right = (b.q_pos + b.tq) - (b.k_pos + b.tk)
+    left = b.window - 1 - right
+    # mha_fwd drops a bound >= Tk (sets it to -1): harmless for left (it cannot bind then), but the right
+    # bound still binds row 0 while right < Tq - 1 (keys after some queries): no such window then
+    if left < 0 or right < 0 or b.tk <= right < b.tq - 1:
+        return None
+    return left, right
+
+
+def _cuda_flash_window_forward(q, k, v, window: tuple[int, int], scale: float):
+    # the op takes [B, M, H, d] (what the SDPA flash op passes it: q.transpose(1, 2)); lse is [B, H, M]
+    out, lse, *_ = torch.ops.aten._flash_attention_forward(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, None, q.shape[2], k.shape[2], 0.0, False,
+        False, scale=scale, window_size_left=window[0], window_size_right=window[1])
+    # a row with no visible key: FlashAttention-2 writes lse +inf (0 out); the merge needs -inf
+    return out.transpose(1, 2), lse.masked_fill(lse == math.inf, -math.inf)
+
+
+def _cuda_flash_window_backward(dout, q, k, v, out, lse, window: tuple[int, int], scale: float):
+    seed = torch.empty(2, dtype=torch.uint64, device=q.device)  # dropout 0: not used
+    offset = torch.empty((), dtype=torch.uint64, device=q.device)
+    dq, dk, dv = torch.ops.aten._flash_attention_backward(
+        dout.transpose(1, 2), q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), out.transpose(1, 2), lse,
+        None, None, q.shape[2], k.shape[2], 0.0, False, seed, offset, scale=scale, window_size_left=window[0],
+        window_size_right=window[1])
+    return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
+
+
 MATH, CPU_FLASH, CUDA_FLASH, CUDA_EFFICIENT = "math", "cpu_flash", "cuda_flash", "cuda_efficient"
+CUDA_FLASH_WINDOW = "cuda_flash_window"
 # On ROCm the efficient kernel's lse is not padded (see torch/_meta_registrations.py).
 _EFFICIENT_LSE_ALIGN = 1 if torch.version.hip else 32
 BACKENDS: dict[str, FusedBackend] = {
@@ -193,6 +270,8 @@ BACKENDS: dict[str, FusedBackend] = {
     CUDA_FLASH: FusedBackend(_cuda_flash_forward, _cuda_flash_backward, head_align=8, contiguous=True),
     CUDA_EFFICIENT: FusedBackend(_cuda_efficient_forward, _cuda_efficient_backward, head_align=8,
                                  lse_align=_EFFICIENT_LSE_ALIGN, contiguous=True),
+    CUDA_FLASH_WINDOW: FusedBackend(_cuda_flash_window_forward, _cuda_flash_window_backward, head_align=8,
+                                    contiguous=True, mask=flash_window),
 }
 FLASH_MAX_HEAD_DIM = 256  # aten flash (FlashAttention-2) head dims
 
@@ -226,17 +305,22 @@ def choose_kernel(b: Block, dtype: torch.dtype, device_type: str, caps: Caps, dr
     if dropout > 0:
         return Choice(MATH, "dropout", f"attention dropout {dropout}: the fused kernels' dropout RNG cannot be "
                                        "replayed per block for recompute")
+    half = dtype in (torch.float16, torch.bfloat16)
+    flash = device_type == "cuda" and half and caps.cuda_flash and _round_up(head_dim, 8) <= FLASH_MAX_HEAD_DIM
     if not (b.fully_visible or b.causal_square):
+        live = live_block(b)
+        if flash and live is not None and flash_window(live) is not None:
+            return Choice(CUDA_FLASH_WINDOW)
         return Choice(MATH, "window", f"sliding window {b.window} cuts a block of {b.tq} queries x {b.tk} keys "
-                                      "(neither fully visible nor causal-square)")
+                                      "(neither fully visible nor causal-square; windowed fused kernel: CUDA "
+                                      "fp16/bf16 with flash attention only)")
     if device_type == "cpu":
         return Choice(CPU_FLASH)
     if device_type != "cuda":
         return Choice(MATH, "device", f"no fused attention kernel with log-sum-exp on device type {device_type!r}")
     if dtype == torch.float64:
         return Choice(MATH, "float64", "float64 on CUDA: the fused SDPA kernels take fp16 / bf16 / fp32")
-    half = dtype in (torch.float16, torch.bfloat16)
-    if half and caps.cuda_flash and _round_up(head_dim, 8) <= FLASH_MAX_HEAD_DIM:
+    if flash:
         return Choice(CUDA_FLASH)
     if (half or dtype == torch.float32) and caps.cuda_efficient:
         return Choice(CUDA_EFFICIENT)
@@ -285,19 +369,39 @@ def _prepare(backend: FusedBackend, q, v, *tensors):
     return [t.contiguous() for t in out] if backend.contiguous else out
 
 
+def _live_rows(b: Block) -> tuple[Block, slice]:
+    """The live block of ``b`` (see :func:`live_block`) and its rows within ``b``; for a fully visible or
+    causal-square block, ``b`` itself and all rows."""
+    live = live_block(b)
+    assert live is not None, f"a fused kernel got a block in which no query sees a key: {b}"
+    return live, slice(live.q_pos - b.q_pos, live.q_pos - b.q_pos + live.tq)
+
+
+def _scatter_rows(part: torch.Tensor, rows: slice, total: int, fill: float) -> torch.Tensor:
+    if part.shape[2] == total:
+        return part
+    full = part.new_full((*part.shape[:2], total, *part.shape[3:]), fill)
+    full[:, :, rows] = part
+    return full
+
+
 def fused_forward(backend: FusedBackend, q, k, v, b: Block, scale: float):
-    """``(out [.., Tq, dv], lse [.., Tq])`` of block ``b`` through ``backend`` (padding in, padding cut)."""
-    qp, kp, vp = _prepare(backend, q, v, q, k, v)
-    out, lse = backend.forward(qp, kp, vp, b.is_causal, scale)
-    return out[..., :v.shape[-1]], lse[..., :b.tq]
+    """``(out [.., Tq, dv], lse [.., Tq])`` of block ``b`` through ``backend`` (padding in, padding cut; rows
+    that see no key: out 0, lse -inf, not sent)."""
+    live, rows = _live_rows(b)
+    qp, kp, vp = _prepare(backend, q, v, q[:, :, rows], k, v)
+    out, lse = backend.forward(qp, kp, vp, backend.mask(live), scale)
+    out, lse = out[..., :v.shape[-1]], lse[..., :live.tq]
+    return _scatter_rows(out, rows, b.tq, 0.0), _scatter_rows(lse, rows, b.tq, -math.inf)
 
 
 def fused_backward(backend: FusedBackend, dout, q, k, v, out, lse, b: Block, scale: float):
     """``(dq, dk, dv)`` of block ``b`` from the merged ``out`` / ``lse`` through ``backend``."""
-    qp, kp, vp, dop, op = _prepare(backend, q, v, q, k, v, dout, out)
-    lse = _pad_last(lse, _round_up(b.tq, backend.lse_align)).contiguous()
-    dq, dk, dv = backend.backward(dop, qp, kp, vp, op, lse, b.is_causal, scale)
-    return dq[..., :q.shape[-1]], dk[..., :k.shape[-1]], dv[..., :v.shape[-1]]
+    live, rows = _live_rows(b)
+    qp, kp, vp, dop, op = _prepare(backend, q, v, q[:, :, rows], k, v, dout[:, :, rows], out[:, :, rows])
+    lse = _pad_last(lse[:, :, rows], _round_up(live.tq, backend.lse_align)).contiguous()
+    dq, dk, dv = backend.backward(dop, qp, kp, vp, op, lse, backend.mask(live), scale)
+    return _scatter_rows(dq[..., :q.shape[-1]], rows, b.tq, 0.0), dk[..., :k.shape[-1]], dv[..., :v.shape[-1]]
 
 
 def takes_gqa(q, v, b: Block, dropout: float = 0.0) -> bool:

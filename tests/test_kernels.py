@@ -20,6 +20,7 @@ from ds_chunkflow.kernels import (
     CPU_FLASH,
     CUDA_EFFICIENT,
     CUDA_FLASH,
+    CUDA_FLASH_WINDOW,
     MATH,
     Block,
     Caps,
@@ -55,17 +56,27 @@ def test_fused_kernels_get_only_blocks_they_compute_exactly(b):
                 assert not mask.all() and not (b.tq == b.tk and torch.equal(mask, torch.ones_like(mask).tril()))
                 assert f"sliding window {b.window}" in choice.reason
             continue
+        if choice.kernel == CUDA_FLASH_WINDOW:  # the live rows under FlashAttention's bottom-right local mask
+            live = kernels.live_block(b)
+            left, right = kernels.flash_window(live)
+            i = torch.arange(live.tq)[:, None] + (b.tk - live.tq)
+            j = torch.arange(b.tk)[None, :]
+            want = torch.zeros_like(mask)
+            want[live.q_pos - b.q_pos:][:live.tq] = (j <= i + right) & (j >= i - left)
+            assert torch.equal(mask, want), (b, choice)
+            continue
         want = torch.ones_like(mask).tril() if b.is_causal else torch.ones_like(mask)
         assert b.tq == b.tk or not b.is_causal
         assert torch.equal(mask, want), (b, choice)
 
 
-def _expected(dtype, dev, caps, dropout, hd, maskable):
+def _expected(dtype, dev, caps, dropout, hd, maskable, windowable=False):
     """The dispatch table of kernels.py, restated."""
     if dropout > 0:
         return MATH, "dropout"
+    flash = dev == "cuda" and dtype in (torch.float16, torch.bfloat16) and caps.cuda_flash and hd <= 256
     if not maskable:
-        return MATH, "window"
+        return (CUDA_FLASH_WINDOW, None) if flash and windowable else (MATH, "window")
     if dev == "cpu":
         return CPU_FLASH, None
     if dev != "cuda":
@@ -82,14 +93,17 @@ def _expected(dtype, dev, caps, dropout, hd, maskable):
 def test_dispatch_table_exhaustive():
     """Over blocks x dtypes x device types x kernel availability x dropout x head dims, the kernel is: CPU flash
     on CPU; on CUDA the aten flash op for fp16/bf16 (head dim <= 256 after padding to 8), else the memory-efficient
-    op for fp16/bf16/fp32; math for fp64 on CUDA, other devices, dropout, window-cut blocks or nothing available,
-    each with its case named."""
+    op for fp16/bf16/fp32; a window-cut block on the windowed flash op under the same conditions as the flash op
+    (when FlashAttention's local mask can express it); math for fp64 on CUDA, other devices, dropout, the other
+    window-cut blocks or nothing available, each with its case named."""
     count = 0
     for b, dtype, dev, caps, dropout, hd in itertools.product(BLOCKS, DTYPES, ("cpu", "cuda", "mps"), CAPS,
                                                               (0.0, 0.1), (16, 60, 252, 253, 256, 300)):
         choice = choose_kernel(b, dtype, dev, caps, dropout, hd)
         padded = -(-hd // 8) * 8
-        want = _expected(dtype, dev, caps, dropout, padded, b.fully_visible or b.causal_square)
+        live = kernels.live_block(b)
+        windowable = live is not None and kernels.flash_window(live) is not None
+        want = _expected(dtype, dev, caps, dropout, padded, b.fully_visible or b.causal_square, windowable)
         assert (choice.kernel, choice.case) == want, (b, dtype, dev, caps, dropout, hd, choice)
         assert (choice.reason is None) == (choice.kernel != MATH)
         count += 1
