@@ -84,8 +84,9 @@ def head_loss(head: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor
     keep = (targets[0] != IGNORE_INDEX).nonzero().squeeze(1)
     rows, goals = hidden[0].index_select(0, keep), targets[0].index_select(0, keep)
     total = None
+    check = getattr(head, "determinism_check", "default")  # "none" for a frozen ZeRO-3 head (deepspeed_adapter 7)
     for piece_rows, piece_goals in zip(torch.tensor_split(rows, num_pieces), torch.tensor_split(goals, num_pieces)):
-        piece = checkpoint(_piece_ce, head, piece_rows, piece_goals, use_reentrant=False)
+        piece = checkpoint(_piece_ce, head, piece_rows, piece_goals, use_reentrant=False, determinism_check=check)
         total = piece if total is None else total + piece
     return total / num_loss_tokens
 

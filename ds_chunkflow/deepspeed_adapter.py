@@ -46,6 +46,15 @@ way.
 6. Sequence parallelism's all-to-all is DeepSpeed's own differentiable one
    (``deepspeed.sequence.layer._dim_zero_all_to_all`` with ``register_all_to_all_group``, the pair
    ``UlyssesSPAttentionHF`` uses, 0.19.8): :func:`all_to_all_dim0`.
+7. ZeRO-3 and frozen parameters under ``torch.utils.checkpoint`` (LoRA: a frozen base; the loss's
+   head pieces and ``chunkflow.recompute_layers`` are non-reentrant checkpoints). A checkpoint's
+   recompute keeps a saved tensor that does not require grad *as itself*, not as a detached alias
+   (torch 2.13 ``_recomputation_hook.pack_hook``), and ZeRO-3's post-forward hook has released such a
+   parameter (``data`` empty) before torch compares the recomputed tensors' shapes with the forward's:
+   a spurious ``CheckpointError``. The backward itself is right: the module's pre-backward hook gathers
+   the parameter again before its backward reads it, as for every frozen ZeRO-3 weight saved by a
+   plain forward. :func:`checkpoint_determinism` turns torch's shape comparison off for exactly these
+   modules (``determinism_check="none"``); the exactness tests (tests/test_lora.py) check the result.
 4. ZeRO-3 parameter all-gathers are counted by wrapping ``partition_parameters._dist_allgather_fn``
    (every coalesced fetch goes through it, 0.19.8): :func:`count_param_gathers`.
 """
@@ -123,6 +132,13 @@ class Zero3LiveGraphs:
         for module, count in zip(self.modules, self._counts.pop(key)):
             module.ds_grads_remaining = count
         self.optimizer.clear_backward_seen_flag()
+
+
+def checkpoint_determinism(module) -> str:
+    """``determinism_check`` for a non-reentrant checkpoint around ``module`` (touch point 7): ``"none"``
+    when it holds a ZeRO-3-partitioned parameter that does not require grad, else torch's ``"default"``."""
+    frozen = any(hasattr(p, "ds_id") and not p.requires_grad for p in module.parameters())
+    return "none" if frozen else "default"
 
 
 @dataclass

@@ -41,7 +41,7 @@ import torch
 from .attention import MissingChunkContext, use_chunkflow_attention
 from .chunk_core import ChunkRun
 from .chunking import build_chunks
-from .hf_model import OutputHead, final_hidden
+from .hf_model import OutputHead, base_model_of, final_hidden
 from .mixers import SUPPORTED, is_supported, supported_mixers, use_chunkflow_mixers
 
 PROBE_CHUNK = 8
@@ -102,7 +102,14 @@ def _rope_types(config) -> set:
 
 
 def static_check(model: torch.nn.Module) -> None:
-    """Refuses what can be seen without running the model."""
+    """Refuses what can be seen without running the model. A ``peft.PeftModel`` is judged by the model
+    inside it (:func:`ds_chunkflow.hf_model.base_model_of`), after PEFT's own checks
+    (:func:`ds_chunkflow.lora.check_peft`: no prompt learning; no quantised base without CUDA)."""
+    from .lora import check_peft, check_quantized
+
+    check_peft(model)
+    check_quantized(model)
+    model = base_model_of(model)
     config = model.config
     if getattr(config, "is_encoder_decoder", False):
         raise _refuse(model, "it is an encoder-decoder model", "ChunkFlow trains decoder-only causal LMs")
@@ -217,7 +224,7 @@ def check_model(model: torch.nn.Module, forward_fn: Callable | None = None,
         raise _refuse(model, f"it has recurrent sequence mixers ({name}: {type(m).__name__}) and the pipeline "
                       "engine does not carry their state across chunks",
                       "Train it with the data-parallel engine (no pipeline section)")
-    cached = getattr(model, _CACHE_ATTR, None)
+    cached = vars(model).get(_CACHE_ATTR)  # not getattr: a PeftModel would find its inner model's verdict
     if cached is not None:
         return cached
     reduce_max = reduce_max or (lambda xs: xs)
@@ -251,7 +258,10 @@ def check_model(model: torch.nn.Module, forward_fn: Callable | None = None,
                       f"tolerance {tol:.0e} for {_param_dtype(model)}) on a probe batch of packed and dependent "
                       "chunks, so some layer mixes tokens in a way ChunkFlow does not carry across chunks",
                       "Train it without ChunkFlow (chunkflow.enabled: false)")
-    report = GuardReport(type(model).__name__, worst, tol, time.perf_counter() - start)
+    name = type(model).__name__
+    if base_model_of(model) is not model:  # a PeftModel: the wrapper and the model it trains
+        name = f"{name}({type(base_model_of(model)).__name__})"
+    report = GuardReport(name, worst, tol, time.perf_counter() - start)
     object.__setattr__(model, _CACHE_ATTR, report)
     return report
 

@@ -75,21 +75,37 @@ def forward_extras(config) -> ForwardExtras:
     return make(config) if make is not None else ForwardExtras()
 
 
+def is_peft_model(model: nn.Module) -> bool:
+    """``model`` is a ``peft.PeftModel`` (checked by class, without importing peft)."""
+    return any(c.__module__.startswith("peft.") and c.__name__ == "PeftModel" for c in type(model).__mro__)
+
+
+def base_model_of(model: nn.Module) -> nn.Module:
+    """The transformers model inside a ``peft.PeftModel`` (``PeftModel.base_model`` is PEFT's tuner, not
+    the decoder); ``model`` itself for anything else. Its forward runs through the wrapper all the same."""
+    return model.get_base_model() if is_peft_model(model) else model
+
+
 class OutputHead:
     """Final hidden states ``[..., H]`` -> logits ``[..., V]``, as the model's forward computes them."""
 
     def __init__(self, model: nn.Module):
+        model = base_model_of(model)
         self.lm_head = model.get_output_embeddings()
         if self.lm_head is None:
             raise NotImplementedError(f"{type(model).__name__} has no output embedding (lm_head); ChunkFlow trains "
                                       "causal LMs with one")
         self.extras = forward_extras(model.config.get_text_config())
+        from .deepspeed_adapter import checkpoint_determinism
+
+        self.determinism_check = checkpoint_determinism(self.lm_head)  # for head_loss's checkpoints
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.extras.logits(self.lm_head(hidden))
 
 
 def _base_model(model: nn.Module) -> nn.Module:
+    model = base_model_of(model)
     base = getattr(model, "base_model", model)
     if base is model:
         raise NotImplementedError(f"{type(model).__name__}: no base model under the LM head (base_model_prefix); "
@@ -123,6 +139,8 @@ def enable_recompute(module: nn.Module, setting: str | int) -> int:
 
     from transformers.modeling_layers import GradientCheckpointingLayer
 
+    from .deepspeed_adapter import checkpoint_determinism
+
     if setting == "none":
         return 0
     every = 1 if setting == "all" else int(setting)
@@ -131,6 +149,7 @@ def enable_recompute(module: nn.Module, setting: str | int) -> int:
         raise NotImplementedError(f"chunkflow.recompute_layers: {type(module).__name__} has no transformers "
                                   "GradientCheckpointingLayer to checkpoint; set recompute_layers: none")
     for i, layer in enumerate(layers):
-        layer._gradient_checkpointing_func = partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
+        layer._gradient_checkpointing_func = partial(torch.utils.checkpoint.checkpoint, use_reentrant=False,
+                                                     determinism_check=checkpoint_determinism(layer))
         layer.gradient_checkpointing = i % every == 0
     return sum(layer.gradient_checkpointing for layer in layers)
