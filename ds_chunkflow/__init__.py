@@ -19,6 +19,13 @@ def load_pretrained(*args, **kwargs):
     return _load(*args, **kwargs)
 
 
-__all__ = ["ChunkFlowConfig", "ConfigError", "chunked_evaluate", "chunked_forward_backward", "chunked_step", "init_distributed",
-           "initialize", "load_pretrained"]
+def save_pretrained(*args, **kwargs):
+    """See :func:`ds_chunkflow.export.save_pretrained`: the engine's model as a Hugging Face directory."""
+    from .export import save_pretrained as _save
+
+    return _save(*args, **kwargs)
+
+
+__all__ = ["ChunkFlowConfig", "ConfigError", "chunked_evaluate", "chunked_forward_backward", "chunked_step",
+           "init_distributed", "initialize", "load_pretrained", "save_pretrained"]
 __version__ = "0.1.0"

@@ -13,6 +13,7 @@ averages gradients over the W data-parallel ranks, so each backward is given
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import Any, Sequence
 
@@ -29,10 +30,10 @@ from .config import ChunkFlowConfig
 from .deepspeed_adapter import Zero3LiveGraphs, count_param_gathers
 from .distributed import agree_on_errors, all_reduce
 from .executor import Executor, GraphHooks, no_backward
-from .memory import ActivationMeter
+from .export import save_hf_metadata
 from .guard import check_model
 from .hf_model import enable_recompute
-from .memory import peak_rss_bytes
+from .memory import ActivationMeter, peak_rss_bytes
 from .mixers import supported_mixers, use_chunkflow_mixers
 from .monitor import step_metrics, write_events
 from .sequence_parallel import SequenceParallelRefused, check_heads, sp_group_ranks
@@ -54,6 +55,8 @@ class ChunkFlowMixin:
         if chunkflow_data is not None:
             self.chunkflow_sampler = _make_sampler(chunkflow_data, chunkflow_config)
         self.last_metrics: dict[str, float] = {}
+        self.chunkflow_tokenizer = None
+        """Saved with every checkpoint (``<tag>/hf_model``) when set, for ``python -m ds_chunkflow.export``."""
 
     def next_global_batch(self) -> list[SequenceDict]:
         if self.chunkflow_sampler is None:
@@ -114,6 +117,11 @@ class ChunkFlowMixin:
         """DeepSpeed's save, made crash-safe (:mod:`ds_chunkflow.checkpoint`): files durable on every
         rank, a barrier, then a manifest marking the tag complete, then ``latest``, atomically."""
         client_state = dict(client_state or {})
+        tag = str(tag) if tag is not None else f"global_step{self.global_steps}"
+        if self.global_rank == 0:  # config and tokenizer beside the weights: the tag converts offline
+            tag_dir = os.path.join(save_dir, tag)
+            os.makedirs(tag_dir, exist_ok=True)
+            save_hf_metadata(tag_dir, self.module, self.chunkflow_tokenizer)
         if self.chunkflow_sampler is not None:
             client_state[SAMPLER_KEY] = self.chunkflow_sampler.state_dict()
         return checkpoint.save_checkpoint(self, super().save_checkpoint, save_dir, tag=tag,
