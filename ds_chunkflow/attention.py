@@ -189,17 +189,19 @@ def chunkflow_attention(module, query, key, value, attention_mask, scaling=None,
             rows = slice(seg.start, seg.start + seg.length)
             seg.state.write(layer, seg.position, key[:, :, rows], value[:, :, rows])
     scale = scaling if scaling is not None else kernels.default_scale(query.shape[-1])
+    fn = None
     if all(seg.state is None for seg in chunkflow.segments):
-        fn = varlen.varlen_fn_for(query, float(dropout))
-        if fn is not None:  # a packed chunk without a state prefix: one flash-attn varlen call, its own autograd
-            lengths = varlen.segment_lengths([(s.start, s.length) for s in chunkflow.segments], query.shape[2])
-            return varlen.attention(fn, query, key, value, lengths, scale, sliding_window), None
-    seed = 0
-    if dropout > 0:
-        # drawn from the global RNG, which the executor replays for a recomputed chunk
-        seed = int(torch.randint(0, 2**62, (1,)).item())
-    out = _ChunkAttention.apply(query, key, value, chunkflow, layer, scale, sliding_window, float(dropout), seed)
-    if sp is not None:
+        fn = varlen.varlen_fn_for(query, float(dropout), head_dim=max(query.shape[-1], value.shape[-1]))
+    if fn is not None:  # a packed chunk without a state prefix: one flash-attn varlen call, its own autograd
+        lengths = varlen.segment_lengths([(s.start, s.length) for s in chunkflow.segments], query.shape[2])
+        out = varlen.attention(fn, query, key, value, lengths, scale, sliding_window).transpose(1, 2)
+    else:
+        seed = 0
+        if dropout > 0:
+            # drawn from the global RNG, which the executor replays for a recomputed chunk
+            seed = int(torch.randint(0, 2**62, (1,)).item())
+        out = _ChunkAttention.apply(query, key, value, chunkflow, layer, scale, sliding_window, float(dropout), seed)
+    if sp is not None:  # both paths: all rows, my heads -> my rows, all heads
         out = sp.scatter_heads(out)
     return out.transpose(1, 2).contiguous(), None
 

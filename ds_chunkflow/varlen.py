@@ -11,7 +11,9 @@ One call covers every segment, and flash-attn's own autograd is exact: there is 
 to merge, so no log-sum-exp leaves the call. Dependent chunks (a state prefix) keep the
 block path of :mod:`ds_chunkflow.attention` (LSE-merge). GQA is native (k/v keep their
 KV heads); a sliding window is ``window_size=(window - 1, 0)`` (transformers' ``q - k <
-window``); MLA's v is zero-padded to the q/k head dim and the padded output columns cut.
+window``); flash-attn 2 takes one head dim for q, k and v, so the smaller side is zero-padded to the
+larger (MLA: v 128 -> qk 192; or q/k -> v: zero columns add nothing to a score, the scale is
+passed explicitly) and the padded output columns cut.
 
 Supported flash-attn: 2.6 <= version < 2.9 (the public ``flash_attn_varlen_func`` with
 ``window_size`` and ``softcap``, checked when ds_chunkflow first imports it). Outside the
@@ -71,13 +73,11 @@ def attention(fn: Callable, q, k, v, lengths: Sequence[int], scale: float, windo
 
     ``q`` ``[1, H, T, dqk]``, ``k`` ``[1, Hkv, T, dqk]``, ``v`` ``[1, Hkv, T, dv]``; returns ``[1, T, H, dv]``.
     """
-    dqk, dv = q.shape[-1], v.shape[-1]
-    if dv > dqk:
-        raise ValueError(f"varlen attention needs v head dim <= q/k head dim, got {dv} > {dqk}")
+    dv, d = v.shape[-1], max(q.shape[-1], v.shape[-1])
     cu, max_len = cu_seqlens(lengths, device=q.device)
-    vp = v if dv == dqk else torch.nn.functional.pad(v, (0, dqk - dv))
-    out = fn(pack(q), pack(k), pack(vp), cu, cu, max_len, max_len, dropout_p=0.0, softmax_scale=scale, causal=True,
-             window_size=(-1, -1) if window is None else (window - 1, 0))
+    qp, kp, vp = (t if t.shape[-1] == d else torch.nn.functional.pad(t, (0, d - t.shape[-1])) for t in (q, k, v))
+    out = fn(pack(qp), pack(kp), pack(vp), cu, cu, max_len, max_len, dropout_p=0.0, softmax_scale=scale,
+             causal=True, window_size=(-1, -1) if window is None else (window - 1, 0))
     return unpack(out[..., :dv])
 
 
@@ -100,7 +100,12 @@ def flash_attn_varlen_func() -> Callable | None:
 def _import_flash_attn() -> Callable | None:
     try:
         import flash_attn
-    except ImportError:
+    except ModuleNotFoundError as e:
+        if e.name != "flash_attn":  # installed, but something it imports is missing
+            _warn_unusable(e)
+        return None
+    except Exception as e:  # noqa: BLE001  built against another torch / CUDA: OSError, undefined symbols, ...
+        _warn_unusable(e)
         return None
     version = getattr(flash_attn, "__version__", "unknown")
     try:
@@ -115,10 +120,22 @@ def _import_flash_attn() -> Callable | None:
     return flash_attn.flash_attn_varlen_func
 
 
-def varlen_fn_for(q: torch.Tensor, dropout: float) -> Callable | None:
-    """The varlen function for a state-free packed chunk with these queries, or None (block path)."""
-    if q.device.type != "cuda" or q.dtype not in (torch.float16, torch.bfloat16) or dropout > 0:
-        return None
-    if -(-q.shape[-1] // 8) * 8 > MAX_HEAD_DIM:
+def _warn_unusable(e: BaseException) -> None:
+    warnings.warn(f"flash-attn is installed but cannot be imported ({type(e).__name__}: {e}); ds_chunkflow does not "
+                  "use it (PyTorch's fused kernels instead). A flash-attn built against another torch fails so: "
+                  "install a wheel built for this torch / CUDA / Python", stacklevel=4)
+
+
+def varlen_fn_for(q: torch.Tensor, dropout: float, head_dim: int | None = None) -> Callable | None:
+    """The varlen function for a state-free packed chunk with these queries, or None (block path).
+    ``head_dim``: the larger of the q/k and v head dims (default q's)."""
+    if not usable(q.device.type, q.dtype, dropout, head_dim or q.shape[-1]):
         return None
     return flash_attn_varlen_func()
+
+
+def usable(device_type: str, dtype: torch.dtype, dropout: float, head_dim: int) -> bool:
+    """Pure: whether a chunk with these properties may take flash-attn (CUDA, fp16 / bf16, no dropout, the
+    larger head dim padded to 8 at most 256)."""
+    return (device_type == "cuda" and dtype in (torch.float16, torch.bfloat16) and dropout == 0
+            and -(-head_dim // 8) * 8 <= MAX_HEAD_DIM)

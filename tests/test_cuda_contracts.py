@@ -354,3 +354,22 @@ def test_windowed_forward_maps_empty_rows_to_minus_inf(cuda_ops):
     out, lse = kernels._cuda_flash_window_forward(q, k, v, (0, 0), 0.3)  # bottom-right: rows 0, 1 see nothing
     assert (lse[..., :2] == -math.inf).all() and torch.isfinite(lse[..., 2:]).all()
     assert (out[:, :, :2] == 0).all()
+
+
+# ----------------------------------------------------------------------------- defect 2: varlen under sequence parallelism
+@pytest.mark.distributed
+@pytest.mark.parametrize("num_tokens", [16, 15])
+def test_varlen_under_sequence_parallelism_returns_my_rows(tmp_path, num_tokens):
+    """On 2 gloo ranks, a state-free packed chunk that takes the flash-attn varlen path (stand-in) under sequence
+    parallelism returns this rank's rows with all heads, [1, ceil(T/2), H, d], equal to the whole-chunk call's
+    rows, and so do the gradients of q, k, v (T even, where a wrong layout would still reshape, and T odd)."""
+    from contract_workers import sp_varlen_attention
+
+    from ds_chunkflow.testing.spawn import run_ranks
+
+    out = tmp_path / "sp.pt"
+    run_ranks(sp_varlen_attention, num_tokens, str(out), timeout=120)
+    for rank in range(2):
+        r = torch.load(f"{out}.{rank}")
+        assert r["calls"] == 2 and r["shape"] == (1, -(-num_tokens // 2), 4, 8), r
+        assert r["out_err"] < 1e-12 and max(r["grad_errs"]) < 1e-12, r

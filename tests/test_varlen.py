@@ -53,7 +53,7 @@ class VarlenStandIn:
 @pytest.fixture
 def stand_in(monkeypatch):
     fn = VarlenStandIn()
-    monkeypatch.setattr(varlen, "varlen_fn_for", lambda q, dropout: fn if dropout == 0 else None)
+    monkeypatch.setattr(varlen, "varlen_fn_for", lambda q, dropout, head_dim=None: fn if dropout == 0 else None)
     return fn
 
 
@@ -141,4 +141,70 @@ def test_flash_attn_version_is_checked(monkeypatch, version, usable):
         monkeypatch.setenv("DS_CHUNKFLOW_FLASH_ATTN", "0")
         assert varlen.flash_attn_varlen_func() is None
     finally:
+        varlen._import_flash_attn.cache_clear()
+
+
+@pytest.mark.parametrize("dqk,dv", [(8, 8), (16, 8), (8, 20)])
+@pytest.mark.parametrize("window", [None, 3])
+def test_varlen_pads_to_the_larger_head_dim(dqk, dv, window):
+    """flash-attn 2 takes one head dim for q, k, v: the smaller side is zero-padded (v for MLA, q/k when v's head
+    dim is the larger) and the output cut to v's; out and the q/k/v gradients equal plain per-segment attention."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 4, 9, dqk, dtype=torch.float64, generator=g, requires_grad=True)
+    k = torch.randn(1, 2, 9, dqk, dtype=torch.float64, generator=g, requires_grad=True)
+    v = torch.randn(1, 2, 9, dv, dtype=torch.float64, generator=g, requires_grad=True)
+    fn = VarlenStandIn()
+    out = varlen.attention(fn, q, k, v, [5, 4], 0.3, window)
+    assert out.shape == (1, 9, 4, dv) and len(fn.calls) == 1
+    ref = []
+    for a, b in ((0, 5), (5, 9)):
+        qs, ks, vs = q[:, :, a:b], k[:, :, a:b].repeat_interleave(2, 1), v[:, :, a:b].repeat_interleave(2, 1)
+        i = torch.arange(b - a)
+        vis = (i[None, :] <= i[:, None]) & ((i[:, None] - i[None, :] < window) if window else True)
+        ref.append(((qs @ ks.transpose(-1, -2) * 0.3).masked_fill(~vis, float("-inf")).softmax(-1) @ vs))
+    ref = torch.cat(ref, 2).transpose(1, 2)
+    dout = torch.randn_like(ref)
+    got = torch.autograd.grad(out, (q, k, v), dout)
+    want = torch.autograd.grad(ref, (q, k, v), dout)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+
+
+def test_varlen_choice_counts_the_larger_head_dim():
+    """The varlen path is asked for only on CUDA fp16/bf16 without dropout when the larger of the q/k and v head
+    dims (attention passes it) fits flash-attn (<= 256 after padding to 8)."""
+    bf16 = torch.bfloat16
+    assert varlen.usable("cuda", bf16, 0.0, 256) and varlen.usable("cuda", torch.float16, 0.0, 250)
+    assert not varlen.usable("cuda", bf16, 0.0, 257) and not varlen.usable("cuda", bf16, 0.1, 64)
+    assert not varlen.usable("cuda", torch.float32, 0.0, 64) and not varlen.usable("cpu", bf16, 0.0, 64)
+    assert varlen.varlen_fn_for(torch.empty(1, 2, 3, 8, dtype=bf16, device="meta"), 0.0, head_dim=512) is None
+
+
+@pytest.mark.parametrize("error", ["OSError('libcudart.so.13: cannot open shared object file')",
+                                   "ImportError('flash_attn_2_cuda.so: undefined symbol: _ZN3c104cuda')",
+                                   "RuntimeError('CUDA driver version is insufficient')",
+                                   "ModuleNotFoundError('No module named einops', name='einops')"])
+def test_broken_flash_attn_is_not_used(tmp_path, monkeypatch, error):
+    """A flash-attn that is installed but cannot be imported (built against another torch / CUDA: OSError, undefined
+    symbols, a missing dependency) is not used: packed chunks take the block path and a warning names the error;
+    a flash-attn that is not installed is silently absent."""
+    pkg = tmp_path / "flash_attn"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text(f"__version__ = '2.8.3'\nraise {error}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "flash_attn", raising=False)
+    varlen._import_flash_attn.cache_clear()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert varlen.flash_attn_varlen_func() is None
+        assert any("cannot be imported" in str(w.message) and error.split("(")[0] in str(w.message) for w in caught)
+        monkeypatch.setitem(sys.modules, "flash_attn", None)  # not installed: ModuleNotFoundError, no warning
+        varlen._import_flash_attn.cache_clear()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert varlen.flash_attn_varlen_func() is None
+        assert not caught, [str(w.message) for w in caught]
+    finally:
+        monkeypatch.delitem(sys.modules, "flash_attn", raising=False)
         varlen._import_flash_attn.cache_clear()
