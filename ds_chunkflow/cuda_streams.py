@@ -15,7 +15,10 @@
   reused before it is read.
 
 On a CPU device none of this exists: ``to_host`` is a synchronous copy and no events are
-made (the CPU code path is exactly what it was before). The CUDA calls go through a small
+made (the CPU code path is exactly what it was before). A ``CopyStream`` counts what went
+through it (``bytes_to_host``, ``bytes_pinned``: of those, into pinned memory; ``bytes_to_device``):
+the executor's byte counts grow on the CPU fallback too, these only on the side-stream path, so
+they are what tells a GPU run that the path ran. The CUDA calls go through a small
 ``api`` object so the ordering can be tested on CPU with a recording stand-in
 (``tests/test_cuda_streams.py``); the real one is only exercised by ``pytest -m gpu``.
 """
@@ -63,6 +66,7 @@ class CopyStream:
     def __init__(self, device: torch.device, api=None):
         self.device, self.api = device, api or TorchCuda()
         self.side = self.api.new_stream(device)
+        self.bytes_to_host = self.bytes_pinned = self.bytes_to_device = 0
 
     def pinned_empty(self, shape, dtype) -> torch.Tensor:
         return self.api.pinned_empty(shape, dtype)
@@ -76,14 +80,17 @@ class CopyStream:
             dst.copy_(src, non_blocking=True)
         event = self.api.record_event(self.side)
         self.api.record_stream(src, self.side)
+        size = src.numel() * src.element_size()
+        self.bytes_to_host += size
+        self.bytes_pinned += size if dst.is_pinned() else 0
         return dst, event
 
     def to_device(self, host: torch.Tensor, event, dtype: torch.dtype | None = None) -> torch.Tensor:
         """``host`` on the device, after the copy that filled it (``event``, may be None) has finished."""
         if event is not None:
             self.api.wait_event(self.api.current_stream(self.device), event)
+        self.bytes_to_device += host.numel() * host.element_size()
         return host.to(self.device, dtype or host.dtype, non_blocking=True)
-
 
     def rows_to_host(self, src: torch.Tensor, host: torch.Tensor, offset: int):
         """Starts copying ``src [1, H, T, d]`` into rows ``[offset, offset + T)`` of ``host [H, S, d]``; returns
@@ -102,6 +109,7 @@ class CopyStream:
             self.api.wait_event(self.api.current_stream(self.device), event)
         for h in range(host.shape[0]):
             out[0, h].copy_(host[h, lo:hi], non_blocking=True)
+        self.bytes_to_device += out.numel() * out.element_size()
         return out
 
 

@@ -12,11 +12,15 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 
 def pytest_collection_modifyitems(config, items):
-    """``@pytest.mark.gpu`` tests need CUDA: skipped, with the reason shown, where there is none."""
+    """``@pytest.mark.gpu`` tests need CUDA: skipped, with the reason shown, where there is none; with
+    ``DS_CHUNKFLOW_REQUIRE_GPU=1`` (scripts/gpu_check.sh) the run stops instead of skipping them all."""
     import torch
 
     if torch.cuda.is_available():
         return
+    if os.environ.get("DS_CHUNKFLOW_REQUIRE_GPU") == "1" and any("gpu" in item.keywords for item in items):
+        raise pytest.UsageError(f"DS_CHUNKFLOW_REQUIRE_GPU=1 but torch {torch.__version__} sees no CUDA device "
+                                f"(torch.version.cuda = {torch.version.cuda}): the gpu tier would only skip")
     skip = pytest.mark.skip(reason="needs CUDA (the gpu tier: scripts/gpu_check.sh)")
     for item in items:
         if "gpu" in item.keywords:

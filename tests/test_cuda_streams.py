@@ -113,8 +113,10 @@ def test_offload_through_the_cuda_path_is_exact_and_ordered():
     for options in (dict(offload_activations=True), dict(state_offload_min_tokens=0)):
         api = RecordingCuda()
         model.zero_grad(set_to_none=True)
-        with cuda_streams.using({CPU: CopyStream(CPU, api)}):
+        stream = CopyStream(CPU, api)
+        with cuda_streams.using({CPU: stream}):
             stats = ds_chunkflow.chunked_step(model, seqs, chunk_size=16, keep_chunks=1, **options)
+        assert stream.bytes_to_host > 0 and stream.bytes_to_device > 0, options
         grads = grads_of(model)
         assert stats.loss == base.loss and all(torch.equal(grads[n], base_grads[n]) for n in grads), options
         recorded, waited = _copies_are_ordered(api.log)
@@ -123,3 +125,26 @@ def test_offload_through_the_cuda_path_is_exact_and_ordered():
         else:
             assert stats.state_bytes_moved > 0
         assert waited and waited <= recorded  # (a saved tensor no backward node reads is never unpacked)
+
+
+def test_stream_counters_tell_the_side_stream_path_from_the_fallback():
+    """The executor's byte counts grow on the CPU fallback too, so they cannot show that the side-stream path ran;
+    the copy stream's own counters can: nothing on the fallback (no stream), every device -> host byte of the
+    side-stream path counted (activation offload: exactly the bytes the executor reports offloaded), and counted
+    as pinned only when the host buffer is pinned (the recording stand-in's are not)."""
+    model = build_tiny_model("qwen2")
+    seqs = make_sequences([70, 20, 5], model.config.vocab_size)
+    options = dict(offload_activations=True)
+    fallback = ds_chunkflow.chunked_step(model, seqs, chunk_size=16, keep_chunks=1, **options)
+    assert fallback.offloaded_bytes > 0 and cuda_streams.copy_stream(CPU) is None
+    stream = CopyStream(CPU, RecordingCuda())
+    with cuda_streams.using({CPU: stream}):
+        stats = ds_chunkflow.chunked_step(model, seqs, chunk_size=16, keep_chunks=1, **options)
+    assert stream.bytes_to_host == stats.offloaded_bytes == fallback.offloaded_bytes > 0
+    assert stream.bytes_pinned == 0
+    s = CopyStream(CPU, RecordingCuda())
+    s.to_host(torch.ones(3, 4), torch.empty(3, 4))
+    s.rows_to_host(torch.ones(1, 2, 5, 3), torch.zeros(2, 8, 3), 1)
+    assert s.bytes_to_host == 4 * (12 + 30) and s.bytes_pinned == 0
+    s.rows_to_device(torch.zeros(2, 8, 3), 2, 6, None)
+    assert s.bytes_to_device == 4 * 24

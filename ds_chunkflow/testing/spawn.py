@@ -12,10 +12,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(fn, rank, world, port, args, errors):
+def _entry(fn, rank, world, port, args, errors, accelerator="cpu"):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
-                      DS_ACCELERATOR="cpu", WANDB_MODE="offline", DS_CHUNKFLOW_SKIP_SHM_BUILD="1")
+                      DS_ACCELERATOR=accelerator, WANDB_MODE="offline", DS_CHUNKFLOW_SKIP_SHM_BUILD="1")
     try:
         import torch
 
@@ -31,12 +31,13 @@ def _entry(fn, rank, world, port, args, errors):
         raise
 
 
-def run_ranks(fn, *args, world: int = 2, timeout: float = 300.0):
-    """Runs ``fn(rank, world, *args)`` on ``world`` processes; re-raises the first failure."""
+def run_ranks(fn, *args, world: int = 2, timeout: float = 300.0, accelerator: str = "cpu"):
+    """Runs ``fn(rank, world, *args)`` on ``world`` processes; re-raises the first failure. ``accelerator``:
+    DeepSpeed's (``DS_ACCELERATOR``): "cpu" (gloo) for the test suite, "cuda" (NCCL) for the gpu tier."""
     ctx = mp.get_context("spawn")
     errors = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_entry, args=(fn, r, world, port, args, errors)) for r in range(world)]
+    procs = [ctx.Process(target=_entry, args=(fn, r, world, port, args, errors, accelerator)) for r in range(world)]
     for p in procs:
         p.start()
     for p in procs:
