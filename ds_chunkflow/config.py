@@ -214,6 +214,9 @@ def check_deepspeed_keys(cf: ChunkFlowConfig, ds_config: dict[str, Any], pipelin
             raise ConfigError(
                 f"activation_checkpointing.{key}: not supported with chunkflow; chunk activations are bounded "
                 "by chunkflow.keep_chunks, use chunkflow.offload.activations: far for CPU offload")
+    from .lr_schedule import check_scheduler
+
+    check_scheduler(ds_config.get("scheduler"))  # a schedule that cannot reach its end names the key
     if "train_micro_batch_size_per_gpu" in ds_config and ds_config["train_micro_batch_size_per_gpu"] != 1:
         warnings.warn("train_micro_batch_size_per_gpu has no effect with chunkflow (chunks are the micro-batches)",
                       stacklevel=3)

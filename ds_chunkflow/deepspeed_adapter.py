@@ -55,6 +55,9 @@ way.
    the parameter again before its backward reads it, as for every frozen ZeRO-3 weight saved by a
    plain forward. :func:`checkpoint_determinism` turns torch's shape comparison off for exactly these
    modules (``determinism_check="none"``); the exactness tests (tests/test_lora.py) check the result.
+8. The learning rate an optimizer step applies: ``DeepSpeedEngine._take_model_step`` (0.19.8) steps the
+   optimizer and then the ``scheduler``; both ChunkFlow engines override it to read ``get_lr()`` first
+   (``lr`` in the step metrics).
 4. ZeRO-3 parameter all-gathers are counted by wrapping ``partition_parameters._dist_allgather_fn``
    (every coalesced fetch goes through it, 0.19.8): :func:`count_param_gathers`.
 """
@@ -209,6 +212,10 @@ def missing_names() -> list[str]:
 
     if not hasattr(partition_parameters, "_dist_allgather_fn"):
         missing.append("deepspeed.runtime.zero.partition_parameters._dist_allgather_fn")
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    if not hasattr(DeepSpeedEngine, "_take_model_step"):
+        missing.append("DeepSpeedEngine._take_model_step")
     if not hasattr(DeepSpeedZeroOptimizer_Stage3, "clear_backward_seen_flag"):
         missing.append("DeepSpeedZeroOptimizer_Stage3.clear_backward_seen_flag")
     from deepspeed.sequence import layer

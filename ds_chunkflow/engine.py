@@ -103,6 +103,9 @@ class ChunkFlowMixin:
             metrics["data_lines_skipped"] = float(stats.num_skipped)
             metrics["data_samples_truncated"] = float(stats.num_truncated)
             metrics.update({f"data_skipped_{reason}": float(n) for reason, n in sorted(stats.skipped.items())})
+        lr = getattr(self, "chunkflow_step_lr", None)
+        if lr is not None:
+            metrics["lr"] = lr
         self.last_metrics = metrics
         if self.monitor.enabled and self.global_rank == 0:
             write_events(self.monitor, metrics, self.global_steps, self.global_samples)
@@ -112,6 +115,12 @@ class ChunkFlowMixin:
             f"{type(self).__name__}.evaluate: evaluation is not supported in pipeline mode (its schedule has no "
             "forward-only pass yet); evaluate with the data-parallel engine (no `pipeline` section), or leave "
             "--eval_data / --eval_split unset")
+
+    def _take_model_step(self, *args, **kwargs):
+        """DeepSpeed's optimizer step (deepspeed_adapter touch point 8), once per global batch: records the
+        learning rate it applies (first parameter group; ``lr`` in the step metrics) before the schedule moves."""
+        self.chunkflow_step_lr = float(self.get_lr()[0])
+        return super()._take_model_step(*args, **kwargs)
 
     def save_checkpoint(self, save_dir, tag=None, client_state=None, save_latest=True, **kwargs):
         """DeepSpeed's save, made crash-safe (:mod:`ds_chunkflow.checkpoint`): files durable on every
