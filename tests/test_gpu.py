@@ -18,7 +18,7 @@ from reference import make_sequences, max_rel_err, reference_loss_and_grads
 
 import ds_chunkflow
 from ds_chunkflow import cuda_streams, kernels, varlen
-from ds_chunkflow.testing.families import build, exact_case
+from ds_chunkflow.testing.families import EXACT, build, exact_case
 from ds_chunkflow.testing.models import build_tiny_model
 
 pytestmark = pytest.mark.gpu
@@ -137,6 +137,15 @@ def test_chunked_matches_reference_on_cuda(case, mode, dtype, keep, monkeypatch)
         assert kernels.CUDA_FLASH_WINDOW in used, sorted(set(used))
     if case != "mistral_window" or flash:
         assert kernels.MATH not in used, f"a block fell back to the math kernel: {sorted(set(used))}"
+
+
+@pytest.mark.parametrize("family", sorted(EXACT))
+def test_family_on_cuda(family, monkeypatch):
+    """Every EXACT family (dense, rope variants, tied, qk-norm, post-norm, recurrent hybrids) trains chunked on
+    CUDA in bf16 through PyTorch's fused kernels (K = 2) as close to its float64 reference as plain bf16 training
+    on the same GPU, with no attention block on the math kernel."""
+    used, _ = _check(family, torch.bfloat16, "aten", monkeypatch, keep=2)
+    assert kernels.CUDA_FLASH in used and kernels.MATH not in used, sorted(set(used))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
