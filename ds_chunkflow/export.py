@@ -180,11 +180,13 @@ def full_tensors(model: torch.nn.Module, dtype: torch.dtype, zero3: bool) -> Ite
 
 def save_pretrained(engine, path: str, tokenizer=None, dtype: torch.dtype | str | None = None,
                     max_shard_size: int | str = DEFAULT_SHARD_BYTES, overwrite: bool = False) -> str | None:
-    """Writes the engine's model as a Hugging Face directory at ``path`` (see the module docstring).
-    Collective: call on every rank; rank 0 writes. Returns ``path`` (on every rank)."""
+    """Writes the engine's model as a Hugging Face directory at ``path`` (see the module docstring); a
+    PEFT model's adapter directory (``PeftModel.from_pretrained``). Collective: call on every rank; rank 0
+    writes. Returns ``path`` (on every rank)."""
     from deepspeed.pipe import PipelineModule
 
     from .distributed import agree_on_errors
+    from .hf_model import is_peft_model
 
     model = engine.module
     if isinstance(model, PipelineModule):
@@ -200,14 +202,25 @@ def save_pretrained(engine, path: str, tokenizer=None, dtype: torch.dtype | str 
         except ExportError as e:
             error = e
     agree_on_errors(error, device=engine.device)
-    writer = ShardWriter(tmp, parse_size(max_shard_size)) if rank == 0 else None
-    for name, tensor in full_tensors(model, dtype, zero3):
-        if writer is not None:
-            writer.add(name, tensor)
+    mark = {"global_step": int(engine.global_steps), "source": "training"}
+    if is_peft_model(model):  # the adapter directory PeftModel.from_pretrained loads (gathered under ZeRO-3)
+        from .lora import save_adapter
+
+        save_adapter(model, tmp or "", rank=rank)
+        if rank == 0:
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+            with open(os.path.join(tmp, MARK), "w") as f:
+                json.dump({**mark, "adapter": True}, f, indent=1)
+    else:
+        writer = ShardWriter(tmp, parse_size(max_shard_size)) if rank == 0 else None
+        for name, tensor in full_tensors(model, dtype, zero3):
+            if writer is not None:
+                writer.add(name, tensor)
+        if rank == 0:
+            writer.close()
+            write_metadata(tmp, model.config, dtype, getattr(model, "generation_config", None), tokenizer, mark=mark)
     if rank == 0:
-        writer.close()
-        write_metadata(tmp, model.config, dtype, getattr(model, "generation_config", None), tokenizer,
-                       mark={"global_step": int(engine.global_steps), "source": "training"})
         publish(tmp, path)
     if dist.is_initialized():
         dist.barrier()

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# deepspeed --num_gpus ${NUM_RANKS:-2} --master_port ${MASTER_PORT:-<free port>} examples/sft.py --deepspeed_config ${CONFIG:-ds_configs/sft_zero3.yaml} "$@"
+# deepspeed --num_gpus ${NUM_RANKS:-2} --master_port ${MASTER_PORT:-<free port>} --module ds_chunkflow.sft --deepspeed_config ${CONFIG:-ds_configs/sft_zero3.yaml} "$@"
 #
 # The main example on this machine: 2 ranks on DeepSpeed's CPU accelerator (gloo).
 # On a GPU node the same command uses one rank per GPU (set NUM_RANKS to the GPU count).
@@ -18,5 +18,5 @@ export WANDB_MODE=${WANDB_MODE:-offline}
 export DS_CHUNKFLOW_SKIP_SHM_BUILD=${DS_CHUNKFLOW_SKIP_SHM_BUILD:-1}
 PYTHON=${PYTHON:-$(command -v python3 || command -v python)}
 MASTER_PORT=${MASTER_PORT:-$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])')}
-exec deepspeed --num_gpus "${NUM_RANKS:-2}" --master_port "$MASTER_PORT" examples/sft.py \
+exec deepspeed --num_gpus "${NUM_RANKS:-2}" --master_port "$MASTER_PORT" --module ds_chunkflow.sft \
     --deepspeed_config "${CONFIG:-ds_configs/sft_zero3.yaml}" "$@"

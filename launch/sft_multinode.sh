@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# deepspeed --hostfile ${HOSTFILE:-launch/hostfile} --master_port ${MASTER_PORT:-<free port>} examples/sft.py --deepspeed_config ${CONFIG:-ds_configs/zero2_bf16_offload.yaml} --model "$MODEL" --data "$DATA" "$@"
+# deepspeed --hostfile ${HOSTFILE:-launch/hostfile} --master_port ${MASTER_PORT:-<free port>} --module ds_chunkflow.sft --deepspeed_config ${CONFIG:-ds_configs/zero2_bf16_offload.yaml} --model "$MODEL" --data "$DATA" "$@"
 #
 # Multi-node: list every node and its GPU count in the hostfile (see launch/hostfile.example):
 #     node-1 slots=8
@@ -17,5 +17,5 @@ cd "$(dirname "$0")/.."
 : "${DATA:?set DATA to a JSONL file}"
 PYTHON=${PYTHON:-$(command -v python3 || command -v python)}
 MASTER_PORT=${MASTER_PORT:-$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])')}
-exec deepspeed --hostfile "${HOSTFILE:-launch/hostfile}" --master_port "$MASTER_PORT" examples/sft.py \
+exec deepspeed --hostfile "${HOSTFILE:-launch/hostfile}" --master_port "$MASTER_PORT" --module ds_chunkflow.sft \
     --deepspeed_config "${CONFIG:-ds_configs/zero2_bf16_offload.yaml}" --model "$MODEL" --data "$DATA" "$@"

@@ -2,7 +2,7 @@
 
     python scripts/kill_stress.py --budget 180 --steps 8 --seed 0
 
-1. One uninterrupted run of examples/sft.py (2 CPU ranks, ``--save_every 1``): the reference losses,
+1. One uninterrupted run of the SFT recipe (ds_chunkflow.sft) (2 CPU ranks, ``--save_every 1``): the reference losses,
    read exactly from DeepSpeed's csv monitor (one row per step, Python's float repr).
 2. While the budget lasts: a run in a fresh directory, its whole process group SIGKILLed at a random
    (seeded) moment: a random delay (0 to 1.2 median steps) after its k-th logged loss, k random in
@@ -56,8 +56,8 @@ def write_config(src: Path, out_dir: Path) -> Path:
 
 def command(args, out_dir: Path, config: Path, model: Path | None, resume: str | None) -> list[str]:
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
-           "examples/sft.py", "--deepspeed_config", str(config), "--steps", str(args.steps), "--save_every", "1",
-           "--output_dir", str(out_dir)]
+           "--module", "ds_chunkflow.sft", "--deepspeed_config", str(config), "--steps", str(args.steps),
+           "--save_every", "1", "--no_export", "--output_dir", str(out_dir)]
     if model is not None:
         cmd += ["--model", str(model)]
     if resume == "required":

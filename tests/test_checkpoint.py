@@ -190,17 +190,11 @@ def test_resume_decision(tmp_path):
 
 
 def test_example_resume_argument_parsing():
-    """examples/sft.py: `--resume` alone means required, `--resume auto` optional, absent: no resume."""
-    import argparse
-    import ast
+    """The SFT recipe: `--resume` alone means required, `--resume auto` optional, absent: no resume."""
+    from ds_chunkflow.recipes.sft import build_parser
 
-    src = open(os.path.join(os.path.dirname(__file__), "..", "examples", "sft.py")).read()
-    call = next(node for node in ast.walk(ast.parse(src)) if isinstance(node, ast.Call)
-                and getattr(node.func, "attr", None) == "add_argument"
-                and node.args and getattr(node.args[0], "value", None) == "--resume")
-    parser = argparse.ArgumentParser()
-    eval(compile(ast.Expression(call), "sft.py", "eval"), {"parser": parser})  # the example's own definition
-    p = parser
+    src = open(os.path.join(os.path.dirname(__file__), "..", "ds_chunkflow", "recipes", "sft.py")).read()
+    p = build_parser()
     assert p.parse_args([]).resume is None
     assert p.parse_args(["--resume"]).resume == "required"
     assert p.parse_args(["--resume", "auto"]).resume == "auto"
@@ -323,9 +317,9 @@ def test_restore_sampler_without_position(tmp_path):
 
 
 def test_example_uses_the_public_checkpoint_listing():
-    """examples/sft.py decides "this output_dir holds checkpoints" with ds_chunkflow.checkpoint's own
+    """The SFT recipe decides "this output_dir holds checkpoints" with ds_chunkflow.checkpoint's own
     checkpoint_entries, not a copy of its tag detection."""
-    src = open(os.path.join(os.path.dirname(__file__), "..", "examples", "sft.py")).read()
+    src = open(os.path.join(os.path.dirname(__file__), "..", "ds_chunkflow", "recipes", "sft.py")).read()
     assert "checkpoint_entries(args.output_dir)" in src
     assert "model_states.pt" not in src and "startswith(\"global_step\")" not in src
 

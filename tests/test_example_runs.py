@@ -1,9 +1,8 @@
-"""examples/sft.py as users start it (launch/sft_cpu.sh): runs that do not collide, an output dir that is
+"""The SFT recipe (ds_chunkflow.sft) as users start it (launch/sft_cpu.sh): runs that do not collide, an output dir that is
 not silently reused, monitor files per run under --output_dir with optimizer steps as the step column."""
 
 from __future__ import annotations
 
-import ast
 import csv
 import json
 import os
@@ -16,7 +15,7 @@ import pytest
 from ds_chunkflow.checkpoint import checkpoint_entries
 
 ROOT = Path(__file__).parent.parent
-EXAMPLE = ROOT / "examples" / "sft.py"
+RECIPE = [sys.executable, "-m", "ds_chunkflow.sft"]
 
 
 def _env() -> dict[str, str]:
@@ -26,12 +25,9 @@ def _env() -> dict[str, str]:
 
 
 def _example_functions() -> dict:
-    """The example's helper functions, without running the script (it trains at import)."""
-    tree = ast.parse(EXAMPLE.read_text())
-    funcs = [n for n in tree.body if isinstance(n, ast.FunctionDef)]
-    namespace = {"os": os, "Path": Path}
-    exec(compile(ast.Module(body=funcs, type_ignores=[]), str(EXAMPLE), "exec"), namespace)
-    return namespace
+    from ds_chunkflow.recipes import sft
+
+    return vars(sft)
 
 
 def _csv_steps(path: Path) -> list[int]:
@@ -73,7 +69,7 @@ def test_output_dir_with_checkpoints_is_refused_without_resume_or_overwrite(tmp_
     out = tmp_path / "run"
     (out / "global_step2").mkdir(parents=True)
     (out / "latest").write_text("global_step2")
-    base = [sys.executable, str(EXAMPLE), "--steps", "1", "--output_dir", str(out)]
+    base = [*RECIPE, "--steps", "1", "--output_dir", str(out)]
     proc = subprocess.run(base, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert f"--output_dir {out} holds another run's checkpoints (latest, global_step2)" in proc.stderr, proc.stderr[-2000:]
@@ -130,7 +126,7 @@ def test_example_stops_at_load_time_naming_file_and_line(tmp_path: Path, case: s
     config = tmp_path / "config.yaml"
     config.write_text("zero_optimization:\n  stage: 0\nchunkflow:\n  chunk_size: 64\n" + extra_config
                       + "  data:\n    global_batch_size: 2\n")
-    proc = subprocess.run([sys.executable, str(EXAMPLE), "--deepspeed_config", str(config), "--data", str(data),
+    proc = subprocess.run([*RECIPE, "--deepspeed_config", str(config), "--data", str(data),
                            "--steps", "1", "--output_dir", str(tmp_path / "run")], cwd=ROOT, env=_env(),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
