@@ -30,6 +30,9 @@ and model-parallel world sizes, and every rank's ``*model_states.pt`` / ``*optim
 is present and a readable zip), with a warning; they carry no data-sampler position
 (:func:`restore_sampler`). They are chosen automatically only in a directory holding no ChunkFlow tag at
 all; in a ChunkFlow directory a manifest-less tag is a torn save, loadable only as an explicit ``tag``.
+
+Retention (:mod:`ds_chunkflow.retention`) renames a tag to ``.ds_chunkflow_deleting.<tag>`` before it deletes
+anything in it; such a directory is never a tag here (:func:`is_trash`).
 """
 
 from __future__ import annotations
@@ -52,6 +55,12 @@ MANIFEST = "ds_chunkflow_complete.json"
 SAVING = "ds_chunkflow_saving"  # a ChunkFlow save of this tag started and has not finished
 LATEST = "latest"
 FORMAT = 1
+TRASH_PREFIX = ".ds_chunkflow_deleting."  # a tag being deleted (ds_chunkflow.retention): never a tag to load
+
+
+def is_trash(name: str) -> bool:
+    """``name`` is a tag directory renamed for deletion by :func:`ds_chunkflow.retention.prune_checkpoints`."""
+    return name.startswith(TRASH_PREFIX)
 
 
 class CheckpointError(RuntimeError):
@@ -308,6 +317,8 @@ def _is_chunkflow_dir(load_dir: str) -> bool:
     """Some tag of ``load_dir`` was written (or begun) by ds_chunkflow: a manifest or a saving mark."""
     for name in os.listdir(load_dir):
         tag_dir = os.path.join(load_dir, name)
+        if is_trash(name):
+            continue
         if os.path.isfile(os.path.join(tag_dir, MANIFEST)) or os.path.isfile(os.path.join(tag_dir, SAVING)):
             return True
     return False
@@ -330,7 +341,7 @@ def find_complete_tag(load_dir) -> Resolved:
         skipped.append(f"{latest} (named by `{LATEST}`): {reason}")
     candidates, others = [], []
     for name in sorted(os.listdir(load_dir)):
-        if name == latest or not os.path.isdir(os.path.join(load_dir, name)):
+        if name == latest or is_trash(name) or not os.path.isdir(os.path.join(load_dir, name)):
             continue
         manifest, reason = check_tag(load_dir, name, allow_stock=stock)
         if manifest is not None:
@@ -352,7 +363,7 @@ def looks_like_tag(load_dir, name: str) -> bool:
     """``load_dir/name`` belongs to a run's checkpoints: named ``global_step*``, or holding a ChunkFlow
     manifest / saving mark, or DeepSpeed state files (``*model_states.pt``, ``*optim_states.pt``)."""
     tag_dir = os.path.join(os.fspath(load_dir), name)
-    if not os.path.isdir(tag_dir):
+    if is_trash(name) or not os.path.isdir(tag_dir):
         return False
     if name.startswith("global_step"):
         return True
