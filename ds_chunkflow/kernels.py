@@ -46,8 +46,10 @@ Which kernel a block gets is one pure function, :func:`choose_kernel`:
 
 Dropout stays on the math kernel: its mask is drawn from a per-(step seed, block)
 generator, which a recomputed forward and the backward replay exactly; the fused ops'
-philox state cannot be replayed per block. The CUDA paths are untested here (no GPU):
-``tests/test_gpu.py`` (``pytest -m gpu``, run by ``scripts/gpu_check.sh``) checks them.
+philox state cannot be replayed per block. The CUDA ops have not run on a GPU here: on CPU,
+``tests/test_cuda_contracts.py`` calls them through stand-ins registered for their aten names
+that assert what the CUDA kernels assume (layouts, windows, lse conventions);
+``tests/test_gpu.py`` (``pytest -m gpu``, run by ``scripts/gpu_check.sh``) checks the real ones.
 """
 
 from __future__ import annotations
@@ -58,6 +60,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+
+from . import fused_ops
 
 
 @dataclass(frozen=True)
@@ -163,60 +167,6 @@ class FusedBackend:
     mask: Callable = lambda b: b.is_causal  # what the kernel's mask argument is for block b (a flag, a window)
 
 
-def _cpu_flash_forward(q, k, v, is_causal: bool, scale: float):
-    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, is_causal, attn_mask=None,
-                                                                       scale=scale)
-
-
-def _cpu_flash_backward(dout, q, k, v, out, lse, is_causal: bool, scale: float):
-    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-        dout.contiguous(), q, k, v, out, lse.contiguous(), 0.0, is_causal, attn_mask=None, scale=scale)
-
-
-def _cuda_flash_forward(q, k, v, is_causal: bool, scale: float):
-    out, lse, *_ = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, is_causal, False, scale=scale)
-    return out, lse
-
-
-def _cuda_flash_backward(dout, q, k, v, out, lse, is_causal: bool, scale: float):
-    # dropout 0: the philox seed/offset are not used; shapes/dtypes as the forward returns them (empty: fill
-    # kernels for uint64 are not guaranteed on CUDA)
-    seed = torch.empty(2, dtype=torch.uint64, device=q.device)
-    offset = torch.empty((), dtype=torch.uint64, device=q.device)
-    dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_backward(
-        dout, q, k, v, out, lse, None, None, q.shape[2], k.shape[2], 0.0, is_causal, seed, offset, scale=scale)
-    return dq, dk, dv
-
-
-def _cuda_efficient_forward(q, k, v, is_causal: bool, scale: float):
-    out, lse, _, _ = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, is_causal,
-                                                                             scale=scale)
-    return out, lse
-
-
-def rows_major(t: torch.Tensor) -> torch.Tensor:
-    """``[B, H, M, d]`` with the memory of a contiguous ``[B, M, H, d]`` (row stride ``H * d``, head stride ``d``).
-
-    The memory-efficient backward takes only the batch and head strides of ``out`` and hard-codes its row
-    stride as ``num_heads * head_dim`` (``o_strideM()`` in ``kernel_backward.h``; the sm80 fp16/bf16 path
-    reads ``output_ptr + row * o_strideM()`` for ``D = rowsum(dO * O)``). A ``[B, H, M, d]``-contiguous
-    ``out`` has row stride ``d``, so the delta term would read other rows' and heads' memory: dq and dk
-    wrong. PyTorch's own callers pass ``out`` in this layout (the forward returns it so)."""
-    b, h, m, d = t.shape
-    if t.stride(3) == 1 and (m == 1 or t.stride(2) == h * d):  # the head stride is read from the tensor
-        return t
-    return t.transpose(1, 2).contiguous().transpose(1, 2)
-
-
-def _cuda_efficient_backward(dout, q, k, v, out, lse, is_causal: bool, scale: float):
-    seed = torch.empty((), dtype=torch.int64, device=q.device)  # dropout 0: not used
-    offset = torch.empty((), dtype=torch.int64, device=q.device)
-    dq, dk, dv, _ = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
-        dout, q, k, v, None, rows_major(out), lse, seed, offset, 0.0, [True, True, True, False], is_causal,
-        scale=scale)
-    return dq, dk, dv
-
-
 def live_block(b: Block) -> Block | None:
     """The rows of ``b`` whose queries see at least one key (a contiguous run), as a block; None if none do.
 
@@ -242,36 +192,18 @@ def flash_window(b: Block) -> tuple[int, int] | None:
     return left, right
 
 
-def _cuda_flash_window_forward(q, k, v, window: tuple[int, int], scale: float):
-    # the op takes [B, M, H, d] (what the SDPA flash op passes it: q.transpose(1, 2)); lse is [B, H, M]
-    out, lse, *_ = torch.ops.aten._flash_attention_forward(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, None, q.shape[2], k.shape[2], 0.0, False,
-        False, scale=scale, window_size_left=window[0], window_size_right=window[1])
-    # a row with no visible key: FlashAttention-2 writes lse +inf (0 out); the merge needs -inf
-    return out.transpose(1, 2), lse.masked_fill(lse == math.inf, -math.inf)
-
-
-def _cuda_flash_window_backward(dout, q, k, v, out, lse, window: tuple[int, int], scale: float):
-    seed = torch.empty(2, dtype=torch.uint64, device=q.device)  # dropout 0: not used
-    offset = torch.empty((), dtype=torch.uint64, device=q.device)
-    dq, dk, dv = torch.ops.aten._flash_attention_backward(
-        dout.transpose(1, 2), q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), out.transpose(1, 2), lse,
-        None, None, q.shape[2], k.shape[2], 0.0, False, seed, offset, scale=scale, window_size_left=window[0],
-        window_size_right=window[1])
-    return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
-
-
 MATH, CPU_FLASH, CUDA_FLASH, CUDA_EFFICIENT = "math", "cpu_flash", "cuda_flash", "cuda_efficient"
 CUDA_FLASH_WINDOW = "cuda_flash_window"
 # On ROCm the efficient kernel's lse is not padded (see torch/_meta_registrations.py).
 _EFFICIENT_LSE_ALIGN = 1 if torch.version.hip else 32
 BACKENDS: dict[str, FusedBackend] = {
-    CPU_FLASH: FusedBackend(_cpu_flash_forward, _cpu_flash_backward, native_gqa=True),
-    CUDA_FLASH: FusedBackend(_cuda_flash_forward, _cuda_flash_backward, head_align=8, contiguous=True),
-    CUDA_EFFICIENT: FusedBackend(_cuda_efficient_forward, _cuda_efficient_backward, head_align=8,
+    CPU_FLASH: FusedBackend(fused_ops.cpu_flash_forward, fused_ops.cpu_flash_backward, native_gqa=True),
+    CUDA_FLASH: FusedBackend(fused_ops.cuda_flash_forward, fused_ops.cuda_flash_backward, head_align=8,
+                             contiguous=True),
+    CUDA_EFFICIENT: FusedBackend(fused_ops.cuda_efficient_forward, fused_ops.cuda_efficient_backward, head_align=8,
                                  lse_align=_EFFICIENT_LSE_ALIGN, contiguous=True),
-    CUDA_FLASH_WINDOW: FusedBackend(_cuda_flash_window_forward, _cuda_flash_window_backward, head_align=8,
-                                    contiguous=True, mask=flash_window),
+    CUDA_FLASH_WINDOW: FusedBackend(fused_ops.cuda_flash_window_forward, fused_ops.cuda_flash_window_backward,
+                                    head_align=8, contiguous=True, mask=flash_window),
 }
 FLASH_MAX_HEAD_DIM = 256  # aten flash (FlashAttention-2) head dims
 

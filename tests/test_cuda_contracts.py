@@ -29,7 +29,7 @@ import torch
 from exactness import chunked_errors
 from reference import make_sequences
 
-from ds_chunkflow import kernels
+from ds_chunkflow import fused_ops, kernels
 from ds_chunkflow.kernels import CUDA_EFFICIENT, CUDA_FLASH, CUDA_FLASH_WINDOW, MATH, Block, Caps
 from ds_chunkflow.testing.families import build, exact_case
 from ds_chunkflow.testing.models import build_tiny_model
@@ -233,9 +233,9 @@ def test_efficient_backward_gets_out_in_the_layout_the_kernel_reads(cuda_ops, mo
 def test_rows_major_is_a_view_when_it_can_be():
     """rows_major: the memory of a contiguous [B, M, H, d], same values; the SDPA ops' own output passes as is."""
     x = torch.randn(2, 3, 5, 8)
-    y = kernels.rows_major(x)
+    y = fused_ops.rows_major(x)
     assert torch.equal(x, y) and y.stride() == (120, 8, 24, 1)
-    assert kernels.rows_major(y) is y and kernels.rows_major(x[:, :, :1]) is not None
+    assert fused_ops.rows_major(y) is y and fused_ops.rows_major(x[:, :, :1]) is not None
 
 
 # ----------------------------------------------------------------------------- defect 4: sliding windows
@@ -351,7 +351,7 @@ def test_windowed_forward_maps_empty_rows_to_minus_inf(cuda_ops):
     (the live-row cut normally keeps such rows away from the kernel; this is the kernel-level guarantee)."""
     q = torch.randn(1, 2, 4, 8, dtype=torch.float64)
     k = v = torch.randn(1, 2, 2, 8, dtype=torch.float64)
-    out, lse = kernels._cuda_flash_window_forward(q, k, v, (0, 0), 0.3)  # bottom-right: rows 0, 1 see nothing
+    out, lse = fused_ops.cuda_flash_window_forward(q, k, v, (0, 0), 0.3)  # bottom-right: rows 0, 1 see nothing
     assert (lse[..., :2] == -math.inf).all() and torch.isfinite(lse[..., 2:]).all()
     assert (out[:, :, :2] == 0).all()
 

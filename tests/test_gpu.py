@@ -4,9 +4,12 @@ Chunked training on CUDA in bf16 / fp32 against the plain full-sequence referenc
 (tests/reference.py) computed in float64 on the CPU from the same weights. A low-precision
 run cannot match float64 to rounding, so the bound is relative to what plain training in
 the same dtype on the same GPU achieves: ``err(chunked) <= 3 * err(plain) + floor``. Each
-case forces one dispatch (flash-attn varlen for packed chunks; PyTorch's aten flash op; the
-aten memory-efficient op) and checks that the forced kernel really ran. Untested until run
-on a GPU: ``scripts/gpu_check.sh`` runs this file.
+case forces one dispatch (flash-attn varlen for packed chunks; PyTorch's aten flash op, with
+its windowed form for sliding-window blocks; the aten memory-efficient op) and checks that the
+forced kernel really ran. Also: every EXACT family in bf16, the efficient backward and the
+windowed flash op against the math kernel, offload through the side stream (its own byte
+counters), and the engine on one GPU (ZeRO-2 / ZeRO-3, bf16). Untested until run on a GPU:
+``scripts/gpu_check.sh`` runs this file and fails if it skips instead of running.
 """
 
 import contextlib
