@@ -172,8 +172,8 @@ def test_offload_on_cuda(dtype, options, monkeypatch):
 @pytest.mark.parametrize("causal", [False, True])
 def test_efficient_backward_matches_math_on_cuda(causal):
     """The memory-efficient backward in bf16 (out handed over as [B, M, H, d] memory) gives the math kernel's
-    gradients to bf16 precision; ``contiguous_out_err`` in a failure message is the error with a [B, H, M, d]-
-    contiguous out, the layout that broke the delta term (issue 27, item 1)."""
+    gradients to bf16 precision. Printed (pytest -rP, in gpu_check's log): the same op's errors with a
+    [B, H, M, d]-contiguous out, the layout that broke the delta term (issue 27, item 1)."""
     g = torch.Generator(device="cuda").manual_seed(0)
     shape_q, shape_k = (1, 4, 200, 64), (1, 4, 200 if causal else 150, 64)
     q, do = (torch.randn(shape_q, generator=g, device="cuda").bfloat16() for _ in range(2))
@@ -210,8 +210,10 @@ def test_window_kernel_matches_math_on_cuda():
     assert choice.kernel == kernels.CUDA_FLASH_WINDOW, choice
     out, lse = kernels.block_forward(q, k, v, b, 0.125)
     ref_out, ref_lse = kernels.math_forward(q, k, v, b, 0.125)
-    torch.testing.assert_close(lse, ref_lse, rtol=0, atol=1e-2)
-    torch.testing.assert_close(out.float(), ref_out.float(), rtol=0, atol=2e-2)
+    assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse)) and (lse[..., window - 1:] == -torch.inf).all()
+    live = ~torch.isinf(ref_lse)
+    assert (lse[live] - ref_lse[live]).abs().max() < 1e-2
+    assert max(_rel_errs([out], [ref_out])) < 2e-2, _rel_errs([out], [ref_out])
     got = kernels.block_backward(do, q, k, v, ref_out, ref_lse, b, 0.125)
     ref = kernels.math_backward(do, q, k, v, ref_out, ref_lse, b, 0.125)
     assert max(_rel_errs(got, ref)) < 2e-2, _rel_errs(got, ref)
