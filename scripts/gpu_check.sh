@@ -42,8 +42,9 @@ PIP_SOURCE=(--index-url "$TORCH_INDEX")
 STATE=$(probe)
 if [ "$(field "$STATE" cuda)" = "None" ] || [ "$(field "$STATE" torch)" = "None" ] \
         || [ "$(field "$STATE" torch | cut -d+ -f1)" != "$TORCH_VERSION" ]; then
-    log "torch: $(field "$STATE" torch) (CUDA $(field "$STATE" cuda)); installing torch==$TORCH_VERSION+$CU"
-    timeout 240 "$PYTHON" -m pip install -q "torch==$TORCH_VERSION+$CU" "${PIP_SOURCE[@]}" \
+    TORCH_SPEC="torch==$TORCH_VERSION+$CU"
+    log "torch: $(field "$STATE" torch) (CUDA $(field "$STATE" cuda)); installing $TORCH_SPEC"
+    timeout 240 "$PYTHON" -m pip install -q "$TORCH_SPEC" "${PIP_SOURCE[@]}" \
         > "$OUT/torch_install.log" 2>&1 || log "torch install failed (see torch_install.log)"
     STATE=$(probe)
 fi

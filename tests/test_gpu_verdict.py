@@ -77,3 +77,19 @@ def test_flash_attn_wheel_name():
         "flash_attn-2.8.3+cu12torch2.8cxx11abiTRUE-cp312-cp312-linux_x86_64.whl"
     assert gpu_verdict.wheel_name("2.6.3", "2.13.0", "13.0", False, (3, 11)) == \
         "flash_attn-2.6.3+cu13torch2.13cxx11abiFALSE-cp311-cp311-linux_x86_64.whl"
+
+
+@pytest.mark.skipif(__import__("torch").version.cuda is not None, reason="a CUDA build of torch: the check would run")
+def test_gpu_check_refuses_a_cpu_build_of_torch(tmp_path):
+    """gpu_check.sh with this CPU build of torch and nothing to install from (an empty WHEELHOUSE: pip offline)
+    refuses to start (exit 2), saying the build is a CPU one, instead of running a gpu tier that would only skip;
+    it asked pip for the CUDA build by its local tag (==2.13.0 alone is satisfied by 2.13.0+cpu)."""
+    wheelhouse = tmp_path / "wheels"
+    wheelhouse.mkdir()
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "PYTHON": sys.executable, "WHEELHOUSE": str(wheelhouse)}
+    run = subprocess.run(["bash", "scripts/gpu_check.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 2, run.stdout + run.stderr
+    verdict = (tmp_path / "out" / "verdict.txt").read_text()
+    assert verdict.startswith("gpu_check: REFUSED") and "not a CUDA build" in verdict, verdict
+    assert "+cu128" in run.stdout and not (tmp_path / "out" / "pytest_gpu.xml").exists()
