@@ -92,4 +92,7 @@ def test_gpu_check_refuses_a_cpu_build_of_torch(tmp_path):
     assert run.returncode == 2, run.stdout + run.stderr
     verdict = (tmp_path / "out" / "verdict.txt").read_text()
     assert verdict.startswith("gpu_check: REFUSED") and "not a CUDA build" in verdict, verdict
-    assert "+cu128" in run.stdout and not (tmp_path / "out" / "pytest_gpu.xml").exists()
+    pin = next(line.split("==")[1] for line in (ROOT / ".ci" / "constraints.txt").read_text().splitlines()
+               if line.startswith("torch=="))
+    assert f"torch=={pin}+cu128" in (tmp_path / "out" / "torch_install.log").read_text()  # what pip was asked for
+    assert not (tmp_path / "out" / "pytest_gpu.xml").exists()
