@@ -66,7 +66,7 @@ class ShardWriter:
         nbytes = tensor.numel() * tensor.element_size()
         if self._pending and self._pending_bytes + nbytes > self.max_shard_bytes:
             self._flush()
-        self._pending[name] = tensor.detach().to("cpu").contiguous()
+        self._pending[name] = tensor.detach().to("cpu", copy=True).contiguous()  # gathered storage is released
         self._pending_bytes += nbytes
         self.total_bytes += nbytes
 
