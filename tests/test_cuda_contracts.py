@@ -19,6 +19,10 @@ Dispatch is forced to the CUDA table (``choose_kernel`` with device type "cuda" 
 capabilities). Model-level runs are in float64 presented to the table as bf16 / fp32, so the
 whole CUDA code path (padding, transposes, layouts, windows, lse handling, merge) is checked
 against the float64 reference to rounding.
+
+Also here, the contracts of the CUDA-only paths that need no op stand-in: flash-attn varlen
+under sequence parallelism (2 gloo ranks, a varlen stand-in: the output is this rank's rows
+with all heads, ``[1, T/P, H, d]``, and exact).
 """
 
 import contextlib
