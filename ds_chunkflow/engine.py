@@ -103,6 +103,7 @@ class ChunkFlowMixin:
             metrics["data_lines_skipped"] = float(stats.num_skipped)
             metrics["data_samples_truncated"] = float(stats.num_truncated)
             metrics.update({f"data_skipped_{reason}": float(n) for reason, n in sorted(stats.skipped.items())})
+        metrics.update(getattr(self.chunkflow_sampler, "source_metrics", dict)())  # data_drawn_<source> (a mix)
         lr = getattr(self, "chunkflow_step_lr", None)
         if lr is not None:
             metrics["lr"] = lr
@@ -292,5 +293,8 @@ def _make_sampler(dataset, cf: ChunkFlowConfig):
     d = cf.data
     if d.global_batch_size is None and d.global_batch_tokens is None:
         raise ValueError("chunkflow.data: set global_batch_size or global_batch_tokens to train from training_data")
+    if hasattr(dataset, "make_sampler"):  # several sources (ds_chunkflow.data_mix.MixedDataset) bring their own
+        return dataset.make_sampler(batch_size=d.global_batch_size, token_budget=d.global_batch_tokens,
+                                    seed=d.seed, shuffle=d.shuffle)
     return GlobalBatchSampler(dataset.lengths, batch_size=d.global_batch_size, token_budget=d.global_batch_tokens,
                               seed=d.seed, shuffle=d.shuffle)

@@ -131,6 +131,6 @@ class GlobalBatchSampler:
             mine = len(self.lengths) if key == "num_samples" else getattr(self, key)
             if state.get(key) != mine:
                 raise ValueError(f"sampler state has {key}={state.get(key)!r} but this sampler has {key}={mine!r}")
-        if not 0 <= state["position"] < len(self.lengths) or state["epoch"] < 0:
+        if state["epoch"] < 0 or not 0 <= state["position"] < len(self.order(int(state["epoch"]))):
             raise ValueError(f"sampler state has bad epoch/position: {state['epoch']}/{state['position']}")
         self._epoch, self._position = int(state["epoch"]), int(state["position"])
