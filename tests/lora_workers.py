@@ -27,15 +27,16 @@ def _adapters(named):
     return {n: p.detach().clone().float().cpu() for n, p in named if "lora_" in n}
 
 
-def train_lora(rank, world, stage, steps, out_path, chunkflow, adapter_dir, break_mode=None):
+def train_lora(rank, world, stage, steps, out_path, chunkflow, adapter_dir, break_mode=None, long_len=None):
     """``steps`` SGD-momentum steps of the adapters on 2 ranks; saves the fp32 adapters before / after (the
     optimizer's masters), every module parameter after (gathered), and the saved adapter's directory.
 
     ``break_mode``: ``"unfreeze"`` trains the base as well; ``"drop_chunk"`` zeroes the adapters' gradient
-    of the first chunk backward of each step (the tests must catch both)."""
+    of the first chunk backward of each step (the tests must catch both). ``long_len``: as ``global_batch``'s."""
+    from workers import gathered_state
+
     import ds_chunkflow
     from ds_chunkflow.lora import save_adapter
-    from workers import gathered_state
 
     model = lora_model()
     if break_mode == "unfreeze":
@@ -46,12 +47,12 @@ def train_lora(rank, world, stage, steps, out_path, chunkflow, adapter_dir, brea
         _drop_first_chunk_grad(engine)
     trainable = {n for n, p in engine.module.named_parameters() if p.requires_grad}
     before = master_state_of(engine, trainable)
-    losses = [engine.train_batch(global_batch(s, model.config.vocab_size)).item() for s in range(steps)]
+    losses = [engine.train_batch(global_batch(s, model.config.vocab_size, long_len)).item() for s in range(steps)]
     after = master_state_of(engine, trainable)
     module = gathered_state(engine)
     save_adapter(engine, adapter_dir)
-    torch.save({"losses": losses, "before": before, "after": after, "module": module, "trainable": trainable},
-               f"{out_path}.{rank}")
+    torch.save({"losses": losses, "before": before, "after": after, "module": module, "trainable": trainable,
+                "metrics": engine.last_metrics}, f"{out_path}.{rank}")
 
 
 def master_state_of(engine, names):
@@ -93,7 +94,7 @@ def _drop_first_chunk_grad(engine):
     engine.backward, engine.step = broken, step_and_reset
 
 
-def reference_lora(steps):
+def reference_lora(steps, long_len=None):
     """Single process, plain PEFT: the same adapters, full-sequence forwards, sum CE / label tokens, the
     same SGD-momentum over the adapters only. Returns (losses, adapters before, adapters after, base after)."""
     from reference import reference_loss_and_grads
@@ -104,7 +105,7 @@ def reference_lora(steps):
     losses = []
     for s in range(steps):
         opt.zero_grad(set_to_none=True)
-        loss, _ = reference_loss_and_grads(model, global_batch(s, model.config.vocab_size))
+        loss, _ = reference_loss_and_grads(model, global_batch(s, model.config.vocab_size, long_len))
         opt.step()
         losses.append(loss.item())
     base = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" not in n}
