@@ -155,38 +155,89 @@ def _persistent_buffers(module: torch.nn.Module) -> Iterator[tuple[str, torch.Te
             yield name, buf
 
 
+def _lora_layer_class():
+    try:
+        from peft.tuners.lora import LoraLayer
+    except ImportError:
+        return None
+    return LoraLayer
+
+
 def full_tensors(model: torch.nn.Module, dtype: torch.dtype, zero3: bool) -> Iterator[tuple[str, torch.Tensor]]:
     """``(name, full tensor)`` of every parameter (once, under its first name) and persistent buffer,
-    one module at a time. Collective under ZeRO (gathers, fp32 masters): call on every rank."""
-    import deepspeed
-    from deepspeed.utils import safe_get_full_fp32_param
+    one module at a time. Collective under ZeRO (gathers, fp32 masters): call on every rank.
 
+    A PEFT LoRA model is written merged, under the base model's names: each LoRA layer (its base
+    layer and adapters gathered together) gives ``weight = W + delta`` (PEFT's ``get_delta_weight``,
+    computed in float32 from the adapters' values in ``dtype``'s source, see :func:`_value`)."""
+    import deepspeed
+
+    from .hf_model import base_model_of, is_peft_model
+
+    lora_cls = _lora_layer_class() if is_peft_model(model) else None
+    root = base_model_of(model) if lora_cls is not None else model
     seen: set[int] = set()
-    for prefix, module in model.named_modules():
-        params = [(n, p) for n, p in module.named_parameters(recurse=False) if id(p) not in seen]
+    merged_prefixes: list[str] = []
+    for prefix, module in root.named_modules():
+        if any(prefix.startswith(m + ".") for m in merged_prefixes):
+            continue  # inside a merged LoRA layer: written with it
+        merge = lora_cls is not None and isinstance(module, lora_cls)
+        if merge:
+            merged_prefixes.append(prefix)
+        params = [(n, p) for n, p in module.named_parameters(recurse=merge) if id(p) not in seen]
         seen.update(id(p) for _, p in params)
         gathered = (deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=None)
                     if zero3 and params else contextlib.nullcontext())
         with gathered:
-            for name, p in params:
-                value = p
-                if p.dtype != dtype:  # not the training dtype: from the fp32 master (None: frozen, or no ZeRO)
-                    master = safe_get_full_fp32_param(p)
-                    value = (p if master is None else master).to(dtype)
+            values = {name: _value(p, dtype) for name, p in params}
+            if merge:
+                values = _merged(module, values, dtype)
+            for name, value in values.items():
                 yield f"{prefix}.{name}" if prefix else name, value.detach()
         for name, buf in _persistent_buffers(module):
             yield f"{prefix}.{name}" if prefix else name, buf.detach()
 
 
+def _value(p: torch.nn.Parameter, dtype: torch.dtype) -> torch.Tensor:
+    """The parameter in ``dtype``: itself if it has that dtype, else its fp32 master cast (the parameter
+    when there is none: frozen, or no ZeRO optimizer). Collective under ZeRO-3 (the master is gathered)."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    if p.dtype == dtype:
+        return p
+    master = safe_get_full_fp32_param(p)
+    return (p if master is None else master).to(dtype)
+
+
+def _merged(layer, values: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """A LoRA layer's base weight (and bias) with every active adapter's delta added, base names."""
+    out = {}
+    for name, value in values.items():
+        if name.startswith("base_layer."):
+            out[name.removeprefix("base_layer.")] = value
+    delta = 0
+    for adapter in layer.active_adapters:
+        if getattr(layer, "use_dora", {}).get(adapter):
+            raise ExportError(f"merging a DoRA adapter ({adapter}) is not supported; export the adapter directory")
+        a = values[f"lora_A.{adapter}.weight"].float()
+        b = values[f"lora_B.{adapter}.weight"].float()
+        d = b @ a
+        delta = delta + (d.T if layer.fan_in_fan_out else d) * layer.scaling[adapter]
+    out["weight"] = (out["weight"].float() + delta).to(dtype)
+    return out
+
+
 def save_pretrained(engine, path: str, tokenizer=None, dtype: torch.dtype | str | None = None,
-                    max_shard_size: int | str = DEFAULT_SHARD_BYTES, overwrite: bool = False) -> str | None:
+                    max_shard_size: int | str = DEFAULT_SHARD_BYTES, overwrite: bool = False,
+                    merge_lora: bool = False) -> str | None:
     """Writes the engine's model as a Hugging Face directory at ``path`` (see the module docstring); a
-    PEFT model's adapter directory (``PeftModel.from_pretrained``). Collective: call on every rank; rank 0
+    PEFT model's adapter directory (``PeftModel.from_pretrained``), or with ``merge_lora`` the full model
+    with the adapters merged (:func:`full_tensors`). Collective: call on every rank; rank 0
     writes. Returns ``path`` (on every rank)."""
     from deepspeed.pipe import PipelineModule
 
     from .distributed import agree_on_errors
-    from .hf_model import is_peft_model
+    from .hf_model import base_model_of, is_peft_model
 
     model = engine.module
     if isinstance(model, PipelineModule):
@@ -203,7 +254,7 @@ def save_pretrained(engine, path: str, tokenizer=None, dtype: torch.dtype | str 
             error = e
     agree_on_errors(error, device=engine.device)
     mark = {"global_step": int(engine.global_steps), "source": "training"}
-    if is_peft_model(model):  # the adapter directory PeftModel.from_pretrained loads (gathered under ZeRO-3)
+    if is_peft_model(model) and not merge_lora:  # the adapter directory PeftModel.from_pretrained loads (gathered under ZeRO-3)
         from .lora import save_adapter
 
         save_adapter(model, tmp or "", rank=rank)
@@ -219,7 +270,8 @@ def save_pretrained(engine, path: str, tokenizer=None, dtype: torch.dtype | str 
                 writer.add(name, tensor)
         if rank == 0:
             writer.close()
-            write_metadata(tmp, model.config, dtype, getattr(model, "generation_config", None), tokenizer, mark=mark)
+            inner = base_model_of(model)
+            write_metadata(tmp, inner.config, dtype, getattr(inner, "generation_config", None), tokenizer, mark=mark)
     if rank == 0:
         publish(tmp, path)
     if dist.is_initialized():

@@ -29,3 +29,20 @@ def train_and_export(rank, world, stage, tied, bf16, out_dir, tokenizer_dir=None
     engine.save_checkpoint(f"{out_dir}/ckpt")
     ds_chunkflow.save_pretrained(engine, f"{out_dir}/final", tokenizer=tokenizer, max_shard_size=20_000)
     ds_chunkflow.save_pretrained(engine, f"{out_dir}/final_fp32", dtype="float32")
+
+
+def train_lora_and_export(rank, world, stage, out_dir):
+    """Two SGD steps of LoRA adapters (ZeRO ``stage``, nothing persistent), then the adapter directory
+    (``adapter``) and the merged model (``merged``)."""
+    from lora_workers import _optimizer, lora_model
+
+    import ds_chunkflow
+
+    model = lora_model()
+    config = ds_config(stage, keep_chunks=2)
+    config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    engine, *_ = ds_chunkflow.initialize(model=model, optimizer=_optimizer(model), config=config)
+    for s in range(2):
+        engine.train_batch(global_batch(s, model.config.vocab_size))
+    ds_chunkflow.save_pretrained(engine, f"{out_dir}/adapter")
+    ds_chunkflow.save_pretrained(engine, f"{out_dir}/merged", merge_lora=True)

@@ -131,3 +131,27 @@ def test_shard_writer_splits_by_size_and_indexes(tmp_path):
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
     assert index["weight_map"] == {"a": names[0], "b": names[0], "c": names[1], "d": names[2]}
     assert exported(tmp_path).keys() == tensors.keys()
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("stage", [2, 3])
+def test_lora_exports_adapter_and_merged_model(tmp_path, stage):
+    """LoRA on 2 ranks: the adapter directory loads with PeftModel.from_pretrained onto the untouched
+    base, and the merged export equals PEFT's own merge_and_unload of it (base names, trained adapters)."""
+    from export_workers import train_lora_and_export
+    from lora_workers import lora_model
+    from peft import PeftModel
+
+    from ds_chunkflow.testing.models import build_tiny_model
+
+    run_ranks(train_lora_and_export, stage, str(tmp_path))
+    peft_model = PeftModel.from_pretrained(build_tiny_model("qwen2", seed=0), str(tmp_path / "adapter"))
+    initial = {n: p for n, p in lora_model().named_parameters() if "lora_" in n}
+    trained = {n: p for n, p in peft_model.named_parameters() if "lora_" in n}
+    assert trained.keys() == initial.keys() and all(not torch.equal(p, initial[n]) for n, p in trained.items())
+    reference = peft_model.merge_and_unload().state_dict()
+    merged = exported(tmp_path / "merged")
+    assert set(merged) == set(reference)
+    for name, t in merged.items():
+        assert torch.allclose(t, reference[name], rtol=1e-6, atol=1e-7), name
+    assert json.loads((tmp_path / "merged" / "config.json").read_text())["model_type"] == "qwen2"

@@ -63,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     lo.add_argument("--lora_dropout", type=float, default=0.0)
     lo.add_argument("--lora_target_modules", nargs="+", default=None,
                     help="module names (default: every linear layer of the decoder blocks)")
+    lo.add_argument("--merge_lora", action="store_true",
+                    help="export the full model with the adapters merged (default: the adapter directory)")
     p.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)), help=argparse.SUPPRESS)
     return p
 
@@ -159,7 +161,7 @@ def export(engine, path: str, args, tokenizer, is_main: bool) -> None:
 
     start = time.perf_counter()
     save_pretrained(engine, path, tokenizer=tokenizer, dtype=args.export_dtype, max_shard_size=args.max_shard_size,
-                    overwrite=args.overwrite)
+                    overwrite=args.overwrite, merge_lora=args.merge_lora)
     peak = max(peak_rss_bytes(), 0)
     if is_main:
         print(f"export: {path} in {time.perf_counter() - start:.1f} s (peak RSS of rank 0 {peak / 2**20:.0f} MiB)",
