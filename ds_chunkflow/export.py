@@ -254,7 +254,7 @@ def save_pretrained(engine, path: str, tokenizer=None, dtype: torch.dtype | str 
             error = e
     agree_on_errors(error, device=engine.device)
     mark = {"global_step": int(engine.global_steps), "source": "training"}
-    if is_peft_model(model) and not merge_lora:  # the adapter directory PeftModel.from_pretrained loads (gathered under ZeRO-3)
+    if is_peft_model(model) and not merge_lora:  # the adapter directory (gathered under ZeRO-3)
         from .lora import save_adapter
 
         save_adapter(model, tmp or "", rank=rank)
