@@ -88,6 +88,15 @@ def model_vocab_size(model) -> int:
     return int(shape[0]) if len(shape) == 2 and shape[0] > 0 else int(model.config.vocab_size)
 
 
+def fill_total_steps(config: dict, steps: int) -> dict:
+    """``scheduler.params.total_num_steps: auto`` -> the run's last step (``--steps``), so a warm-up +
+    decay schedule ends where the run does; any other value is kept (and checked by the config)."""
+    params = (config.get("scheduler") or {}).get("params")
+    if isinstance(params, dict) and params.get("total_num_steps") == "auto":
+        params["total_num_steps"] = steps
+    return config
+
+
 def _world() -> int:
     return int(os.environ.get("WORLD_SIZE", 1))
 
@@ -195,8 +204,8 @@ def main(argv: list[str] | None = None) -> None:
     # ------------------------------------------------------------------------- config
     parser = build_parser()
     args = parser.parse_args(argv)
-    config = load_config_file(args.deepspeed_config)  # read once, validated before any data is read
-    cf, _ = split_config(config)
+    config = fill_total_steps(load_config_file(args.deepspeed_config), args.steps)  # read once, validated
+    cf, _ = split_config(config)  # before any data is read
     existing = checkpoint_entries(args.output_dir)  # checked on every rank before anything is written
     if existing and not (args.resume or args.overwrite):
         parser.error(f"--output_dir {args.output_dir} holds another run's checkpoints ({', '.join(existing)}); "
