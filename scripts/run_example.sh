@@ -4,4 +4,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
-exec bash launch/sft_cpu.sh "$@"
+# 5% of the sample chats held out, evaluated every 10 steps and at the end; ends with outputs/sft/final
+exec bash launch/sft_cpu.sh --eval_split 0.05 --eval_every 10 "$@"

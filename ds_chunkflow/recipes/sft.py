@@ -156,10 +156,12 @@ def evaluation_data(args, train, tokenizer, cf, vocab_size: int):
 
 
 def run_eval(engine, data, source: str, is_main: bool) -> float:
+    from tqdm import tqdm
+
     loss = engine.evaluate(data)
-    if is_main:
-        print(f"eval step {engine.global_steps}: loss {loss:.4f} over {int(engine.last_eval['tokens']):,} tokens "
-              f"({len(data)} samples of {source}, {engine.last_eval['seconds']:.1f} s)", flush=True)
+    if is_main:  # through tqdm: a line of its own under the progress bar
+        tqdm.write(f"eval step {engine.global_steps}: loss {loss:.4f} over {int(engine.last_eval['tokens']):,} tokens "
+              f"({len(data)} samples of {source}, {engine.last_eval['seconds']:.1f} s)")
     return loss
 
 
