@@ -14,6 +14,7 @@ an adapter directory for LoRA unless --merge_lora). ``--help`` lists every optio
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import time
 from pathlib import Path
@@ -28,21 +29,28 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=HELP_FORMAT)
     p.add_argument("--deepspeed_config", default="ds_configs/sft_zero3.yaml", help="ds_config (YAML or JSON)")
     p.add_argument("--model", default=None, help="Hugging Face model dir (default: a tiny random Qwen2)")
-    p.add_argument("--data", default="examples/data/sample_sft.jsonl", help=".jsonl, .json, .parquet or a "
-                   "save_to_disk dir; chat lines use the tokenizer's own chat template")
+    p.add_argument("--data", nargs="+", default=["examples/data/sample_sft.jsonl"], help=".jsonl, .json, "
+                   ".parquet or save_to_disk dirs (several: a deterministic mix, each file with its own cache); "
+                   "chat lines use the tokenizer's own chat template")
+    p.add_argument("--data_weights", nargs="+", type=float, default=None,
+                   help="sampling weight per --data file (default: every sample once per epoch)")
     p.add_argument("--on_error", choices=["error", "skip"], default="error",
                    help="a bad data line: stop naming file and line, or skip it and count it by reason")
     p.add_argument("--assistant_turns", choices=["all", "last"], default="all",
                    help="chat lines: loss on every assistant reply or on the last one only")
     p.add_argument("--data_cache", default=None, help="tokenised-data cache (default: <output_dir>/data_cache)")
     p.add_argument("--num_proc", type=int, default=None, help="tokenising processes (default: the CPUs, at most 8)")
-    p.add_argument("--steps", type=int, default=30, help="optimizer steps (global batches)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (global batches); default 30, or "
+                   "what --epochs takes")
+    p.add_argument("--epochs", type=int, default=None, help="train this many epochs of the data (instead of --steps)")
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (a `scheduler` section shapes it)")
     p.add_argument("--output_dir", default="outputs/sft")
     p.add_argument("--overwrite", action="store_true",
                    help="train into an --output_dir that holds another run's checkpoints, and replace an export "
                    "directory that is not ours")
     p.add_argument("--save_every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
+    p.add_argument("--keep_checkpoints", type=int, default=0,
+                   help="keep the newest N complete checkpoints, delete older ones after each save (0: keep all)")
     p.add_argument("--resume", nargs="?", const="required", choices=["auto", "required"], default=None,
                    help="continue from the latest complete checkpoint in output_dir (an error if there is none); "
                    "`--resume auto`: start fresh if there is none")
@@ -97,6 +105,28 @@ def fill_total_steps(config: dict, steps: int) -> dict:
     return config
 
 
+def run_length(args, dataset, cf) -> int:
+    """Optimizer steps: --steps, or the global batches of --epochs epochs (the engine's sampler, counted)."""
+    if args.epochs is None:
+        return 30 if args.steps is None else args.steps
+    from ds_chunkflow.data_mix import steps_for_epochs
+
+    if cf is None:
+        raise SystemExit("error: --epochs needs a chunkflow section (its data settings define a global batch)")
+    d = cf.data
+    return steps_for_epochs(dataset, args.epochs, batch_size=d.global_batch_size, token_budget=d.global_batch_tokens,
+                            seed=d.seed, shuffle=d.shuffle)
+
+
+def save(engine, args) -> None:
+    """A checkpoint, then --keep_checkpoints' retention (rank 0 deletes, crash-safely, only older complete tags)."""
+    engine.save_checkpoint(args.output_dir)
+    if args.keep_checkpoints:
+        from ds_chunkflow.retention import prune_checkpoints
+
+        prune_checkpoints(args.output_dir, keep=args.keep_checkpoints)
+
+
 def _world() -> int:
     return int(os.environ.get("WORLD_SIZE", 1))
 
@@ -132,13 +162,18 @@ def load_model(args, config: dict):
     return tokenizer, model
 
 
-def load_data(args, path: str, tokenizer, cf, vocab_size: int):
+def load_data(args, paths: list[str], tokenizer, cf, vocab_size: int, weights: list[float] | None = None):
+    """One file: its dataset; several: a :class:`~ds_chunkflow.data_mix.MixedDataset` (each file loaded and
+    checked on its own, errors naming that file and line)."""
+    from ds_chunkflow.data_mix import load_sft_mix
     from ds_chunkflow.hf_data import load_sft_data
 
-    return load_sft_data(path, tokenizer, max_seq_len=cf.max_seq_len if cf else None,
-                         on_overlong=cf.on_overlong if cf else "error", on_error=args.on_error,
-                         vocab_size=vocab_size, assistant_turns=args.assistant_turns, num_proc=args.num_proc,
-                         cache_dir=args.data_cache or os.path.join(args.output_dir, "data_cache"))
+    options = dict(max_seq_len=cf.max_seq_len if cf else None, on_overlong=cf.on_overlong if cf else "error",
+                   on_error=args.on_error, vocab_size=vocab_size, assistant_turns=args.assistant_turns,
+                   num_proc=args.num_proc, cache_dir=args.data_cache or os.path.join(args.output_dir, "data_cache"))
+    if len(paths) == 1 and weights is None:
+        return load_sft_data(paths[0], tokenizer, **options)
+    return load_sft_mix(paths, tokenizer, weights=weights, **options)
 
 
 def evaluation_data(args, train, tokenizer, cf, vocab_size: int):
@@ -148,11 +183,13 @@ def evaluation_data(args, train, tokenizer, cf, vocab_size: int):
     if args.eval_data and args.eval_split:
         raise SystemExit("error: --eval_data and --eval_split: give one of them")
     if args.eval_split:
+        if len(args.data) > 1:
+            raise SystemExit("error: --eval_split holds out part of one --data file; with several, pass --eval_data")
         train, held = holdout_split(train, args.eval_split, seed=cf.data.seed)
-        return train, held, f"--eval_split {args.eval_split} of {args.data}"
+        return train, held, f"--eval_split {args.eval_split} of {args.data[0]}"
     if not args.eval_data:
         return train, None, None
-    return train, load_data(args, args.eval_data, tokenizer, cf, vocab_size), args.eval_data
+    return train, load_data(args, [args.eval_data], tokenizer, cf, vocab_size), args.eval_data
 
 
 def run_eval(engine, data, source: str, is_main: bool) -> float:
@@ -193,6 +230,9 @@ def summarize(history: list[dict], engine, seconds: float) -> None:
     if "peak_activation_bytes" in history[0]:
         print(f"peak activations {max(h['peak_activation_bytes'] for h in history) / 2**20:.1f} MiB, "
               f"peak K/V state {max(h['peak_kv_state_bytes'] for h in history) / 2**20:.1f} MiB")
+    drawn = {k.removeprefix("data_drawn_"): int(v) for k, v in history[-1].items() if k.startswith("data_drawn_")}
+    if drawn:
+        print("samples drawn per source: " + ", ".join(f"{k} {v}" for k, v in drawn.items()))
     if "zero3_param_gathers" in history[0]:
         print(f"ZeRO-3 parameter all-gathers per step (rank 0): {mean('zero3_param_gathers'):.0f}, "
               f"{mean('zero3_param_gather_bytes') / 2**20:.1f} MiB")
@@ -206,8 +246,13 @@ def main(argv: list[str] | None = None) -> None:
     # ------------------------------------------------------------------------- config
     parser = build_parser()
     args = parser.parse_args(argv)
-    config = fill_total_steps(load_config_file(args.deepspeed_config), args.steps)  # read once, validated
-    cf, _ = split_config(config)  # before any data is read
+    if args.steps is not None and args.epochs is not None:
+        parser.error("--steps and --epochs: give one of them")
+    if args.data_weights is not None and len(args.data_weights) != len(args.data):
+        parser.error(f"--data_weights: {len(args.data_weights)} weights for {len(args.data)} --data files")
+    config = load_config_file(args.deepspeed_config)  # read once, validated before any data is read; the
+    provisional = fill_total_steps(copy.deepcopy(config), args.steps or 1 << 30)  # run's length is known below
+    cf, _ = split_config(provisional)
     existing = checkpoint_entries(args.output_dir)  # checked on every rank before anything is written
     if existing and not (args.resume or args.overwrite):
         parser.error(f"--output_dir {args.output_dir} holds another run's checkpoints ({', '.join(existing)}); "
@@ -222,7 +267,7 @@ def main(argv: list[str] | None = None) -> None:
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)
 
     # ------------------------------------------------------------------------- model
-    tokenizer, model = load_model(args, config)
+    tokenizer, model = load_model(args, provisional)
     vocab_size = model_vocab_size(model)  # may be < len(tokenizer): the loader refuses ids the model cannot embed
     if pipeline:  # the model's layers become a DeepSpeed PipelineModule
         from ds_chunkflow.pipeline.model import pipeline_module
@@ -233,8 +278,10 @@ def main(argv: list[str] | None = None) -> None:
     # ------------------------------------------------------------------------- data
     if _world() > 1 and not torch.distributed.is_initialized():
         ds_chunkflow.init_distributed()  # so that one rank per node tokenises and the others memory-map its cache
-    dataset = load_data(args, args.data, tokenizer, cf, vocab_size)
+    dataset = load_data(args, args.data, tokenizer, cf, vocab_size, args.data_weights)
     dataset, eval_set, eval_source = evaluation_data(args, dataset, tokenizer, cf, vocab_size)
+    args.steps = run_length(args, dataset, cf)
+    fill_total_steps(config, args.steps)
     if eval_set is not None and eval_set.num_loss_tokens() == 0:
         raise SystemExit(f"error: {eval_source}: the evaluation set has no label tokens (every label is -100)")
     if _rank() == 0:
@@ -283,11 +330,11 @@ def main(argv: list[str] | None = None) -> None:
         if eval_set is not None and args.eval_every and done % args.eval_every == 0 and done < args.steps:
             run_eval(engine, eval_set, eval_source, is_main)
         if args.save_every and done % args.save_every == 0 and done < args.steps:
-            engine.save_checkpoint(args.output_dir)
+            save(engine, args)
         if args.export_every and done % args.export_every == 0 and done < args.steps:
             export(engine, os.path.join(args.output_dir, f"export-{done}"), args, tokenizer, is_main)
     seconds = time.perf_counter() - start
-    engine.save_checkpoint(args.output_dir)  # the final step, saved once
+    save(engine, args)  # the final step, saved once
     if eval_set is not None:
         run_eval(engine, eval_set, eval_source, is_main)
     if not args.no_export:
