@@ -156,3 +156,34 @@ def test_launch_scripts_pass_a_port(tmp_path: Path, script: str, launcher: str) 
     picked = args()
     port = int(picked[picked.index("--master_port") + 1])
     assert 1024 <= port < 65536 and port != 29500
+
+
+@pytest.mark.distributed
+def test_recipe_lora_two_files_epochs_retention(tmp_path: Path) -> None:
+    """`python -m ds_chunkflow.sft` in one process: LoRA on two data files (weights 1:1), one epoch (the step
+    count is the sampler's), a checkpoint every step with --keep_checkpoints 1 (one tag left: the latest), and
+    OUT/final is an adapter that PeftModel.from_pretrained loads onto the base with trained (non-zero) B.
+    Equal weights split an epoch's 10 draws 5:5 (the files have 6 and 4 samples)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    files = []
+    for name, n in (("a", 6), ("b", 4)):
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("".join(json.dumps({"prompt": f"Say {name} {i}.", "completion": f" {name} {i}!"}) + "\n"
+                                for i in range(n)))
+        files.append(str(path))
+    config = tmp_path / "config.yaml"
+    config.write_text("zero_optimization:\n  stage: 0\nchunkflow:\n  chunk_size: 16\n  data:\n    global_batch_size: 4\n")
+    out = tmp_path / "run"
+    proc = subprocess.run([*RECIPE, "--deepspeed_config", str(config), "--data", *files, "--data_weights", "1", "1",
+                           "--epochs", "1", "--save_every", "1", "--keep_checkpoints", "1", "--lora_r", "4",
+                           "--lr", "0.05", "--output_dir", str(out)], cwd=ROOT, env=_env(), capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "samples drawn per source: a 5, b 5" in proc.stdout, proc.stdout[-2000:]  # 1:1 of 10 per epoch
+    assert checkpoint_entries(str(out)) == ["latest", "global_step3"]  # 10 samples / 4 per batch: 3 steps
+    base = AutoModelForCausalLM.from_pretrained(out / "tiny-qwen2")
+    model = PeftModel.from_pretrained(base, str(out / "final"))
+    b = [p for n, p in model.named_parameters() if "lora_B" in n]
+    assert b and all(p.abs().sum() > 0 for p in b)

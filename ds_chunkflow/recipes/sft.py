@@ -127,6 +127,17 @@ def save(engine, args) -> None:
         prune_checkpoints(args.output_dir, keep=args.keep_checkpoints)
 
 
+def single_process_env() -> None:
+    """``python -m ds_chunkflow.sft`` without a launcher: one rank on a free local port (DeepSpeed would
+    otherwise look for MPI)."""
+    if "RANK" in os.environ or "OMPI_COMM_WORLD_RANK" in os.environ:
+        return
+    from ds_chunkflow.testing.spawn import free_port
+
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=os.environ.get("MASTER_PORT") or str(free_port()))
+
+
 def _world() -> int:
     return int(os.environ.get("WORLD_SIZE", 1))
 
@@ -246,6 +257,7 @@ def main(argv: list[str] | None = None) -> None:
     # ------------------------------------------------------------------------- config
     parser = build_parser()
     args = parser.parse_args(argv)
+    single_process_env()
     if args.steps is not None and args.epochs is not None:
         parser.error("--steps and --epochs: give one of them")
     if args.data_weights is not None and len(args.data_weights) != len(args.data):
