@@ -207,9 +207,9 @@ def chunkflow_attention(module, query, key, value, attention_mask, scaling=None,
 
 
 def _register() -> None:
-    from transformers import AttentionInterface
+    from .transformers_adapter import register_attention
 
-    AttentionInterface.register(ATTN_NAME, chunkflow_attention)
+    register_attention(ATTN_NAME, chunkflow_attention)
 
 
 @contextlib.contextmanager

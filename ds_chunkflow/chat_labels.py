@@ -56,9 +56,9 @@ from typing import Any, Literal
 
 import numpy as np
 from transformers import PreTrainedTokenizerBase
-from transformers.utils.chat_template_utils import render_jinja_template
 
 from .chunking import IGNORE_INDEX
+from .transformers_adapter import render_jinja_template
 
 AssistantTurns = Literal["all", "last"]
 GENERATION_TAG = re.compile(r"{%-?\s*generation\s*-?%}")

@@ -137,14 +137,13 @@ def enable_recompute(module: nn.Module, setting: str | int) -> int:
     """
     from functools import partial
 
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
     from .deepspeed_adapter import checkpoint_determinism
+    from .transformers_adapter import gradient_checkpointing_layer
 
     if setting == "none":
         return 0
     every = 1 if setting == "all" else int(setting)
-    layers = [m for m in module.modules() if isinstance(m, GradientCheckpointingLayer)]
+    layers = [m for m in module.modules() if isinstance(m, gradient_checkpointing_layer())]
     if not layers:
         raise NotImplementedError(f"chunkflow.recompute_layers: {type(module).__name__} has no transformers "
                                   "GradientCheckpointingLayer to checkpoint; set recompute_layers: none")

@@ -46,12 +46,11 @@ def load_pretrained(path: str | Path, config: dict[str, Any] | str | Path, **kwa
     kwargs.setdefault("dtype", training_dtype(ds_config))
     if zero_stage(ds_config) != 3:
         return AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    from transformers.integrations import HfDeepSpeedConfig
-
     from .distributed import init_distributed
+    from .transformers_adapter import hf_deepspeed_config
 
     init_distributed()
-    keeper = HfDeepSpeedConfig(_resolved_for_hf(ds_config))
+    keeper = hf_deepspeed_config()(_resolved_for_hf(ds_config))
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     model.hf_deepspeed_config = keeper
     return model

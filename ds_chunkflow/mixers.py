@@ -52,13 +52,13 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import inspect
 import sys
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
+from . import transformers_adapter
 from .attention import SegmentSpec
 
 # class path -> what it is. Each entry is tested against the full-sequence reference (tests/test_hybrid.py).
@@ -140,16 +140,26 @@ class MixerStates:
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
-class _StateCache:
+class _StateCache(transformers_adapter.cache_base()):
     """The part of transformers' ``Cache`` a mixer uses, for one call: a dependent piece (its start state) or a
-    packed chunk (empty: no start state, and the mixer stays off its fused no-cache training path)."""
+    packed chunk (empty: no start state, and the mixer stays off its fused no-cache training path).
+
+    A real ``Cache`` (no layers) overriding every method a mixer calls (``transformers_adapter.MIXER_CACHE_METHODS``,
+    5.24 and 5.25); ``tests/test_transformers_adapter.py`` checks the installed mixers call no other."""
 
     def __init__(self, initial: dict[str, torch.Tensor]):
+        super().__init__(layers=[])
         self.initial = initial
         self.final: dict[str, torch.Tensor] = {}
 
     def is_recording_past(self, layer_idx: int) -> bool:
         return True  # never the in-place single-token decode path
+
+    def get_recurrent_states_to_keep(self, layer_idx: int | None = None) -> int:
+        return 0  # 5.25: per-token states for speculative decoding; training keeps only the final one
+
+    def increase_count(self, layer_idx: int, state_idx: int = 0):
+        raise RuntimeError("ds_chunkflow: a mixer took the single-token decode path")  # 5.25, decode only
 
     def get_conv_state(self, layer_idx: int, state_idx: int = 0):
         return self.initial.get(f"conv{state_idx}")
@@ -239,7 +249,7 @@ _SEGMENTS: contextvars.ContextVar[list[tuple[int, int]] | None] = contextvars.Co
 
 
 def _segmented(fn, time_dims: dict[str, int]):
-    signature = inspect.signature(fn)
+    signature = transformers_adapter.signature(fn)  # a kernels Func module's own is (*args, **kwargs)
     var_keyword = next((p.name for p in signature.parameters.values() if p.kind is p.VAR_KEYWORD), None)
 
     def run(*args, **kwargs):
