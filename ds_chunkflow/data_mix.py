@@ -204,10 +204,13 @@ class MixtureSampler(GlobalBatchSampler):
         super().load_state_dict(state)
 
 
-def steps_for_epochs(mix: MixedDataset, num_epochs: int, *, batch_size: int | None = None,
+def steps_for_epochs(dataset, num_epochs: int, *, batch_size: int | None = None,
                      token_budget: int | None = None, seed: int = 0, shuffle: bool = True) -> int:
-    """Optimizer steps (global batches) in the first ``num_epochs`` epochs with these ``chunkflow.data`` settings."""
-    sampler = mix.make_sampler(batch_size=batch_size, token_budget=token_budget, seed=seed, shuffle=shuffle)
+    """Optimizer steps (global batches) in the first ``num_epochs`` epochs of ``dataset`` (a :class:`MixedDataset`
+    or one dataset) with these ``chunkflow.data`` settings: the sampler the engine builds, counted."""
+    options = dict(batch_size=batch_size, token_budget=token_budget, seed=seed, shuffle=shuffle)
+    make = getattr(dataset, "make_sampler", None)
+    sampler = make(**options) if make is not None else GlobalBatchSampler(dataset.lengths, **options)
     return sum(len(sampler.epoch_batches(e)) for e in range(num_epochs))
 
 

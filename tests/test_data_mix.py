@@ -119,6 +119,7 @@ def test_epochs_and_steps():
     assert mix.draws.tolist() == [11, 3]  # 14 * 3/4 = 10.5, 14 / 4 = 3.5: the tie goes to the first source
     sampler = mix.make_sampler(batch_size=5)
     assert steps_for_epochs(mix, 2, batch_size=5) == 6
+    assert steps_for_epochs(_Source("c", [4] * 7), 3, token_budget=10) == 12  # one source: GlobalBatchSampler
     _take(sampler, 2)
     assert sampler.epoch == 0
     _take(sampler, 1)

@@ -158,29 +158,37 @@ for step in range(start, steps + 1):
 """
 
 
+def _kill_child(script, d, rng, in_prune):
+    """Starts the child on ``d`` and SIGKILLs it: ``in_prune``: a few ms after it announced the start of a
+    prune (its k-th, k random); else at a random moment up to 0.3 s into its save / prune loop. Returns the
+    last phase the child announced (save, prune or done)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
+    p = subprocess.Popen([sys.executable, str(script), str(d), str(10**9)], stdout=subprocess.PIPE, env=env,
+                         text=True)  # steps without end: only the kill stops it
+    lines, target = [], rng.randint(1, 4) if in_prune else 1
+    while sum(ln.startswith("prune") for ln in lines) < target:
+        line = p.stdout.readline()
+        assert line, f"the child stopped by itself: {lines[-3:]}"
+        lines.append(line)
+    time.sleep(rng.uniform(0.0, 0.003) if in_prune else rng.uniform(0.0, 0.3))
+    p.send_signal(signal.SIGKILL)
+    lines += p.stdout.read().splitlines()
+    p.wait()
+    return lines[-1].split()[0]
+
+
 def test_sigkill_at_random_moments_never_leaves_an_unresumable_directory(tmp_path):
-    """A process saving (and pruning to 2 tags after each save) is SIGKILLed at random (seeded) moments, and
-    resumed from what it left, again and again: after every kill the directory resolves to a complete tag
-    (``latest``'s), no half-deleted tag is visible, the resumed process continues from the next step, and at
-    the end exactly the two newest tags remain."""
-    d, steps, rng = tmp_path / "ckpt", 60, random.Random(0)
+    """A process saving (and pruning to 2 tags after each save) is SIGKILLed at random (seeded) moments, half of
+    them just after it began a prune, and resumed from what it left, again and again: after every kill the
+    directory resolves to a complete tag (``latest``'s), no half-deleted tag is visible, the resumed process
+    continues from the next step, and at the end exactly the two newest tags remain."""
+    d, rng = tmp_path / "ckpt", random.Random(0)
     d.mkdir()
     script = tmp_path / "child.py"
     script.write_text(CHILD.format(tests=os.path.dirname(__file__)))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
     phases, last = [], 0
-    for trial in range(6):
-        out = tmp_path / f"out{trial}.txt"
-        with open(out, "w") as f:
-            p = subprocess.Popen([sys.executable, str(script), str(d), str(steps)], stdout=f, env=env)
-            deadline = time.perf_counter() + 30
-            while time.perf_counter() < deadline and "prune" not in out.read_text():
-                time.sleep(0.01)  # past the imports: the kill lands in the save / prune loop
-            time.sleep(rng.uniform(0.0, 0.4))
-            p.send_signal(signal.SIGKILL)
-            p.wait()
-        lines = out.read_text().split()
-        phases.append(lines[-2] if len(lines) >= 2 else "start")
+    for trial in range(4):
+        phases.append(_kill_child(script, d, rng, in_prune=trial % 2 == 1))
         found = ck.find_complete_tag(d)
         assert found.tag is not None and found.tag == ck.read_latest(d)[0], (trial, found)
         assert found.step >= last, (trial, found.step, last)  # never behind what was complete before
@@ -188,6 +196,8 @@ def test_sigkill_at_random_moments_never_leaves_an_unresumable_directory(tmp_pat
         for tag in tags(d):
             if not ck.is_trash(tag) and ck.check_tag(d, tag)[0] is None:
                 assert int(tag.removeprefix("global_step")) == found.step + 1, (trial, tag, "incomplete")
-    subprocess.run([sys.executable, str(script), str(d), str(steps)], check=True, env=env, stdout=subprocess.DEVNULL)
-    assert tags(d) == [f"global_step{steps - 1}", f"global_step{steps}"], tags(d)
+    final = last + 2
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
+    subprocess.run([sys.executable, str(script), str(d), str(final)], check=True, env=env, stdout=subprocess.DEVNULL)
+    assert tags(d) == [f"global_step{final - 1}", f"global_step{final}"], tags(d)
     assert "prune" in phases, phases  # at least one kill landed inside a prune
