@@ -67,9 +67,11 @@ def test_export_equals_deepspeed_consolidation(runs, stage, tied, bf16):
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("stage,tied", [(2, False), (3, True)], ids=["zero2", "zero3-tied"])
+@pytest.mark.parametrize("stage,tied", [(0, False), (1, True), (2, False), (3, True)],
+                         ids=["zero0", "zero1-tied", "zero2", "zero3-tied"])
 def test_converter_equals_in_training_export(runs, tmp_path, stage, tied):
-    """``export_checkpoint`` (offline, no process group) gives the in-training export's tensors and config."""
+    """``export_checkpoint`` (offline, no process group) gives the in-training export's tensors and config,
+    for every ZeRO stage (ZeRO-0: the module's own state; 1-3: DeepSpeed's zero_to_fp32)."""
     out = runs(stage, tied)
     export_checkpoint(str(out / "ckpt"), str(tmp_path / "conv"))
     a, b = exported(out / "final"), exported(tmp_path / "conv")
