@@ -4,12 +4,16 @@ A ``PeftModel`` wraps the transformers model (``PeftModel -> LoraModel -> *ForCa
 replaces each targeted ``nn.Linear`` by a ``lora.Linear`` that adds ``B(A(dropout(x))) * alpha / r``
 to the frozen base layer's output. Nothing in that sum mixes tokens, so the chunked forward and
 backward stay exact; what ChunkFlow has to know is where the real model is, because the wrapper
-declares no attention interface, has no ``base_model`` decoder and no config of its own
-(:func:`base_model_of`, used by the guard and by :mod:`ds_chunkflow.hf_model`)::
+declares no attention interface and its ``base_model`` is PEFT's tuner, not the decoder
+(:func:`ds_chunkflow.hf_model.base_model_of`, used by the guard and the loss head)::
 
     PeftModel(ForCausalLM)          forward(**kwargs) -> LoraModel -> Qwen2ForCausalLM(**kwargs)
       .base_model   LoraModel       (not the decoder: ChunkFlow hooks the inner model's decoder)
         .model      Qwen2ForCausalLM   <- base_model_of(peft_model)
+
+Under ZeRO-3 the frozen base weights are saved by torch checkpoints as themselves and released
+before torch compares shapes: :func:`ds_chunkflow.deepspeed_adapter.checkpoint_determinism` (touch
+point 7) turns that comparison off for such modules only.
 
 Prompt-learning methods (prefix / prompt tuning) add virtual tokens to every call, which a
 chunked sequence would see once per chunk: refused by the guard (:func:`check_peft`).
