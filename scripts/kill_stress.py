@@ -11,6 +11,9 @@
    before any checkpoint was complete, which must then say it starts fresh). A resume succeeds if it
    exits 0 with a complete final checkpoint at ``--steps``; it continues bitwise if every step it
    trained has the reference loss, the final one included.
+   ``--keep_checkpoints N``: the recipe's retention (ds_chunkflow.retention) runs after every save, so
+   kills also land in its deletions; a resume must then also leave at most N complete tags and no
+   half-deleted leftovers (``.ds_chunkflow_deleting.*``).
 
 Prints a table and writes benchmarks/results/kill_stress.json.
 """
@@ -36,7 +39,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ds_chunkflow.checkpoint import MANIFEST, find_complete_tag  # noqa: E402
+from ds_chunkflow.checkpoint import MANIFEST, TRASH_PREFIX, check_tag, find_complete_tag  # noqa: E402
 
 
 def free_port() -> int:
@@ -60,6 +63,8 @@ def command(args, out_dir: Path, config: Path, model: Path | None, resume: str |
            "--save_every", "1", "--no_export", "--output_dir", str(out_dir)]
     if model is not None:
         cmd += ["--model", str(model)]
+    if args.keep_checkpoints:
+        cmd += ["--keep_checkpoints", str(args.keep_checkpoints)]
     if resume == "required":
         cmd += ["--resume"]
     elif resume:
@@ -131,6 +136,7 @@ def main() -> int:
     ap.add_argument("--config", default="ds_configs/sft_zero3.yaml")
     ap.add_argument("--out", default="benchmarks/results/kill_stress.json")
     ap.add_argument("--keep", action="store_true", help="keep the run directories (printed)")
+    ap.add_argument("--keep_checkpoints", type=int, default=0, help="the recipe's retention (0: keep every tag)")
     args = ap.parse_args()
     deadline = time.perf_counter() + args.budget
     rng = random.Random(args.seed)
@@ -163,7 +169,8 @@ def main() -> int:
                      "first_rc": first["rc"],
                      "tag_at_kill": found.tag, "skipped_at_kill": found.skipped,
                      "incomplete_tags_at_kill": sorted(n.name for n in d.glob("global_step*")
-                                                       if not (n / MANIFEST).exists())}
+                                                       if not (n / MANIFEST).exists()),
+                     "being_deleted_at_kill": sorted(n.name for n in d.glob(TRASH_PREFIX + "*"))}
             logged_before = losses(d)
             mode = "required" if found.tag is not None else "auto"
             second = run(command(args, d, config, model, mode), log, timeout=3 * T)
@@ -186,7 +193,12 @@ def main() -> int:
                 "final_loss": after[final_step][-1] if after else None,
                 "reference_final_loss": ref_losses[max(ref_losses)],
                 "bitwise": continued and final_step == max(ref_losses),
+                "complete_tags_at_end": sum(check_tag(d, n.name)[0] is not None for n in d.iterdir() if n.is_dir()),
+                "being_deleted_at_end": sorted(n.name for n in d.glob(TRASH_PREFIX + "*")),
             })
+            if args.keep_checkpoints and (trial["complete_tags_at_end"] > args.keep_checkpoints
+                                          or trial["being_deleted_at_end"]):
+                trial["succeeded"] = False  # retention must have caught up after the resume
             if mode == "auto" and trial["resume_line"] is None:
                 trial["succeeded"] = False  # --resume auto must say it starts fresh
             trials.append(trial)
@@ -201,6 +213,8 @@ def main() -> int:
             "killed_before_any_checkpoint": sum(t["tag_at_kill"] is None for t in kills),
             "killed_after_the_final_save": sum(t["resumed_steps"] == 0 for t in kills),
             "killed_with_an_incomplete_newer_tag": sum(bool(t["incomplete_tags_at_kill"]) for t in kills),
+            "keep_checkpoints": args.keep_checkpoints,
+            "killed_during_a_deletion": sum(bool(t["being_deleted_at_kill"]) for t in kills),
             "resumes_succeeded": sum(t["succeeded"] for t in kills),
             "resumes_bitwise": sum(t["bitwise"] for t in kills),
             "runs_that_finished_before_the_kill": len(trials) - len(kills),
