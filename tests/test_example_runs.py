@@ -69,7 +69,7 @@ def test_output_dir_with_checkpoints_is_refused_without_resume_or_overwrite(tmp_
     out = tmp_path / "run"
     (out / "global_step2").mkdir(parents=True)
     (out / "latest").write_text("global_step2")
-    base = [*RECIPE, "--steps", "1", "--output_dir", str(out)]
+    base = [*RECIPE, "--steps", "3", "--output_dir", str(out)]
     proc = subprocess.run(base, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert f"--output_dir {out} holds another run's checkpoints (latest, global_step2)" in proc.stderr, proc.stderr[-2000:]
@@ -84,11 +84,12 @@ def test_output_dir_with_checkpoints_is_refused_without_resume_or_overwrite(tmp_
 @pytest.mark.distributed
 def test_two_runs_started_together_do_not_collide(tmp_path: Path) -> None:
     """Two `bash launch/sft_cpu.sh` runs (2 ranks each, default ports) started at once both succeed and each
-    writes its own csv monitor files under its --output_dir, step column = optimizer steps 1..2."""
+    writes its own csv monitor files under its --output_dir, step column = optimizer steps 1..3 (the main
+    config warms the learning rate up over 3 steps: a shorter run is refused)."""
     outs = [tmp_path / "a", tmp_path / "b"]
     env = _env()
     env.pop("MASTER_PORT", None)
-    procs = [subprocess.Popen(["bash", "launch/sft_cpu.sh", "--steps", "2", "--output_dir", str(out)], cwd=ROOT,
+    procs = [subprocess.Popen(["bash", "launch/sft_cpu.sh", "--steps", "3", "--output_dir", str(out)], cwd=ROOT,
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for out in outs]
     try:
         logs = [p.communicate(timeout=600)[0] for p in procs]
@@ -103,7 +104,7 @@ def test_two_runs_started_together_do_not_collide(tmp_path: Path) -> None:
         runs = list((out / "csv_monitor").glob("sft-*"))
         assert len(runs) == 1, runs
         loss_csv = runs[0] / "Train_chunkflow_loss.csv"
-        assert _csv_steps(loss_csv) == [1, 2], loss_csv.read_text()
+        assert _csv_steps(loss_csv) == [1, 2, 3], loss_csv.read_text()
         assert "data: " in log and " samples, " in log  # the loader's summary is printed
 
 
