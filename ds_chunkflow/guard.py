@@ -50,7 +50,7 @@ PROBE_TOLERANCE = {torch.float64: 1e-6, torch.float32: 1e-4, torch.bfloat16: 5e-
 _UNSUPPORTED_ROPE = ("dynamic", "longrope")
 _CACHE_ATTR = "_ds_chunkflow_guard"
 # Hybrids whose attention layers call transformers' AttentionInterface (read in the transformers 5.24
-# sources) although the class does not declare ``_supports_attention_backend``; the probe checks them.
+# and 5.25 sources) although the class does not declare ``_supports_attention_backend``; the probe checks them.
 INTERFACE_VERIFIED = ("BambaForCausalLM", "JambaForCausalLM", "NemotronHForCausalLM", "Qwen3NextForCausalLM")
 
 

@@ -28,6 +28,14 @@ the range ``setup.cfg`` declares; ``.ci/constraints.txt`` and ``.ci/constraints-
    :mod:`ds_chunkflow.mixers`; also imported by ``lora.py``, which is left as is).
 6. ``transformers.integrations.HfDeepSpeedConfig`` kept alive on the model for ZeRO-3 loading
    (:mod:`ds_chunkflow.loading`).
+7. The pipeline wrapper's reading of a decoder (:mod:`ds_chunkflow.pipeline.model`): ``model.model``'s
+   ``embed_tokens`` / ``layers`` / ``norm`` / ``rotary_emb``, ``config.layer_types``, each decoder layer called
+   with ``position_embeddings``; it refuses a model without them by name (checked per model, not here: the
+   pipeline tests are in the distributed tier, which only the pinned environment runs).
+
+Not touch points: a model's ``forward`` kwargs (``position_ids``, ``use_cache``, ``logits_to_keep``, and
+``chunkflow``, threaded to attention as the ``AttentionInterface`` contract says), ``from_pretrained`` and
+``PreTrainedTokenizerBase``.
 """
 
 from __future__ import annotations
