@@ -12,10 +12,10 @@ delta-net state ``[heads, d_k, d_v]``. For the duration of a chunked step,
 
 The module's own code does the work. transformers' mixers take their starting state from a
 ``cache`` (``get_conv_state`` / ``get_recurrent_state``) and hand back the final one
-(``update_conv_state`` / ``update_recurrent_state``); :class:`_StateCache` is a ``Cache`` with that part of
-the cache API (the methods per release: :mod:`ds_chunkflow.transformers_adapter`). In a packed chunk the model-module functions that mix tokens
-(:data:`_SEGMENTED_FUNCTIONS`: ``causal_conv1d_fn``, ``mamba2_chunk_scan``,
-``torch_chunk_gated_delta_rule``, ``mamba_selective_scan``) are wrapped to run once per
+(``update_conv_state`` / ``update_recurrent_state``); :class:`_StateCache` is a ``Cache`` with that
+part of the cache API (the methods per release: :mod:`ds_chunkflow.transformers_adapter`). In a packed
+chunk the model-module functions that mix tokens (:data:`_SEGMENTED_FUNCTIONS`: ``causal_conv1d_fn``,
+``mamba2_chunk_scan``, ``torch_chunk_gated_delta_rule``, ``mamba_selective_scan``) are wrapped to run once per
 segment; the module itself is called once, so under ZeRO-3 every rank gathers the same
 parameters in the same order whatever its chunks pack. The CPU torch path is the tested one;
 where causal-conv1d / mamba-ssm / flash-linear-attention are installed, the model's dispatch
