@@ -98,7 +98,7 @@ def mixer_cache_calls(module_name: str) -> set[str]:
 def plain_function(fn):
     """The Python function behind a model-module function: itself, or what a kernels ``Func`` module calls."""
     forward = getattr(type(fn), "forward", None)
-    if forward is not None and "func" in getattr(forward, "__code__", inspect.signature).co_freevars:
+    if "func" in getattr(getattr(forward, "__code__", None), "co_freevars", ()):  # kernels' Func.forward
         return inspect.getclosurevars(forward).nonlocals["func"]
     return fn
 
