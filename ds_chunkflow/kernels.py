@@ -15,6 +15,7 @@ Which kernel a block gets is one pure function, :func:`choose_kernel`:
     fully visible / causal-square cpu_flash    cuda_flash (else eff.)  cuda_efficient   math (+warning)
     cut by a sliding window       math (+w.)   cuda_flash_window       math (+warning)  math (+warning)
     attention dropout > 0         math (+warning, any device)
+    logit softcapping (Gemma 2)   math (+warning, any device)
 
 * ``cpu_flash``: PyTorch's fused CPU flash-attention op (fp64/fp32/bf16/fp16); GQA native (query
   head h reads k/v head ``h // (H / Hkv)``, as transformers' ``repeat_kv``; dk/dv come back per k/v
@@ -40,7 +41,9 @@ Which kernel a block gets is one pure function, :func:`choose_kernel`:
   -inf without a kernel call (worked example: queries 10..17, prefix keys 6..9, window 5: rows
   10..13 are live, right 4, left 0). A row the kernel finds empty gets lse +inf from it (not -inf),
   mapped to -inf for the merge;
-* ``math``: explicit scores in fp32 (fp64 for fp64): any mask, window and dropout; it
+* ``math``: explicit scores in fp32 (fp64 for fp64): any mask, window, dropout and logit softcap
+  (``s = tanh(s / cap) * cap`` on the scaled scores, before the mask, as transformers' eager attention;
+  its backward multiplies ``dS`` by ``1 - tanh^2``); it
   materialises ``[H, Tq, Tk]`` scores, so every case that lands here on a non-CPU device
   is named in a warning (once per case and device type).
 
@@ -54,6 +57,7 @@ that assert what the CUDA kernels assume (layouts, windows, lse conventions);
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from dataclasses import dataclass
@@ -73,6 +77,7 @@ class Block:
     tq: int
     tk: int
     window: int | None = None
+    softcap: float | None = None  # scores -> tanh(scores / softcap) * softcap, before the mask
 
     @property
     def fully_visible(self) -> bool:
@@ -115,17 +120,23 @@ def _keep_mask(shape, p: float, seed: int, b: Block, device) -> torch.Tensor:
 
 
 def _math_probs(q, k, b: Block, scale, lse=None):
+    """``(P, lse, tanh)``: probabilities, row log-sum-exp and, with a softcap, ``tanh(scores / cap)`` (its
+    derivative is what the backward needs), else None."""
     ct = _compute_dtype(q)
     s = torch.matmul(q.to(ct), k.to(ct).transpose(-1, -2)) * scale
+    t = None
+    if b.softcap is not None:
+        t = torch.tanh(s / b.softcap)
+        s = t * b.softcap
     s = s.masked_fill(~_visible(b, q.device), float("-inf"))
     if lse is None:
         lse = torch.logsumexp(s, dim=-1)
     safe = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
-    return torch.exp(s - safe.to(ct)[..., None]), lse
+    return torch.exp(s - safe.to(ct)[..., None]), lse, t
 
 
 def math_forward(q, k, v, b: Block, scale: float, dropout: float = 0.0, seed: int = 0):
-    p, lse = _math_probs(q, k, b, scale)
+    p, lse, _ = _math_probs(q, k, b, scale)
     if dropout > 0:
         p = p * _keep_mask(p.shape, dropout, seed, b, q.device) / (1 - dropout)
     out = torch.matmul(p, v.to(p.dtype))
@@ -134,7 +145,7 @@ def math_forward(q, k, v, b: Block, scale: float, dropout: float = 0.0, seed: in
 
 def math_backward(dout, q, k, v, out, lse, b: Block, scale: float, dropout: float = 0.0, seed: int = 0):
     ct = _compute_dtype(q)
-    p, _ = _math_probs(q, k, b, scale, lse=lse.to(ct))
+    p, _, t = _math_probs(q, k, b, scale, lse=lse.to(ct))
     do = dout.to(ct)
     delta = (do * out.to(ct)).sum(-1, keepdim=True)
     dp = torch.matmul(do, v.to(ct).transpose(-1, -2))
@@ -145,6 +156,8 @@ def math_backward(dout, q, k, v, out, lse, b: Block, scale: float, dropout: floa
     else:
         dv = torch.matmul(p.transpose(-1, -2), do)
     ds = p * (dp - delta)
+    if t is not None:  # d(tanh(s / c) * c) / ds = 1 - tanh^2
+        ds = ds * (1 - t * t)
     dq = torch.matmul(ds, k.to(ct)) * scale
     dk = torch.matmul(ds.transpose(-1, -2), q.to(ct)) * scale
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
@@ -175,7 +188,7 @@ def live_block(b: Block) -> Block | None:
     hi = b.tq if b.window is None else min(b.tq, b.k_pos + b.tk - 1 + b.window - b.q_pos)
     if hi <= lo:
         return None
-    return b if (lo, hi) == (0, b.tq) else Block(b.q_pos + lo, b.k_pos, hi - lo, b.tk, b.window)
+    return b if (lo, hi) == (0, b.tq) else dataclasses.replace(b, q_pos=b.q_pos + lo, tq=hi - lo)
 
 
 def flash_window(b: Block) -> tuple[int, int] | None:
@@ -237,6 +250,9 @@ def choose_kernel(b: Block, dtype: torch.dtype, device_type: str, caps: Caps, dr
     if dropout > 0:
         return Choice(MATH, "dropout", f"attention dropout {dropout}: the fused kernels' dropout RNG cannot be "
                                        "replayed per block for recompute")
+    if b.softcap is not None:
+        return Choice(MATH, "softcap", f"attention logit softcapping ({b.softcap}): the fused kernels take no "
+                                       "score function")
     half = dtype in (torch.float16, torch.bfloat16)
     flash = device_type == "cuda" and half and caps.cuda_flash and _round_up(head_dim, 8) <= FLASH_MAX_HEAD_DIM
     if not (b.fully_visible or b.causal_square):
@@ -366,6 +382,26 @@ def merge(outs: list[torch.Tensor], lses: list[torch.Tensor]) -> tuple[torch.Ten
     ct = lse.dtype
     out = sum(torch.exp(lse_b - safe)[..., None] * o.to(ct) for o, lse_b in zip(outs, lses))
     return out.to(outs[0].dtype), lse
+
+
+def fold_sink(out: torch.Tensor, lse: torch.Tensor, sink: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Adds one logit per head, ``sink [H]``, with a zero value vector, to every row's softmax (GPT-OSS's
+    attention sinks): ``lse' = logaddexp(lse, sink_h)``, ``out' = out * exp(lse - lse')``.
+
+    Applied once to the *merged* result of all blocks of a row, so the sink enters each query's denominator
+    exactly once however its keys were split. The blocks' backward then takes ``out'`` / ``lse'``: the sink
+    is one more key whose value is 0, so ``P = exp(S - lse')`` and ``D = rowsum(dO * out')`` stay exact."""
+    s = sink.detach().to(lse.dtype)[None, :, None]
+    folded = torch.logaddexp(lse, s)
+    return (out.to(lse.dtype) * torch.exp(lse - folded)[..., None]).to(out.dtype), folded
+
+
+def sink_grad(dout: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, sink: torch.Tensor) -> torch.Tensor:
+    """d loss / d sink ``[H]`` from the folded ``out`` / ``lse`` of :func:`fold_sink`: the sink's probability
+    is ``exp(sink_h - lse')`` and its value 0, so its score gradient is ``-P_sink * rowsum(dO * out')``."""
+    ct = lse.dtype
+    delta = (dout.to(ct) * out.to(ct)).sum(-1)
+    return -(torch.exp(sink.detach().to(ct)[None, :, None] - lse) * delta).sum((0, 2)).to(sink.dtype)
 
 
 def default_scale(head_dim: int) -> float:

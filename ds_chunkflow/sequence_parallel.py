@@ -61,6 +61,13 @@ class UlyssesChunk:
         got = all_to_all_dim0(self.group, parts)                # part j: my head block, rank j's rows
         return got.permute(1, 2, 0, 3, 4).reshape(b, h // p, p * s, d)[:, :, :self.num_tokens]
 
+    def my_heads(self, per_head: torch.Tensor) -> torch.Tensor:
+        """``[H, ...]`` -> ``[H/P, ...]``: this rank's block of heads, as :meth:`gather_heads` assigns them
+        (a per-head parameter such as GPT-OSS's attention sinks)."""
+        n = per_head.shape[0] // self.size
+        r = torch.distributed.get_rank(self.group)
+        return per_head[r * n:(r + 1) * n]
+
     def scatter_heads(self, x: torch.Tensor) -> torch.Tensor:
         """``[1, H/P, T, d]`` -> ``[1, H, T/P, d]``: the inverse of :meth:`gather_heads` (pad rows as zeros)."""
         p, s, (b, h, t, d) = self.size, self.rows_per_rank, x.shape

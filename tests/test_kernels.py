@@ -30,9 +30,9 @@ from ds_chunkflow.kernels import (
 from ds_chunkflow.testing.families import build, exact_case
 from ds_chunkflow.testing.models import build_tiny_model
 
-BLOCKS = [Block(q, k, tq, tk, w) for q, k, tq, tk in [(0, 0, 5, 5), (8, 0, 5, 8), (8, 2, 4, 6), (3, 3, 1, 1),
-                                                         (6, 0, 3, 7), (4, 4, 5, 5), (10, 3, 6, 7)]
-          for w in (None, 2, 5, 8, 100)]
+BLOCKS = [Block(q, k, tq, tk, w, c) for q, k, tq, tk in [(0, 0, 5, 5), (8, 0, 5, 8), (8, 2, 4, 6), (3, 3, 1, 1),
+                                                            (6, 0, 3, 7), (4, 4, 5, 5), (10, 3, 6, 7)]
+          for w in (None, 2, 5, 8, 100) for c in (None, 30.0)]
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 CAPS = [Caps(f, e) for f in (False, True) for e in (False, True)]
 
@@ -52,6 +52,8 @@ def test_fused_kernels_get_only_blocks_they_compute_exactly(b):
     for dtype, dev, caps, hd in itertools.product(DTYPES, ("cpu", "cuda"), CAPS, (16, 192, 300)):
         choice = choose_kernel(b, dtype, dev, caps, 0.0, hd)
         if choice.kernel == MATH:
+            if choice.case == "softcap":
+                assert b.softcap is not None and "softcapping (30.0)" in choice.reason
             if choice.case == "window":
                 assert not mask.all() and not (b.tq == b.tk and torch.equal(mask, torch.ones_like(mask).tril()))
                 assert f"sliding window {b.window}" in choice.reason
@@ -65,15 +67,18 @@ def test_fused_kernels_get_only_blocks_they_compute_exactly(b):
             want[live.q_pos - b.q_pos:][:live.tq] = (j <= i + right) & (j >= i - left)
             assert torch.equal(mask, want), (b, choice)
             continue
+        assert b.softcap is None, (b, choice)  # no fused kernel takes a score function
         want = torch.ones_like(mask).tril() if b.is_causal else torch.ones_like(mask)
         assert b.tq == b.tk or not b.is_causal
         assert torch.equal(mask, want), (b, choice)
 
 
-def _expected(dtype, dev, caps, dropout, hd, maskable, windowable=False):
+def _expected(dtype, dev, caps, dropout, hd, maskable, windowable=False, softcap=None):
     """The dispatch table of kernels.py, restated."""
     if dropout > 0:
         return MATH, "dropout"
+    if softcap is not None:
+        return MATH, "softcap"
     flash = dev == "cuda" and dtype in (torch.float16, torch.bfloat16) and caps.cuda_flash and hd <= 256
     if not maskable:
         return (CUDA_FLASH_WINDOW, None) if flash and windowable else (MATH, "window")
@@ -94,8 +99,8 @@ def test_dispatch_table_exhaustive():
     """Over blocks x dtypes x device types x kernel availability x dropout x head dims, the kernel is: CPU flash
     on CPU; on CUDA the aten flash op for fp16/bf16 (head dim <= 256 after padding to 8), else the memory-efficient
     op for fp16/bf16/fp32; a window-cut block on the windowed flash op under the same conditions as the flash op
-    (when FlashAttention's local mask can express it); math for fp64 on CUDA, other devices, dropout, the other
-    window-cut blocks or nothing available, each with its case named."""
+    (when FlashAttention's local mask can express it); math for fp64 on CUDA, other devices, dropout, a logit
+    softcap (any device), the other window-cut blocks or nothing available, each with its case named."""
     count = 0
     for b, dtype, dev, caps, dropout, hd in itertools.product(BLOCKS, DTYPES, ("cpu", "cuda", "mps"), CAPS,
                                                               (0.0, 0.1), (16, 60, 252, 253, 256, 300)):
@@ -103,7 +108,8 @@ def test_dispatch_table_exhaustive():
         padded = -(-hd // 8) * 8
         live = kernels.live_block(b)
         windowable = live is not None and kernels.flash_window(live) is not None
-        want = _expected(dtype, dev, caps, dropout, padded, b.fully_visible or b.causal_square, windowable)
+        want = _expected(dtype, dev, caps, dropout, padded, b.fully_visible or b.causal_square, windowable,
+                         b.softcap)
         assert (choice.kernel, choice.case) == want, (b, dtype, dev, caps, dropout, hd, choice)
         assert (choice.reason is None) == (choice.kernel != MATH)
         count += 1
@@ -120,9 +126,79 @@ def test_math_fallback_warns_once_per_case(monkeypatch):
             kernels.block_forward(q, q, q, Block(0, 0, 6, 6, window=3), 0.3)
         kernels.block_forward(q, q, q, Block(0, 0, 6, 6), 0.3, dropout=0.2, seed=1)
         kernels.block_forward(q, q, q, Block(0, 0, 6, 6), 0.3)  # fused: no warning
+        for _ in range(2):
+            kernels.block_forward(q, q, q, Block(0, 0, 6, 6, softcap=50.0), 0.3)
     messages = [str(w.message) for w in caught]
-    assert len(messages) == 2, messages
-    assert "sliding window 3" in messages[0] and "dropout 0.2" in messages[1]
+    assert len(messages) == 3, messages
+    assert "sliding window 3" in messages[0] and "dropout 0.2" in messages[1] and "softcapping (50.0)" in messages[2]
+
+
+def _eager(q, k, v, vis, scale, softcap=None, sink=None):
+    """transformers' eager attention (Gemma 2's softcap, GPT-OSS's sink column), with autograd."""
+    s = q @ k.transpose(-1, -2) * scale
+    if softcap is not None:
+        s = torch.tanh(s / softcap) * softcap
+    s = s.masked_fill(~vis, float("-inf"))
+    if sink is not None:
+        s = torch.cat([s, sink.reshape(1, -1, 1, 1).expand(*s.shape[:-1], 1)], dim=-1)
+    p = torch.softmax(s, dim=-1)
+    return (p[..., :-1] if sink is not None else p) @ v
+
+
+def _split_blocks(q_pos, tq, cuts, window, softcap):
+    """Blocks of queries [q_pos, q_pos + tq) against keys [0, q_pos + tq) cut at ``cuts``, as the chunk
+    attention splits a row's keys (state prefix pieces, then the causal square of its own keys)."""
+    edges = [0, *cuts, q_pos, q_pos + tq]
+    return [Block(q_pos, lo, tq, hi - lo, window, softcap) for lo, hi in zip(edges, edges[1:]) if hi > lo]
+
+
+@pytest.mark.parametrize("window", [None, 6])
+@pytest.mark.parametrize("softcap,with_sink", [(None, True), (0.5, False), (0.5, True)])
+def test_softcap_and_sink_over_blocks_equal_eager(window, softcap, with_sink):
+    """Keys split into blocks (two prefix pieces and the causal square), each through the kernel dispatch (math
+    for a softcap), merged by log-sum-exp, the sink folded in once: out equals transformers' eager attention, and
+    the block backwards from the folded out / lse plus ``sink_grad`` give its dq, dk, dv and d sink (float64)."""
+    g = torch.Generator().manual_seed(3)
+    q_pos, tq, h, d, scale = 9, 5, 3, 8, 0.9
+    q = torch.randn(1, h, tq, d, dtype=torch.float64, generator=g, requires_grad=True)
+    k, v = (torch.randn(1, h, q_pos + tq, d, dtype=torch.float64, generator=g, requires_grad=True) for _ in range(2))
+    sink = (torch.rand(h, dtype=torch.float64, generator=g) * 3 - 1).requires_grad_() if with_sink else None
+    blocks = _split_blocks(q_pos, tq, [4], window, softcap)
+    vis = _mask(Block(q_pos, 0, tq, q_pos + tq, window))
+    want = _eager(q, k, v, vis, scale, softcap, sink)
+    dout = torch.randn(want.shape, dtype=torch.float64, generator=g)
+    want.backward(dout)
+    with torch.no_grad():
+        keys = [slice(b.k_pos, b.k_pos + b.tk) for b in blocks]
+        parts = [kernels.block_forward(q, k[:, :, s], v[:, :, s], b, scale) for b, s in zip(blocks, keys)]
+        out, lse = kernels.merge([p[0] for p in parts], [p[1] for p in parts])
+        if with_sink:
+            out, lse = kernels.fold_sink(out, lse, sink)
+        torch.testing.assert_close(out, want, rtol=0, atol=1e-13)
+        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        for b, s in zip(blocks, keys):
+            gq, gk, gv = kernels.block_backward(dout, q, k[:, :, s], v[:, :, s], out, lse, b, scale)
+            dq += gq
+            dk[:, :, s] += gk
+            dv[:, :, s] += gv
+        torch.testing.assert_close((dq, dk, dv), (q.grad, k.grad, v.grad), rtol=0, atol=1e-12)
+        if with_sink:
+            torch.testing.assert_close(kernels.sink_grad(dout, out, lse, sink), sink.grad, rtol=0, atol=1e-12)
+
+
+def test_sink_folded_per_block_is_wrong():
+    """Break check for the test above: folding the sink into each block before the merge (so it enters a row's
+    denominator once per block) changes the output by far more than rounding."""
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(1, 2, 4, 8, dtype=torch.float64, generator=g)
+    k, v = (torch.randn(1, 2, 10, 8, dtype=torch.float64, generator=g) for _ in range(2))
+    sink = torch.tensor([0.5, 1.5], dtype=torch.float64)
+    blocks = _split_blocks(6, 4, [3], None, None)
+    parts = [kernels.fold_sink(*kernels.block_forward(q, k[:, :, b.k_pos:b.k_pos + b.tk],
+                                                      v[:, :, b.k_pos:b.k_pos + b.tk], b, 0.5), sink)
+             for b in blocks]
+    wrong, _ = kernels.merge([p[0] for p in parts], [p[1] for p in parts])
+    assert (wrong - _eager(q, k, v, _mask(Block(6, 0, 4, 10)), 0.5, sink=sink)).abs().max() > 1e-2
 
 
 # ----------------------------------------------------------------------------- stand-in backend

@@ -18,7 +18,8 @@ from pipeline_workers import (
     train_pipeline,
 )
 
-from ds_chunkflow.pipeline.model import pipeline_module
+from ds_chunkflow.guard import PROBE_TOLERANCE, check_model
+from ds_chunkflow.pipeline.model import ChunkSlot, pipe_layers, pipeline_module, self_check
 from ds_chunkflow.testing.families import build
 from ds_chunkflow.testing.spawn import run_ranks
 
@@ -87,9 +88,11 @@ REFUSALS = {
     "hyperclovax": (lambda: build("hyperclovax", dict(embedding_multiplier=2.0, logits_scaling=0.5),
                                   dtype=torch.float32),
                     ["HyperCLOVAXForCausalLM", "does something after its decoder that ChunkFlow's chunked loss"]),
-    # attention softcapping (Gemma 2's default): refused by the model guard
-    "gemma2_attn_softcap": (lambda: build("gemma2", dict(head_dim=16), dtype=torch.float32),
-                            ["Gemma2ForCausalLM", "softcap"]),
+    # RoPE that depends on the longest position of a call: refused by the model guard
+    "llama_dynamic_rope": (lambda: build("llama", dict(rope_parameters={"rope_type": "dynamic", "factor": 2.0,
+                                                                        "rope_theta": 10000.0}),
+                                         dtype=torch.float32),
+                           ["LlamaForCausalLM", "depends on the longest position"]),
     # another layout: model.gpt_neox.embed_in / layers / final_layer_norm and embed_out
     "gpt_neox": (lambda: build("gpt_neox", dict(rotary_pct=0.5), dtype=torch.float32),
                  ["GPTNeoXForCausalLM", "needs a decoder-only model with model.embed_tokens"]),
@@ -107,6 +110,16 @@ def test_wrapper_refuses_what_it_cannot_reproduce(case):
     for phrase in phrases:
         assert phrase in str(info.value), str(info.value)
     assert model.training, "the self-check must restore train mode"
+
+
+def test_wrapper_takes_attention_softcap_and_sinks():
+    """Gemma 2 with attention softcapping (its default) and GPT-OSS (attention sinks) pass what pipeline_module
+    checks at wrap time (the guard, then the pipe layers' self-check): the chunk attention computes both."""
+    for model in (build("gemma2", dict(head_dim=16), dtype=torch.float32),
+                  build("gpt_oss", dict(head_dim=16, experts_implementation="eager"), dtype=torch.float32)):
+        check_model(model, allow_recurrent_mixers=False)
+        slot = ChunkSlot()
+        assert self_check(model, pipe_layers(model, slot), slot) <= PROBE_TOLERANCE[torch.float32]
 
 
 def test_planning_errors_stop_every_rank(tmp_path):

@@ -30,6 +30,18 @@ EXACT = {
     "gemma2_no_softcap": ("gemma2", "sliding / full hybrid", dict(head_dim=16, sliding_window=12,
                                                                   attn_logit_softcapping=None,
                                                                   final_logit_softcapping=30.0), FP32_INSIDE),
+    # query_pre_attn_scalar 1 (scaling 1, not 1/16): scores up to ~0.4 at this init, and a softcap of 0.25
+    # bends them (at Gemma 2's defaults, scores ~0.02 under a cap of 50, a lost softcap would be ~1e-6 noise)
+    "gemma2_softcap": ("gemma2", "sliding / full, attention softcap", dict(head_dim=16, sliding_window=12,
+                                                                          query_pre_attn_scalar=1,
+                                                                          attn_logit_softcapping=0.25,
+                                                                          final_logit_softcapping=30.0),
+                       FP32_INSIDE),
+    "gpt_oss": ("gpt_oss", "attention sinks, sliding / full, MoE",
+                dict(head_dim=16, sliding_window=12, layer_types=["sliding_attention", "full_attention"],
+                     num_local_experts=4, num_experts_per_tok=2, experts_implementation="eager",
+                     rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                                      "original_max_position_embeddings": 64})),
     "gemma3_text": ("gemma3_text", "sliding / full, rope per layer type", dict(head_dim=16, sliding_window=12,
                                                                               num_hidden_layers=3,
                                                                               layer_types=["sliding_attention",
@@ -108,7 +120,18 @@ def _long_memory_delta_net(model) -> None:
                 m.dt_bias.fill_(-2.0)
 
 
-PREPARE = {"qwen3_next": _long_memory_delta_net}  # model_type -> what build() does after the random init
+def _strong_sinks(model) -> None:
+    """GPT-OSS initialises its attention sinks at ~N(0, 0.02): next to the keys' logits so small a sink that
+    entered a softmax twice would hardly move a gradient. Drawn in [-1, 2] instead, so it carries real weight."""
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".sinks"):
+                p.copy_(torch.empty(p.shape).uniform_(-1.0, 2.0, generator=g))
+
+
+# model_type -> what build() does after the random init
+PREPARE = {"qwen3_next": _long_memory_delta_net, "gpt_oss": _strong_sinks}
 
 
 def build(model_type: str, overrides: dict, dtype=torch.float64, seed: int = 0):
