@@ -45,6 +45,20 @@ def test_moe_under_zero3_with_every_parameter_partitioned(tmp_path):
     assert_matches_reference(torch.load(out), MOE_DP_FAMILIES)
 
 
+def test_attention_sinks_under_zero3(tmp_path):
+    """GPT-OSS (attention sinks, sliding / full layers, MoE) under ZeRO-3, K=2: after one SGD step loss and every
+    parameter equal the plain reference's, the sinks included (their gradient flows through the chunk attention
+    to the partitioned parameter)."""
+    out = tmp_path / "gpt_oss.pt"
+    run_ranks(train_families, 3, str(out), ("gpt_oss",), 2)
+    got = torch.load(out)
+    assert_matches_reference(got, ("gpt_oss",))
+    model_type, _, overrides, _ = exact_case("gpt_oss")
+    init = dict(build(model_type, overrides, dtype=torch.float32).named_parameters())
+    sinks = [n for n in got["gpt_oss"]["state"] if n.endswith(".sinks")]
+    assert sinks and all((got["gpt_oss"]["state"][n] - init[n]).abs().max() > 1e-4 for n in sinks)
+
+
 def assert_matches_reference(got, families):
     for family in families:
         model_type, _, overrides, _ = exact_case(family)
