@@ -237,11 +237,12 @@ class StandIn:
 def _chunked_vs_reference(model, lengths, chunk, keep):
     return chunked_errors(model, make_sequences(lengths, model.config.vocab_size), chunk, keep)
 
-@pytest.mark.parametrize("case", ["llama head dim 12", "mistral_window", "deepseek_v3_mla"])
+@pytest.mark.parametrize("case", ["llama head dim 12", "mistral_window", "deepseek_v3_mla", "gpt_oss"])
 def test_stand_in_backend_trains_exactly(monkeypatch, case):
     """Through a backend with the CUDA ops' interface (head dims padded to 8, log-sum-exp padded to 32 rows with
     junk, contiguous inputs), chunked training equals the full-sequence reference in float64: the padding, the
-    lse cut/re-pad, GQA row stacking and the merge are exact; the stand-in runs forward and backward."""
+    lse cut/re-pad, GQA row stacking and the merge are exact; the stand-in runs forward and backward (GPT-OSS:
+    its backward gets the sink-folded out / lse)."""
     stand_in = StandIn()
     monkeypatch.setitem(BACKENDS, CPU_FLASH, stand_in.backend())
     if case == "llama head dim 12":

@@ -1,5 +1,6 @@
 """Sequence parallelism's pure parts: which groups are spread, where, the shards, the plan order,
-the padded shard inputs, and the refusals. Exactness on 2 ranks: test_engine_distributed.py."""
+the padded shard inputs, and the refusals. Exactness on 2 ranks: test_engine_distributed.py (training),
+and here the attention with sinks and softcap under the all-to-all (each rank its heads' sinks)."""
 
 import pytest
 import torch
@@ -133,3 +134,24 @@ def test_head_counts_the_size_does_not_divide_are_refused():
 def test_sequence_parallel_config_refusals(section, pipeline, match):
     with pytest.raises(ConfigError, match=match):
         split_config({"chunkflow": {"sequence_parallel": section}}, pipeline=pipeline)
+
+
+@pytest.mark.distributed
+def test_sinks_and_softcap_under_sequence_parallelism(tmp_path):
+    """On 2 gloo ranks, each holding a block of the heads after the all-to-all, a packed chunk with attention
+    sinks (each rank folds its own heads' sinks) and a logit softcap equals the whole-chunk call: its rows of the
+    output and of the q, k, v gradients, and the two ranks' sinks gradients (zero outside their heads) sum to
+    the whole call's."""
+    from sequence_parallel_workers import sp_sink_softcap_attention
+
+    from ds_chunkflow.testing.spawn import run_ranks
+
+    out = tmp_path / "sp.pt"
+    run_ranks(sp_sink_softcap_attention, 13, str(out), timeout=120)
+    results = [torch.load(f"{out}.{rank}") for rank in range(2)]
+    for r in results:
+        assert r["out_err"] < 1e-12 and max(r["grad_errs"]) < 1e-12, r
+    assert all(r["sinks_grad"][2 * i:2 * i + 2].abs().min() > 0 for i, r in enumerate(results))
+    assert all(r["sinks_grad"][2 - 2 * i:4 - 2 * i].abs().max() == 0 for i, r in enumerate(results))
+    torch.testing.assert_close(results[0]["sinks_grad"] + results[1]["sinks_grad"], results[0]["ref_sinks_grad"],
+                               rtol=0, atol=1e-12)
