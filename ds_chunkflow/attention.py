@@ -214,11 +214,11 @@ def chunkflow_attention(module, query, key, value, attention_mask, scaling=None,
             seg.state.write(layer, seg.position, key[:, :, rows], value[:, :, rows])
     scale = scaling if scaling is not None else kernels.default_scale(query.shape[-1])
     fn = None
-    if softcap is None and s_aux is None and all(seg.state is None for seg in chunkflow.segments):
+    if s_aux is None and all(seg.state is None for seg in chunkflow.segments):  # flash-attn has no sinks
         fn = varlen.varlen_fn_for(query, float(dropout), head_dim=max(query.shape[-1], value.shape[-1]))
     if fn is not None:  # a packed chunk without a state prefix: one flash-attn varlen call, its own autograd
         lengths = varlen.segment_lengths([(s.start, s.length) for s in chunkflow.segments], query.shape[2])
-        out = varlen.attention(fn, query, key, value, lengths, scale, sliding_window).transpose(1, 2)
+        out = varlen.attention(fn, query, key, value, lengths, scale, sliding_window, softcap).transpose(1, 2)
     else:
         seed = 0
         if dropout > 0:

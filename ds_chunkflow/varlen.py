@@ -11,9 +11,11 @@ One call covers every segment, and flash-attn's own autograd is exact: there is 
 to merge, so no log-sum-exp leaves the call. Dependent chunks (a state prefix) keep the
 block path of :mod:`ds_chunkflow.attention` (LSE-merge). GQA is native (k/v keep their
 KV heads); a sliding window is ``window_size=(window - 1, 0)`` (transformers' ``q - k <
-window``); flash-attn 2 takes one head dim for q, k and v, so the smaller side is zero-padded to the
-larger (MLA: v 128 -> qk 192; or q/k -> v: zero columns add nothing to a score, the scale is
-passed explicitly) and the padded output columns cut.
+window``); Gemma 2's attention logit softcap is flash-attn's ``softcap`` (GPT-OSS's attention
+sinks are not taken by the varlen function: such chunks keep the block path); flash-attn 2 takes
+one head dim for q, k and v, so the smaller side is zero-padded to the larger (MLA: v 128 -> qk
+192; or q/k -> v: zero columns add nothing to a score, the scale is passed explicitly) and the
+padded output columns cut.
 
 Supported flash-attn: 2.6 <= version < 2.9 (the public ``flash_attn_varlen_func`` with
 ``window_size`` and ``softcap``, checked when ds_chunkflow first imports it). Outside the
@@ -68,16 +70,19 @@ def unpack(x: torch.Tensor) -> torch.Tensor:
     return x.unsqueeze(0)
 
 
-def attention(fn: Callable, q, k, v, lengths: Sequence[int], scale: float, window: int | None) -> torch.Tensor:
+def attention(fn: Callable, q, k, v, lengths: Sequence[int], scale: float, window: int | None,
+              softcap: float | None = None) -> torch.Tensor:
     """Causal attention within each segment via one ``fn`` (flash-attn's varlen signature) call.
 
     ``q`` ``[1, H, T, dqk]``, ``k`` ``[1, Hkv, T, dqk]``, ``v`` ``[1, Hkv, T, dv]``; returns ``[1, T, H, dv]``.
+    ``softcap`` (Gemma 2): flash-attn's ``softcap``, ``tanh(scale * q.k / softcap) * softcap`` (0: none).
     """
     dv, d = v.shape[-1], max(q.shape[-1], v.shape[-1])
     cu, max_len = cu_seqlens(lengths, device=q.device)
     qp, kp, vp = (t if t.shape[-1] == d else torch.nn.functional.pad(t, (0, d - t.shape[-1])) for t in (q, k, v))
     out = fn(pack(qp), pack(kp), pack(vp), cu, cu, max_len, max_len, dropout_p=0.0, softmax_scale=scale,
-             causal=True, window_size=(-1, -1) if window is None else (window - 1, 0))
+             causal=True, window_size=(-1, -1) if window is None else (window - 1, 0),
+             softcap=0.0 if softcap is None else float(softcap))
     return unpack(out[..., :dv])
 
 

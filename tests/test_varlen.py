@@ -22,26 +22,29 @@ from ds_chunkflow.testing.models import build_tiny_model
 
 
 class VarlenStandIn:
-    """``flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, softmax_scale, causal, window_size)``."""
+    """``flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, softmax_scale, causal, window_size,
+    softcap)``."""
 
     def __init__(self):
         self.calls = []
 
     def __call__(self, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
-                 softmax_scale=None, causal=False, window_size=(-1, -1), **unused):
+                 softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, **unused):
         assert q.dim() == 3 and k.dim() == 3 and q.shape[-1] == k.shape[-1] == v.shape[-1]
         assert cu_seqlens_q.dtype == torch.int32 and torch.equal(cu_seqlens_q, cu_seqlens_k)
         assert causal and dropout_p == 0.0 and isinstance(max_seqlen_q, int)
         borders = cu_seqlens_q.tolist()
         assert borders[0] == 0 and borders[-1] == q.shape[0] and max_seqlen_q == max(
             b - a for a, b in zip(borders, borders[1:]))
-        self.calls.append((borders, tuple(window_size)))
+        self.calls.append((borders, tuple(window_size), softcap))
         n_rep = q.shape[1] // k.shape[1]
         outs = []
         for a, b in zip(borders, borders[1:]):
             qs, ks, vs = (t[a:b].transpose(0, 1) for t in (q, k, v))  # [H, n, d]
             ks, vs = ks.repeat_interleave(n_rep, 0), vs.repeat_interleave(n_rep, 0)
             s = (qs @ ks.transpose(-1, -2)) * softmax_scale
+            if softcap > 0:  # flash-attn: tanh on the scaled scores
+                s = torch.tanh(s / softcap) * softcap
             i = torch.arange(b - a)
             vis = i[None, :] <= i[:, None]
             if window_size[0] >= 0:
@@ -103,6 +106,25 @@ def test_packed_chunks_through_one_varlen_call_are_exact(stand_in, case):
     assert [c[0] for c in stand_in.calls] == [[0, 13, 15, 16]] * model.config.num_hidden_layers, stand_in.calls
     window = getattr(model.config, "sliding_window", None)
     assert all(c[1] == ((-1, -1) if window is None else (window - 1, 0)) for c in stand_in.calls)
+
+
+def test_softcap_goes_to_the_varlen_call_and_sinks_do_not(stand_in):
+    """Gemma 2's attention softcap is passed to flash-attn's varlen call (``softcap``) for packed chunks and the
+    result equals the full-sequence reference (float32-exact model); GPT-OSS's attention sinks, which
+    flash-attn's varlen function does not take, keep every chunk on the block path (no varlen call)."""
+    model_type, _, overrides, tol = exact_case("gemma2_softcap")
+    model = build(model_type, overrides)
+    check_model(model)
+    stand_in.calls.clear()
+    loss_err, grad_err = _compare(model, [30, 13, 2, 1], chunk=16)
+    assert loss_err < tol and grad_err < tol, (loss_err, grad_err)
+    assert stand_in.calls and all(c[2] == model.config.attn_logit_softcapping for c in stand_in.calls)
+    model_type, _, overrides, tol = exact_case("gpt_oss")
+    model = build(model_type, overrides)
+    check_model(model)
+    stand_in.calls.clear()
+    loss_err, grad_err = _compare(model, [30, 13, 2, 1], chunk=16)
+    assert loss_err < tol and grad_err < tol and stand_in.calls == [], (loss_err, grad_err, stand_in.calls)
 
 
 def test_dependent_chunks_never_take_varlen(stand_in):
