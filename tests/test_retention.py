@@ -54,7 +54,9 @@ def save(d, step, save_latest=True, torn=False):
 
 
 def tags(d):
-    return sorted(n for n in os.listdir(d) if n != ck.LATEST)
+    """Tag directories (and trash), not ``latest`` nor the temporary file a kill inside its atomic write
+    leaves (``.latest.*.tmp``: a file, never read as a tag)."""
+    return sorted(n for n in os.listdir(d) if n != ck.LATEST and os.path.isdir(os.path.join(d, n)))
 
 
 def test_keeps_the_newest_complete_tags_and_latest(tmp_path):
