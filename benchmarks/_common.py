@@ -80,3 +80,14 @@ def in_fresh_process(target, *args):
     result = queue.get()
     p.join()
     return result
+
+
+def save_random_qwen2(model_dir: str, config: dict) -> int:
+    """A random-init Qwen2 of ``config`` (hidden_size, num_layers, vocab_size and other config keys) saved with
+    ``save_pretrained`` to ``model_dir``; returns its parameter count."""
+    from ds_chunkflow.testing.models import build_tiny_model
+
+    cfg = dict(config)
+    model = build_tiny_model("qwen2", save_dir=model_dir, seed=0, hidden_size=cfg.pop("hidden_size"),
+                             num_layers=cfg.pop("num_layers"), vocab_size=cfg.pop("vocab_size"), **cfg)
+    return sum(p.numel() for p in model.parameters())

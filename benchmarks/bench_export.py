@@ -24,7 +24,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import load_samples, rss_bytes, save_json, table  # noqa: E402
+from _common import load_samples, rss_bytes, save_json, save_random_qwen2, table  # noqa: E402
 
 CONFIG = dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_layers=12, num_attention_heads=12,
               num_key_value_heads=4, tie_word_embeddings=False)
@@ -98,7 +98,6 @@ def plain_eval(model_dir: str, samples: list[dict]) -> tuple[float, int]:
 
 
 def main() -> None:
-    from ds_chunkflow.testing.models import build_tiny_model
     from ds_chunkflow.testing.spawn import run_ranks
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -107,11 +106,7 @@ def main() -> None:
     samples = [s for s in load_samples(2048)][: args.num_eval]
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = os.path.join(tmp, "model")
-        cfg = dict(CONFIG)
-        model = build_tiny_model("qwen2", save_dir=model_dir, seed=0, hidden_size=cfg.pop("hidden_size"),
-                                 num_layers=cfg.pop("num_layers"), vocab_size=cfg.pop("vocab_size"), **cfg)
-        num_params = sum(p.numel() for p in model.parameters())
-        del model
+        num_params = save_random_qwen2(model_dir, CONFIG)
         run_ranks(worker, model_dir, tmp, samples, os.path.join(tmp, "result"), timeout=1200)
         ranks = [torch.load(os.path.join(tmp, f"result.{r}")) for r in range(2)]
         ref_loss, ref_tokens = plain_eval(os.path.join(tmp, "final"), samples)

@@ -20,7 +20,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import load_samples, rss_bytes, save_json, table  # noqa: E402
+from _common import load_samples, rss_bytes, save_json, save_random_qwen2, table  # noqa: E402
 
 MODEL = dict(vocab_size=32000, hidden_size=512, intermediate_size=1536, num_layers=8, num_attention_heads=8,
              num_key_value_heads=4, tie_word_embeddings=False)
@@ -50,7 +50,6 @@ def worker(rank, world, model_dir, stage, lora_r, batches, result_path):
 
 
 def main() -> None:
-    from ds_chunkflow.testing.models import build_tiny_model
     from ds_chunkflow.testing.spawn import run_ranks
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -63,11 +62,7 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = os.path.join(tmp, "model")
-        cfg = dict(MODEL)
-        model = build_tiny_model("qwen2", save_dir=model_dir, seed=0, hidden_size=cfg.pop("hidden_size"),
-                                 num_layers=cfg.pop("num_layers"), vocab_size=cfg.pop("vocab_size"), **cfg)
-        num_params = sum(p.numel() for p in model.parameters())
-        del model
+        num_params = save_random_qwen2(model_dir, MODEL)
         for stage in [int(s) for s in args.stages.split(",")]:
             runs = {}
             for name, r in (("full", 0), ("lora", args.lora_r)):

@@ -3,6 +3,7 @@
 import types
 
 import torch
+from sequence_parallel_workers import my_rows, row_shard
 
 
 def sp_varlen_attention(rank, world, num_tokens, out_path):
@@ -35,14 +36,10 @@ def sp_varlen_attention(rank, world, num_tokens, out_path):
     ref, _ = chunkflow_attention(module, *full, None, scaling=0.3, chunkflow=ChunkContext(segments()))
     ref.backward(dout)
 
-    rows = -(-num_tokens // world)
-    lo, hi = rank * rows, min(num_tokens, (rank + 1) * rows)
+    lo, hi = my_rows(rank, world, num_tokens)
 
-    def shard(t, dim):  # my rows, padded to ceil(T / P) with junk (pad rows never meet a real token)
-        mine = t.narrow(dim, lo, hi - lo)
-        pad = list(mine.shape)
-        pad[dim] = rows - (hi - lo)
-        return torch.cat([mine, torch.full(pad, 7.0, dtype=t.dtype)], dim=dim)
+    def shard(t, dim):
+        return row_shard(t, dim, rank, world, num_tokens)
 
     mine = [shard(t, 2).requires_grad_() for t in (q, k, v)]
     sp = UlyssesChunk(dist.new_group([0, 1]), world, num_tokens)

@@ -5,6 +5,21 @@ import types
 import torch
 
 
+def my_rows(rank: int, world: int, num_tokens: int) -> tuple[int, int]:
+    """``[lo, hi)``: this rank's rows of a chunk of ``num_tokens`` split over ``world`` ranks (ceil(T / P) each)."""
+    rows = -(-num_tokens // world)
+    return rank * rows, min(num_tokens, (rank + 1) * rows)
+
+
+def row_shard(t: torch.Tensor, dim: int, rank: int, world: int, num_tokens: int) -> torch.Tensor:
+    """This rank's rows of ``t`` along ``dim``, padded to ceil(T / P) with junk (pad rows never meet a real token)."""
+    lo, hi = my_rows(rank, world, num_tokens)
+    mine = t.narrow(dim, lo, hi - lo)
+    pad = list(mine.shape)
+    pad[dim] = -(-num_tokens // world) - (hi - lo)
+    return torch.cat([mine, torch.full(pad, 7.0, dtype=t.dtype)], dim=dim)
+
+
 def sp_sink_softcap_attention(rank, world, num_tokens, out_path):
     """chunkflow_attention of a packed chunk with attention sinks and a logit softcap under sequence parallelism
     (each rank: all rows, its block of heads, so its block of the sinks) against the same call on the whole chunk
@@ -35,14 +50,10 @@ def sp_sink_softcap_attention(rank, world, num_tokens, out_path):
                                  **kwargs)
     ref.backward(dout)
 
-    rows = -(-num_tokens // world)
-    lo, hi = rank * rows, min(num_tokens, (rank + 1) * rows)
+    lo, hi = my_rows(rank, world, num_tokens)
 
-    def shard(t, dim):  # my rows, padded to ceil(T / P) with junk (pad rows never meet a real token)
-        mine = t.narrow(dim, lo, hi - lo)
-        pad = list(mine.shape)
-        pad[dim] = rows - (hi - lo)
-        return torch.cat([mine, torch.full(pad, 7.0, dtype=t.dtype)], dim=dim)
+    def shard(t, dim):
+        return row_shard(t, dim, rank, world, num_tokens)
 
     mine = [shard(t, 2).requires_grad_() for t in (q, k, v)]
     my_sinks = sinks.clone().requires_grad_()

@@ -221,7 +221,7 @@ def export(engine, path: str, args, tokenizer, is_main: bool) -> None:
     start = time.perf_counter()
     save_pretrained(engine, path, tokenizer=tokenizer, dtype=args.export_dtype, max_shard_size=args.max_shard_size,
                     overwrite=args.overwrite, merge_lora=args.merge_lora)
-    peak = max(peak_rss_bytes(), 0)
+    peak = peak_rss_bytes()
     if is_main:
         print(f"export: {path} in {time.perf_counter() - start:.1f} s (peak RSS of rank 0 {peak / 2**20:.0f} MiB)",
               flush=True)
