@@ -48,7 +48,7 @@ def save_json(name: str, payload: dict) -> Path:
 # ----------------------------------------------------------------------------- sample data
 def load_samples(max_len: int | None) -> list[dict]:
     """Tokenised sample chats as plain lists (cheap to send to spawned ranks)."""
-    from ds_chunkflow.data import load_jsonl
+    from ds_chunkflow.data.jsonl import load_jsonl
     from ds_chunkflow.testing.tokenizer import build_tokenizer
 
     data = load_jsonl(REPO / "examples/data/sample_sft.jsonl", build_tokenizer())

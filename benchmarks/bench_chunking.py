@@ -30,7 +30,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from ds_chunkflow.chunking import (  # noqa: E402
+from ds_chunkflow.plan.chunking import (  # noqa: E402
     Chunk,
     CostModel,
     Segment,
@@ -63,12 +63,12 @@ def sample_lengths() -> tuple[list[int] | None, str]:
     if not os.path.exists(SAMPLE):
         return None, f"skipped: {os.path.relpath(SAMPLE, ROOT)} not found"
     try:
-        from ds_chunkflow.data import load_jsonl
+        from ds_chunkflow.data.jsonl import load_jsonl
         from ds_chunkflow.testing.tokenizer import build_tokenizer
     except ImportError as e:
         return None, f"skipped: {e}"
     data = load_jsonl(SAMPLE, build_tokenizer())
-    return [len(data[i]["input_ids"]) for i in range(len(data))], "toy tokenizer, ds_chunkflow.data.load_jsonl"
+    return [len(data[i]["input_ids"]) for i in range(len(data))], "toy tokenizer, ds_chunkflow.data.jsonl.load_jsonl"
 
 
 # --------------------------------------------------------------------------- (a) packing

@@ -107,7 +107,7 @@ def padded_micro_batches(batch, rank, world, micro_batch, pad_id):
 
 def packed_rows(batch, rank, world, row_len):
     """(b): the rank's samples best-fit-decreasing into rows of <= row_len tokens (padding-free)."""
-    from ds_chunkflow.chunking import best_fit_decreasing
+    from ds_chunkflow.plan.chunking import best_fit_decreasing
 
     share = rank_share(batch, rank, world)
     bins = best_fit_decreasing([(len(s["input_ids"]), i) for i, s in enumerate(share)], row_len)
@@ -137,8 +137,8 @@ def micro_batches(system, batch, rank, world, cfg):
 
 def work_per_rank(system, batch, world, cfg) -> list[dict]:
     """Real tokens, computed token slots and modelled cost (ChunkFlow's CostModel) per rank."""
-    from ds_chunkflow.batch_plan import plan_batch
-    from ds_chunkflow.chunking import CostModel
+    from ds_chunkflow.plan.batch_plan import plan_batch
+    from ds_chunkflow.plan.chunking import CostModel
 
     cost = CostModel(attention=1.0 / (6 * cfg["model"]["hidden_size"]))  # the engine's default weight
     if system.startswith("chunkflow"):
@@ -190,7 +190,7 @@ def _engine(system, cfg):
                                "pad_token_id": cfg["pad_id"], "recompute_layers": cfg["recompute_layers"]}
         if system == "chunkflow_sp":
             config["chunkflow"]["sequence_parallel"] = {"max_size": SP_SIZE}
-    from ds_chunkflow.deepspeed_adapter import decide_shm_comm_build
+    from ds_chunkflow.deepspeed.deepspeed_adapter import decide_shm_comm_build
 
     decide_shm_comm_build()
     model = ds_chunkflow.load_pretrained(cfg["model_dir"], config)
@@ -254,7 +254,7 @@ def worker(rank, world, system, cfg, warmup, batches, out_prefix):
             return engine.train_batch(to_tensors(batch)).item()
         return _baseline_step(engine, system, batch, cfg)
 
-    from ds_chunkflow.deepspeed_adapter import count_param_gathers
+    from ds_chunkflow.deepspeed.deepspeed_adapter import count_param_gathers
 
     t = time.perf_counter()
     engine, load_rss = _engine(system, cfg)

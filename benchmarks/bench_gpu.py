@@ -51,7 +51,7 @@ def _sequence(n: int, vocab: int):
 def _full_step(model, seqs, device):
     import torch.nn.functional as F
 
-    from ds_chunkflow.batch import shifted_targets
+    from ds_chunkflow.runtime.batch import shifted_targets
 
     s = seqs[0]
     logits = model(input_ids=s["input_ids"][None].to(device), use_cache=False).logits[0]
@@ -62,8 +62,9 @@ def _full_step(model, seqs, device):
 def _point(model, system, seqs, args, device):
     import torch
 
-    from ds_chunkflow import chunked_step, kernels
-    from ds_chunkflow.memory import ActivationMeter
+    from ds_chunkflow import chunked_step
+    from ds_chunkflow.ops import kernels
+    from ds_chunkflow.runtime.memory import ActivationMeter
 
     cuda = device.type == "cuda"
     used: set[str] = set()
@@ -92,7 +93,7 @@ def _point(model, system, seqs, args, device):
             if system.startswith("chunkflow"):
                 state = chunked_step(model, seqs, chunk_size=args.chunk_size, keep_chunks=1, meter=meter).peak_state_bytes
             else:
-                from ds_chunkflow.memory import saved_tensor_hooks
+                from ds_chunkflow.runtime.memory import saved_tensor_hooks
 
                 with saved_tensor_hooks(meter):
                     _full_step(model, seqs, device)
@@ -168,7 +169,7 @@ def main() -> None:
         if "chunkflow K=1" in at and "full+ckpt" in at:
             summary[f"{m}x_k1_speed_vs_full_ckpt"] = at["chunkflow K=1"]["tokens_per_s"] / at["full+ckpt"]["tokens_per_s"]
             summary[f"{m}x_k1_peak_vs_full_ckpt"] = at["chunkflow K=1"]["peak_MiB"] / at["full+ckpt"]["peak_MiB"]
-    from ds_chunkflow import varlen
+    from ds_chunkflow.ops import varlen
 
     env = environment()
     env.update(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",

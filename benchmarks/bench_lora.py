@@ -4,7 +4,7 @@
 
 A Qwen2 of hidden 512, 8 layers, vocab 32000 (untied, ~54M parameters) on 2 ranks, ZeRO-2 and ZeRO-3,
 AdamW, chunk_size 512, K = 1; the same global batches of sample chats (16 per step, <= 4096 tokens) for
-every system. LoRA: r = 16 on every linear layer of the decoder blocks (``ds_chunkflow.lora.apply_lora``).
+every system. LoRA: r = 16 on every linear layer of the decoder blocks (``ds_chunkflow.hf.lora.apply_lora``).
 Each run is a fresh pair of processes: the peak RSS (ru_maxrss) is the run's own, from start to the end of
 the last step, per rank. Ratios are LoRA / full in the same run.
 """
@@ -28,7 +28,7 @@ MODEL = dict(vocab_size=32000, hidden_size=512, intermediate_size=1536, num_laye
 
 def worker(rank, world, model_dir, stage, lora_r, batches, result_path):
     import ds_chunkflow
-    from ds_chunkflow.lora import apply_lora, trainable_parameters
+    from ds_chunkflow.hf.lora import apply_lora, trainable_parameters
 
     config = {"zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True,
               "gradient_clipping": 1.0, "chunkflow": {"chunk_size": 512, "keep_chunks": 1}}

@@ -44,8 +44,8 @@ def _point(part: str, system: str, args: dict, queue) -> None:
     import torch
 
     from ds_chunkflow import chunked_step
-    from ds_chunkflow.hf_model import enable_recompute
-    from ds_chunkflow.memory import ActivationMeter
+    from ds_chunkflow.hf.model import enable_recompute
+    from ds_chunkflow.runtime.memory import ActivationMeter
     from ds_chunkflow.testing.models import build_tiny_model
 
     torch.set_num_threads(1)

@@ -52,7 +52,7 @@ def _sequence(n: int):
 
 def _full_step(model, seqs, meter):
     """The stock step: the model's forward with ``labels`` (its own loss: fp32 logits of every row, CE mean)."""
-    from ds_chunkflow.memory import saved_tensor_hooks
+    from ds_chunkflow.runtime.memory import saved_tensor_hooks
 
     s = seqs[0]
     with saved_tensor_hooks(meter):
@@ -73,7 +73,7 @@ def _point(system: str, multiple: int, chunk: int, hidden: int, layers: int, rep
     import torch
 
     from ds_chunkflow import chunked_step
-    from ds_chunkflow.memory import ActivationMeter, peak_rss_bytes
+    from ds_chunkflow.runtime.memory import ActivationMeter, peak_rss_bytes
 
     torch.set_num_threads(1)
     model = _model(hidden, layers)

@@ -168,7 +168,7 @@ def hf_worker(rank, world, system, cfg, samples, out_prefix):
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
-    from ds_chunkflow.deepspeed_adapter import decide_shm_comm_build
+    from ds_chunkflow.deepspeed.deepspeed_adapter import decide_shm_comm_build
     from ds_chunkflow.testing.tokenizer import build_tokenizer
 
     warnings.filterwarnings("ignore", category=FutureWarning)

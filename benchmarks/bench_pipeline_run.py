@@ -28,7 +28,7 @@ Each system runs in fresh processes (peak RSS is per process, per stage). One wa
 batch of short samples), then ``--steps`` timed steps with a barrier before and after each.
 ``idle`` is the share of a stage's step time spent outside forward / backward / recompute
 (pipeline bubble + send/receive + optimizer), measured by timing those instructions.
-``sim_bubble`` is :mod:`ds_chunkflow.pipeline.simulate`'s bubble for the same batches: plain
+``sim_bubble`` is :mod:`ds_chunkflow.plan.simulate`'s bubble for the same batches: plain
 1F1B over the padded micro-batches vs the plan ChunkFlow's engine runs, with the engine's
 planning cost (tokens + pairs / (6 x 4096)); ``sim_bubble_h128`` times the same orders with
 this model's attention weight (pairs / (6 x 128)), closer to what the CPU spends.
@@ -87,7 +87,7 @@ def padded_micro_batches(batch: list[dict], micro_batch: int, pad_id: int) -> li
 
 def chunkflow_chunks(batch: list[dict], cfg: dict) -> list:
     """The chunks the engine runs, in its order (1 pipeline replica: one share)."""
-    from ds_chunkflow.batch_plan import plan_batch
+    from ds_chunkflow.plan.batch_plan import plan_batch
 
     seqs = [{k: torch.tensor(v) for k, v in s.items()} for s in batch]
     share = plan_batch(seqs, chunk_size=cfg["chunk_size"], keep_chunks=cfg["keep_chunks"], num_ranks=1).shares[0]
@@ -102,8 +102,8 @@ def _bubble(timeline) -> float:
 
 def simulated(system: str, batch: list[dict], cfg: dict) -> dict:
     """Simulated bubble of one batch: under the engine's planning cost, and under h = 128."""
-    from ds_chunkflow.chunking import Chunk, CostModel, Segment
-    from ds_chunkflow.pipeline.planner import plan_stages, replay
+    from ds_chunkflow.plan.chunking import Chunk, CostModel, Segment
+    from ds_chunkflow.plan.pipeline import plan_stages, replay
 
     planning, model = CostModel(), CostModel(attention=1.0 / (6 * MODEL["hidden_size"]))
     if system == "chunkflow":

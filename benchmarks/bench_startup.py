@@ -74,7 +74,7 @@ def _old_loader():
     """load_jsonl of BASELINE_COMMIT, imported as ds_chunkflow._data_baseline (its relative imports resolve)."""
     import ds_chunkflow  # noqa: F401
 
-    source = subprocess.run(["git", "show", f"{BASELINE_COMMIT}:ds_chunkflow/data.py"], cwd=REPO, check=True,
+    source = subprocess.run(["git", "show", f"{BASELINE_COMMIT}:ds_chunkflow/data/jsonl.py"], cwd=REPO, check=True,
                             capture_output=True, text=True).stdout
     file = Path(tempfile.mkdtemp()) / "data_baseline.py"
     file.write_text(source)
@@ -118,7 +118,7 @@ def worker(kind: str, data: str, cache: str, limit: int | None) -> dict:
         start = time.perf_counter()
         ds = load_jsonl(data, tokenizer)
     else:
-        from ds_chunkflow.hf_data import load_sft_data
+        from ds_chunkflow.data.hf_data import load_sft_data
 
         start = time.perf_counter()
         ds = load_sft_data(data, tokenizer, cache_dir=cache, num_proc=1 if kind == "new1" else None)
@@ -130,7 +130,7 @@ def worker(kind: str, data: str, cache: str, limit: int | None) -> dict:
 def rank_worker(rank: int, world: int, data: str, cache: str, out: str) -> None:
     import torch.distributed as dist
 
-    from ds_chunkflow.hf_data import load_sft_data
+    from ds_chunkflow.data.hf_data import load_sft_data
     from ds_chunkflow.testing.tokenizer import CHAT_TEMPLATE, build_tokenizer
 
     dist.init_process_group("gloo", rank=rank, world_size=world)

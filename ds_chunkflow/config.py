@@ -86,7 +86,8 @@ class ChunkFlowConfig(_Section):
     """Route train_batch through ChunkFlow; false: plain DeepSpeed."""
     chunk_size: Annotated[int, Field(gt=0)] | Literal["auto"] = 4096
     """Tokens per chunk: short sequences are packed up to it, longer ones split every chunk_size tokens.
-    ``auto``: the largest that fits ``memory_budget_gib``, chosen at engine start (:mod:`ds_chunkflow.autotune`)."""
+    ``auto``: the largest that fits ``memory_budget_gib``, chosen at engine start
+    (:mod:`ds_chunkflow.deepspeed.autotune`)."""
     keep_chunks: Annotated[int, Field(ge=1)] | Literal["auto"] = 1
     """K: dependent chunks of one sequence that keep activations; the rest are recomputed (or offloaded).
     ``auto``: the largest that fits ``memory_budget_gib`` (after chunk_size)."""
@@ -214,7 +215,7 @@ def check_deepspeed_keys(cf: ChunkFlowConfig, ds_config: dict[str, Any], pipelin
             raise ConfigError(
                 f"activation_checkpointing.{key}: not supported with chunkflow; chunk activations are bounded "
                 "by chunkflow.keep_chunks, use chunkflow.offload.activations: far for CPU offload")
-    from .lr_schedule import check_scheduler
+    from ds_chunkflow.deepspeed.lr_schedule import check_scheduler
 
     check_scheduler(ds_config.get("scheduler"))  # a schedule that cannot reach its end names the key
     if "train_micro_batch_size_per_gpu" in ds_config and ds_config["train_micro_batch_size_per_gpu"] != 1:

@@ -3,7 +3,7 @@ K in {1, 2, N}, chunked vs the plain full-sequence reference (or the guard's ref
 
     python scripts/family_matrix.py        # -> benchmarks/results/family_matrix.json
 
-The tests (tests/test_families.py) assert the same verdicts; this prints the errors.
+The tests (tests/hf/test_families.py) assert the same verdicts; this prints the errors.
 """
 
 import json
@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import ds_chunkflow
-from ds_chunkflow.guard import ModelRefused, check_model
+from ds_chunkflow.hf.guard import ModelRefused, check_model
 from ds_chunkflow.testing.families import EXACT, REFUSED, build, exact_case
 
 CHUNK, LENGTHS, KEEPS = 8, [37, 11, 5, 3, 1], (1, 2, 5)

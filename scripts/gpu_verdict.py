@@ -44,7 +44,7 @@ def probe() -> dict:
     try:
         import warnings
 
-        from ds_chunkflow import varlen
+        from ds_chunkflow.ops import varlen
 
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")

@@ -11,7 +11,7 @@
    before any checkpoint was complete, which must then say it starts fresh). A resume succeeds if it
    exits 0 with a complete final checkpoint at ``--steps``; it continues bitwise if every step it
    trained has the reference loss, the final one included.
-   ``--keep_checkpoints N``: the recipe's retention (ds_chunkflow.retention) runs after every save, so
+   ``--keep_checkpoints N``: the recipe's retention (ds_chunkflow.deepspeed.retention) runs after every save, so
    kills also land in its deletions; a resume must then also leave at most N complete tags and no
    half-deleted leftovers (``.ds_chunkflow_deleting.*``).
 
@@ -39,7 +39,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ds_chunkflow.checkpoint import MANIFEST, TRASH_PREFIX, check_tag, find_complete_tag  # noqa: E402
+from ds_chunkflow.deepspeed.checkpoint import MANIFEST, TRASH_PREFIX, check_tag, find_complete_tag  # noqa: E402
 
 
 def free_port() -> int:

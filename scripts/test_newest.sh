@@ -2,7 +2,7 @@
 # CI's second environment: the newest releases ds_chunkflow supports (.ci/constraints-newest.txt: transformers,
 # accelerate, datasets, DeepSpeed, PEFT; torch 2.13.0, the newest CPU build reachable here) in .venv-newest.
 # Runs the fast tier (no process groups, no GPU), which holds the family matrix and the hybrid tests
-# (tests/test_families.py, tests/test_hybrid.py, tests/test_transformers_adapter.py). A failure names the
+# (tests/hf/test_families.py, tests/ops/test_mixers.py, tests/hf/test_transformers_adapter.py). A failure names the
 # releases it ran on.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -1,7 +1,7 @@
 """The gpu tier (``pytest -m gpu``; skipped without CUDA): exactness of the CUDA kernels and offload copies.
 
 Chunked training on CUDA in bf16 / fp32 against the plain full-sequence reference
-(tests/reference.py) computed in float64 on the CPU from the same weights. A low-precision
+(tests/helpers/reference.py) computed in float64 on the CPU from the same weights. A low-precision
 run cannot match float64 to rounding, so the bound is relative to what plain training in
 the same dtype on the same GPU achieves: ``err(chunked) <= 3 * err(plain) + floor``. Each
 case forces one dispatch (flash-attn varlen for packed chunks; PyTorch's aten flash op, with
@@ -17,12 +17,12 @@ import copy
 
 import pytest
 import torch
-from reference import make_sequences, max_rel_err, reference_loss_and_grads
 
 import ds_chunkflow
-from ds_chunkflow import cuda_streams, kernels, varlen
+from ds_chunkflow.ops import cuda_streams, kernels, varlen
 from ds_chunkflow.testing.families import EXACT, build, exact_case
 from ds_chunkflow.testing.models import build_tiny_model
+from tests.helpers.reference import make_sequences, max_rel_err, reference_loss_and_grads
 
 pytestmark = pytest.mark.gpu
 
@@ -232,10 +232,9 @@ def test_engine_on_one_gpu_bf16(tmp_path, stage):
     steps the fp32 masters move as the fp32 CPU reference's parameters do, to bf16 precision (relative L2 error
     of the updates < 3% overall, < 8% per parameter: the 2-rank CPU test's 2% / 5% bounds, widened for GPU bf16
     kernels; a zero update is 1.0, a half one 0.5); the losses agree to 3%."""
-    from test_engine_distributed import update_errors
-    from workers import reference_steps, train_steps
-
     from ds_chunkflow.testing.spawn import run_ranks
+    from tests.deepspeed.test_engine import update_errors
+    from tests.helpers.workers import reference_steps, train_steps
 
     out = tmp_path / "result.pt"
     run_ranks(train_steps, stage, 3, str(out), None, {"bf16": {"enabled": True}}, world=1, timeout=300,

@@ -1,5 +1,6 @@
 """scripts/gpu_check.sh's decisions (scripts/gpu_verdict.py), on CPU: the check cannot pass by skipping."""
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -8,8 +9,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
-import gpu_verdict  # noqa: E402
+_SPEC = importlib.util.spec_from_file_location("gpu_verdict", ROOT / "scripts" / "gpu_verdict.py")
+gpu_verdict = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(gpu_verdict)
 
 
 def _junit(tmp_path, cases):

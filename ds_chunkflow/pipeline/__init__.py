@@ -6,8 +6,8 @@ the DeepSpeed schedule (``ChunkFlowTrainSchedule``, ``StateForwardPass``,
 pay for importing DeepSpeed.
 """
 
-from ds_chunkflow.pipeline.planner import Op, OpKind, StagePlan, plan_stages, replay, stage_orders
-from ds_chunkflow.pipeline.simulate import SimResult, simulate
+from ds_chunkflow.plan.pipeline import Op, OpKind, StagePlan, plan_stages, replay, stage_orders
+from ds_chunkflow.plan.simulate import SimResult, simulate
 
 _SCHEDULE_NAMES = ("ChunkFlowTrainSchedule", "RecomputeForwardPass", "StateForwardPass", "stage_steps",
                    "default_costs")

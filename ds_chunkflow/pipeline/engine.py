@@ -40,16 +40,16 @@ import torch
 from deepspeed.runtime.pipe import schedule as ds_schedule
 from deepspeed.runtime.pipe.engine import PipelineEngine
 
-from ..attention import use_chunkflow_attention
-from ..batch import SequenceDict
-from ..chunk_core import ChunkRun, num_loss_pieces
-from ..distributed import all_reduce
-from ..engine import ChunkFlowMixin
-from ..executor import ExecStats
-from ..hf_model import enable_recompute
-from ..memory import peak_rss_bytes
-from ..monitor import step_metrics
-from .schedule import ChunkFlowTrainSchedule, RecomputeForwardPass, StateForwardPass
+from ds_chunkflow.deepspeed.distributed import all_reduce
+from ds_chunkflow.deepspeed.engine import ChunkFlowMixin
+from ds_chunkflow.deepspeed.monitor import step_metrics
+from ds_chunkflow.hf.model import enable_recompute
+from ds_chunkflow.ops.attention import use_chunkflow_attention
+from ds_chunkflow.pipeline.schedule import ChunkFlowTrainSchedule, RecomputeForwardPass, StateForwardPass
+from ds_chunkflow.runtime.batch import SequenceDict
+from ds_chunkflow.runtime.chunk import ChunkRun, num_loss_pieces
+from ds_chunkflow.runtime.executor import ExecStats
+from ds_chunkflow.runtime.memory import peak_rss_bytes
 
 _STOCK_BUFFER_OPS = (ds_schedule.SendActivation, ds_schedule.RecvActivation, ds_schedule.SendGrad,
                      ds_schedule.RecvGrad)

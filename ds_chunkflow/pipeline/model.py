@@ -17,7 +17,7 @@ its stage's layers. (For checkpoints too large for one host, build per-stage lay
 ``LayerSpec``s instead; not done here.)
 
 A model's forward is more than its layers. What it does around them, per ``model_type``
-(:data:`ds_chunkflow.hf_model.FORWARD_EXTRAS`: embedding multiplier, logit scaling, final
+(:data:`ds_chunkflow.hf.model.FORWARD_EXTRAS`: embedding multiplier, logit scaling, final
 logit softcapping), is reproduced here.
 
 (Gemma's embedding normaliser ``sqrt(hidden_size)`` lives in its embedding module, so the
@@ -27,7 +27,7 @@ the last stage, whose weight DeepSpeed broadcasts at init and whose gradient
 ``ReduceTiedGrads`` sums over both.
 
 Anything else is refused at wrap time, on every rank alike, before any collective:
-:func:`ds_chunkflow.guard.check_model` refuses what ChunkFlow itself cannot run exactly, and
+:func:`ds_chunkflow.hf.guard.check_model` refuses what ChunkFlow itself cannot run exactly, and
 a self-check runs the whole list of pipe layers in this process on a probe input and
 compares their logits with the model's own forward (:func:`self_check`); a model whose
 forward does something the wrapper does not reproduce shows up there as an O(1) difference.
@@ -44,11 +44,11 @@ import torch
 from deepspeed.runtime.pipe.module import TiedLayerSpec
 from torch import nn
 
-from ..attention import ChunkContext, SegmentSpec, use_chunkflow_attention
-from ..chunk_core import head_loss
-from ..distributed import agree_on_errors
-from ..guard import PROBE_TOLERANCE, check_model
-from ..hf_model import ForwardExtras, forward_extras
+from ds_chunkflow.deepspeed.distributed import agree_on_errors
+from ds_chunkflow.hf.guard import PROBE_TOLERANCE, check_model
+from ds_chunkflow.hf.model import ForwardExtras, forward_extras
+from ds_chunkflow.ops.attention import ChunkContext, SegmentSpec, use_chunkflow_attention
+from ds_chunkflow.runtime.chunk import head_loss
 
 TIED_KEY = "embed_tokens"
 TIED_WEIGHT = "embed.embed_tokens.weight"  # inside TiedEmbeddingPipe
@@ -264,12 +264,12 @@ def self_check(model, layers: list, slot: ChunkSlot) -> float:
                       f"forward by {worst:.1e} (relative, tolerance {tol:.0e} for {param.dtype}) on a probe input, "
                       "so the model's forward does something between its layers that the pipeline wrapper does not "
                       "reproduce. Train it without pipeline parallelism, or add what its forward does to "
-                      "ds_chunkflow.hf_model.FORWARD_EXTRAS")
+                      "ds_chunkflow.hf.model.FORWARD_EXTRAS")
     return worst
 
 
 def _checked_layers(model, slot: ChunkSlot) -> list:
-    check_model(model, allow_recurrent_mixers=False)  # the stages do not carry mixer state (ds_chunkflow.mixers)
+    check_model(model, allow_recurrent_mixers=False)  # the stages do not carry mixer state (ds_chunkflow.ops.mixers)
     layers = pipe_layers(model, slot)
     self_check(model, layers, slot)
     return layers

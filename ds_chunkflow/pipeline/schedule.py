@@ -1,6 +1,6 @@
 """DeepSpeed pipeline schedule for ChunkFlow's state-aware 1F1B.
 
-:func:`~ds_chunkflow.pipeline.planner.plan_stages` fixes every stage's compute order (the same plan
+:func:`~ds_chunkflow.plan.pipeline.plan_stages` fixes every stage's compute order (the same plan
 the simulator times); this module turns one stage's order into DeepSpeed instructions:
 
     F -> ForwardPass        S -> StateForwardPass        R -> RecomputeForwardPass      B -> BackwardPass
@@ -64,8 +64,8 @@ from deepspeed.runtime.pipe.schedule import (
     SendGrad,
 )
 
-from ds_chunkflow.chunking import CostModel
-from ds_chunkflow.pipeline.planner import B, F, R, S, StagePlan, plan_stages
+from ds_chunkflow.plan.chunking import CostModel
+from ds_chunkflow.plan.pipeline import B, F, R, S, StagePlan, plan_stages
 
 
 class StateForwardPass(BufferOpInstruction):
@@ -194,7 +194,7 @@ def _make(cls: type, micro_batch: int, buffer_id: int) -> PipeInstruction:
 
 def default_costs(chunks: Sequence) -> list[float]:
     """Per-chunk forward cost for planning: :class:`CostModel` (attention included) for
-    :class:`~ds_chunkflow.chunking.Chunk`, else ``num_tokens``."""
+    :class:`~ds_chunkflow.plan.chunking.Chunk`, else ``num_tokens``."""
     cost = CostModel()
     return [cost.chunk_cost(c) if hasattr(c, "segments") else float(c.num_tokens) for c in chunks]
 
@@ -209,7 +209,7 @@ class ChunkFlowTrainSchedule(PipeSchedule):
         stages, stage_id: as for DeepSpeed's ``TrainSchedule``.
         keep_chunks: K, chunks of a group whose activations are kept (the rest are recomputed).
         costs: per-chunk forward cost for planning (default :func:`default_costs`).
-        strategy, search_iters: forward-sequence choice, see :func:`~ds_chunkflow.pipeline.planner.plan_stages`.
+        strategy, search_iters: forward-sequence choice, see :func:`~ds_chunkflow.plan.pipeline.plan_stages`.
 
     The data iterator must yield chunks in :attr:`load_order` (the order of ``LoadMicroBatch``
     on the first and the last stage), which may differ from the list order.

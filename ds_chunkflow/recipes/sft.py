@@ -109,7 +109,7 @@ def run_length(args, dataset, cf) -> int:
     """Optimizer steps: --steps, or the global batches of --epochs epochs (the engine's sampler, counted)."""
     if args.epochs is None:
         return 30 if args.steps is None else args.steps
-    from ds_chunkflow.data_mix import steps_for_epochs
+    from ds_chunkflow.data.mix import steps_for_epochs
 
     if cf is None:
         raise SystemExit("error: --epochs needs a chunkflow section (its data settings define a global batch)")
@@ -122,7 +122,7 @@ def save(engine, args) -> None:
     """A checkpoint, then --keep_checkpoints' retention (rank 0 deletes, crash-safely, only older complete tags)."""
     engine.save_checkpoint(args.output_dir)
     if args.keep_checkpoints:
-        from ds_chunkflow.retention import prune_checkpoints
+        from ds_chunkflow.deepspeed.retention import prune_checkpoints
 
         prune_checkpoints(args.output_dir, keep=args.keep_checkpoints)
 
@@ -166,7 +166,7 @@ def load_model(args, config: dict):
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = ds_chunkflow.load_pretrained(args.model, config)
     if args.lora_r:
-        from ds_chunkflow.lora import apply_lora
+        from ds_chunkflow.hf.lora import apply_lora
 
         model = apply_lora(model, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
                            target_modules=args.lora_target_modules)
@@ -174,10 +174,10 @@ def load_model(args, config: dict):
 
 
 def load_data(args, paths: list[str], tokenizer, cf, vocab_size: int, weights: list[float] | None = None):
-    """One file: its dataset; several: a :class:`~ds_chunkflow.data_mix.MixedDataset` (each file loaded and
+    """One file: its dataset; several: a :class:`~ds_chunkflow.data.mix.MixedDataset` (each file loaded and
     checked on its own, errors naming that file and line)."""
-    from ds_chunkflow.data_mix import load_sft_mix
-    from ds_chunkflow.hf_data import load_sft_data
+    from ds_chunkflow.data.hf_data import load_sft_data
+    from ds_chunkflow.data.mix import load_sft_mix
 
     options = dict(max_seq_len=cf.max_seq_len if cf else None, on_overlong=cf.on_overlong if cf else "error",
                    on_error=args.on_error, vocab_size=vocab_size, assistant_turns=args.assistant_turns,
@@ -215,8 +215,8 @@ def run_eval(engine, data, source: str, is_main: bool) -> float:
 
 def export(engine, path: str, args, tokenizer, is_main: bool) -> None:
     """OUT/final or OUT/export-<step>: the model (or its LoRA adapter) as a Hugging Face directory."""
-    from ds_chunkflow.export import save_pretrained
-    from ds_chunkflow.memory import peak_rss_bytes
+    from ds_chunkflow.hf.export import save_pretrained
+    from ds_chunkflow.runtime.memory import peak_rss_bytes
 
     start = time.perf_counter()
     save_pretrained(engine, path, tokenizer=tokenizer, dtype=args.export_dtype, max_shard_size=args.max_shard_size,
@@ -251,8 +251,8 @@ def summarize(history: list[dict], engine, seconds: float) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     import ds_chunkflow
-    from ds_chunkflow.checkpoint import checkpoint_entries
     from ds_chunkflow.config import load_config_file, split_config
+    from ds_chunkflow.deepspeed.checkpoint import checkpoint_entries
 
     # ------------------------------------------------------------------------- config
     parser = build_parser()
@@ -303,7 +303,7 @@ def main(argv: list[str] | None = None) -> None:
     # ------------------------------------------------------------------------- engine
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
     engine, *_ = ds_chunkflow.initialize(model=model, optimizer=optimizer, training_data=dataset, config=config)
-    engine.chunkflow_tokenizer = tokenizer  # saved with each checkpoint: python -m ds_chunkflow.export converts it
+    engine.chunkflow_tokenizer = tokenizer  # saved with each checkpoint: python -m ds_chunkflow.hf.export converts it
     is_main = engine.global_rank == 0
     if is_main:
         g = engine.guard_report  # the model guard's probe: chunked == unchunked forward, checked at start-up
@@ -311,7 +311,7 @@ def main(argv: list[str] | None = None) -> None:
         if getattr(engine, "chunkflow_autotune", None) is not None:  # chunk_size / keep_chunks: auto
             print(f"autotune: {engine.chunkflow_autotune.summary()}")
     if args.resume:  # the same decision on every rank (rank 0 looks); none to resume from: an error unless auto
-        from ds_chunkflow.checkpoint import CheckpointError, resume_decision
+        from ds_chunkflow.deepspeed.checkpoint import CheckpointError, resume_decision
 
         try:
             found = resume_decision(args.output_dir, args.resume)

@@ -1,6 +1,6 @@
 """Released chat templates of Qwen2.5, Llama-3, Mistral v0.3 and Gemma / Gemma-3, written out in full.
 
-None has ``{% generation %}`` markers; :mod:`ds_chunkflow.chat_labels` labels them by rendering.
+None has ``{% generation %}`` markers; :mod:`ds_chunkflow.data.chat_labels` labels them by rendering.
 Each comes with the special tokens its template emits, so :func:`ds_chunkflow.testing.tokenizer.build_tokenizer`
 can make a local tokenizer of that family (``family="qwen2.5"``). Copied from the models'
 ``tokenizer_config.json`` (Qwen2.5-7B-Instruct, Meta-Llama-3-8B-Instruct, Mistral-7B-Instruct-v0.3,

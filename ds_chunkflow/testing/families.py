@@ -70,7 +70,7 @@ EXACT = {
                                                                   n_group=1, topk_group=1,
                                                                   experts_implementation="eager")),
     "olmo2": ("olmo2", "dense, post-norm", dict()),
-    # hybrids: recurrent mixers carried by ds_chunkflow.mixers (Mamba2 scans / delta nets run in float32 inside)
+    # hybrids: recurrent mixers carried by ds_chunkflow.ops.mixers (Mamba2 scans / delta nets run in float32 inside)
     "lfm2": ("lfm2", "short convolution", dict(layer_types=["conv", "full_attention"], num_heads=4)),
     "qwen3_next": ("qwen3_next", "gated delta net", dict(head_dim=16, linear_num_value_heads=4, linear_num_key_heads=2,
                                                          linear_key_head_dim=16, linear_value_head_dim=16,

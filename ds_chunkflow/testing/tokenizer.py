@@ -15,7 +15,7 @@ Guarantees:
   are single ids that BPE merges never produce (as in every HF tokenizer, the literal
   string ``<|im_end|>`` inside text *is* matched as the special token);
 * its chat template is the released Qwen2.5 one (ChatML, no ``{% generation %}`` markers;
-  :mod:`ds_chunkflow.chat_labels` labels it by rendering); ``chat_template=CHAT_TEMPLATE``
+  :mod:`ds_chunkflow.data.chat_labels` labels it by rendering); ``chat_template=CHAT_TEMPLATE``
   gives the marked ChatML variant, which wraps each assistant reply (and its ``<|im_end|>``,
   so the model learns to stop) in ``{% generation %}`` markers, hence
   ``apply_chat_template(..., return_assistant_tokens_mask=True, return_dict=True)``
@@ -36,7 +36,7 @@ import os
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from .chat_templates import FAMILIES, QWEN2_5
+from ds_chunkflow.testing.chat_templates import FAMILIES, QWEN2_5
 
 VOCAB_SIZE = 512
 """Upper bound on ``len(tokenizer)``: 256 bytes + 5 special tokens + learned merges."""

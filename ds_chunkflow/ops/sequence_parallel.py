@@ -1,0 +1,123 @@
+"""Ulysses sequence parallelism for dependent chunks: a long sample spread over a group of ranks.
+
+A group whose cost is more than one rank should carry (the cost model decides,
+:func:`ds_chunkflow.plan.chunking.assign_to_ranks`) is run by P ranks together. Every chunk of it is
+cut into P contiguous row shards (:class:`~ds_chunkflow.plan.chunking.Shard`); each rank runs the
+model on its shard, and only attention, the one place tokens meet, sees the whole chunk. Around
+it, one all-to-all over heads each way (DeepSpeed's differentiable all-to-all,
+``deepspeed.sequence.layer``, the one ``UlyssesSPAttentionHF`` uses)::
+
+    q, k, v  [1, H, T/P, d]  (all heads, my rows)     --all-to-all-->  [1, H/P, T, d]  (my heads, all rows)
+    attention of the whole chunk on my heads, against my heads' share of the group's K/V state
+    out      [1, H/P, T, d]                            --all-to-all-->  [1, H, T/P, d]
+
+So the K/V state of a sample is divided by P too: each rank keeps ``Hkv / P`` heads of it. Query
+head h reads key/value head ``h // (H / Hkv)``; both are cut into P contiguous head blocks, so a
+rank's query heads only need its own key/value heads. Limits, checked before training
+(:func:`check_heads`): P divides the attention head count and the key/value head count.
+
+Ragged shards: ``ceil(T / P)`` rows per rank, the last shards padded with pad tokens that carry
+no target; the pad rows are dropped after the first all-to-all (before any token meets another)
+and come back as zeros, so they never reach a real token: exact.
+
+The gradient: each rank's loss is the CE of its rows' targets / the global count; the all-to-all's
+backward is the reverse all-to-all, so a backward on every rank of the group at once (the plans
+put the group's steps at the same index on all of them) gives each rank its part of the gradient,
+and DeepSpeed's data-parallel average over all ranks sums them, as for any other chunk.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+
+from ds_chunkflow.deepspeed.deepspeed_adapter import all_to_all_dim0
+from ds_chunkflow.plan.chunking import IGNORE_INDEX, Shard
+from ds_chunkflow.runtime.batch import ChunkInputs
+
+
+class SequenceParallelRefused(ValueError):
+    """A model or config that sequence parallelism cannot run exactly; the message says why."""
+
+
+@dataclass
+class UlyssesChunk:
+    """What the attention of one sequence-parallel chunk needs: the group, its size, the chunk's rows."""
+
+    group: object
+    size: int
+    num_tokens: int
+
+    @property
+    def rows_per_rank(self) -> int:
+        return -(-self.num_tokens // self.size)
+
+    def gather_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """``[1, H, T/P, d]`` (my rows, all heads) -> ``[1, H/P, T, d]`` (all rows, my heads)."""
+        p, (b, h, s, d) = self.size, x.shape
+        parts = x.reshape(b, p, h // p, s, d).transpose(0, 1)  # part j: head block j, for rank j
+        got = all_to_all_dim0(self.group, parts)                # part j: my head block, rank j's rows
+        return got.permute(1, 2, 0, 3, 4).reshape(b, h // p, p * s, d)[:, :, :self.num_tokens]
+
+    def my_heads(self, per_head: torch.Tensor) -> torch.Tensor:
+        """``[H, ...]`` -> ``[H/P, ...]``: this rank's block of heads, as :meth:`gather_heads` assigns them
+        (a per-head parameter such as GPT-OSS's attention sinks)."""
+        n = per_head.shape[0] // self.size
+        r = torch.distributed.get_rank(self.group)
+        return per_head[r * n:(r + 1) * n]
+
+    def scatter_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """``[1, H/P, T, d]`` -> ``[1, H, T/P, d]``: the inverse of :meth:`gather_heads` (pad rows as zeros)."""
+        p, s, (b, h, t, d) = self.size, self.rows_per_rank, x.shape
+        if p * s > t:
+            x = torch.cat([x, x.new_zeros(b, h, p * s - t, d)], dim=2)
+        parts = x.reshape(b, h, p, s, d).permute(2, 0, 1, 3, 4)  # part j: rank j's rows, my heads
+        got = all_to_all_dim0(self.group, parts)                 # part j: head block j, my rows
+        return got.transpose(0, 1).reshape(b, p * h, s, d)
+
+
+def shard_inputs(full: ChunkInputs, shard: Shard, pad_token_id: int) -> ChunkInputs:
+    """This rank's rows of a chunk, padded to ``ceil(T / P)`` rows (pad tokens, no targets)."""
+    t = full.input_ids.shape[1]
+    lo, hi = shard.rows(t)
+    pad = shard.rows_per_rank(t) - (hi - lo)
+
+    def rows(x: torch.Tensor, fill: int) -> torch.Tensor:
+        out = x[:, lo:hi]
+        return torch.cat([out, out.new_full((1, pad), fill)], dim=1) if pad else out
+
+    # pad positions: the chunk's first position, valid for any position embedding
+    first = int(full.position_ids[0, 0])
+    return ChunkInputs(rows(full.input_ids, pad_token_id), rows(full.position_ids, first),
+                       rows(full.targets, IGNORE_INDEX),
+                       torch.tensor([0, hi - lo + pad], dtype=torch.int32, device=full.cu_seqlens.device))
+
+
+def ulysses_chunk(shard: Shard, num_tokens: int, groups: Mapping[tuple[int, ...], object]) -> UlyssesChunk:
+    if shard.ranks not in groups:
+        raise RuntimeError(f"no sequence-parallel process group for data-parallel ranks {shard.ranks}")
+    return UlyssesChunk(groups[shard.ranks], shard.size, num_tokens)
+
+
+def check_heads(config, max_size: int) -> None:
+    """Refuses a sequence-parallel size the model's head counts do not divide (before training)."""
+    heads = getattr(config, "num_attention_heads", None)
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    name = type(config).__name__
+    if heads is None:
+        raise SequenceParallelRefused(f"chunkflow.sequence_parallel.max_size: {max_size}: {name} has no "
+                                      "num_attention_heads; sequence parallelism splits attention heads")
+    for what, n in (("num_attention_heads", heads), ("num_key_value_heads", kv)):
+        if n % max_size:
+            raise SequenceParallelRefused(
+                f"chunkflow.sequence_parallel.max_size: {max_size} does not divide {name}.{what} = {n}; each rank "
+                f"of a sequence-parallel group takes an equal block of heads, so max_size must divide both head "
+                f"counts (here: a power of two dividing {heads} and {kv})")
+
+
+def sp_group_ranks(num_ranks: int, sizes: list[int]) -> list[tuple[int, ...]]:
+    """Every aligned block of data-parallel ranks a group of each size may run on."""
+    return [tuple(range(b, b + p)) for p in sizes for b in range(0, num_ranks, p)]
+
