@@ -57,8 +57,8 @@ from typing import Any, Literal
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
+from ds_chunkflow.constants import IGNORE_INDEX
 from ds_chunkflow.hf.transformers_adapter import render_jinja_template
-from ds_chunkflow.plan.chunking import IGNORE_INDEX
 
 AssistantTurns = Literal["all", "last"]
 GENERATION_TAG = re.compile(r"{%-?\s*generation\s*-?%}")

@@ -51,6 +51,7 @@ import torch
 import torch.distributed as dist
 from transformers import PreTrainedTokenizerBase
 
+from ds_chunkflow.constants import IGNORE_INDEX
 from ds_chunkflow.data.chat_labels import AssistantTurns
 from ds_chunkflow.data.jsonl import (
     BAD_FIELD,
@@ -67,7 +68,6 @@ from ds_chunkflow.data.jsonl import (
     parse_json_line,
 )
 from ds_chunkflow.data.sampler import _is_positive_int
-from ds_chunkflow.plan.chunking import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
 

@@ -76,9 +76,9 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from ds_chunkflow.constants import IGNORE_INDEX
 from ds_chunkflow.data.chat_labels import CHAT_TEMPLATE_REASON, AssistantTurns, ChatLabeler, ChatLabelError
 from ds_chunkflow.data.sampler import GlobalBatchSampler, _is_positive_int  # noqa: F401  (GlobalBatchSampler re-exported)
-from ds_chunkflow.plan.chunking import IGNORE_INDEX
 from ds_chunkflow.runtime.batch import num_targets
 
 logger = logging.getLogger(__name__)

@@ -27,39 +27,17 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from dataclasses import dataclass
 
 import torch
 
 from ds_chunkflow.ops import kernels, varlen
-from ds_chunkflow.ops.state import GroupState
+from ds_chunkflow.ops.context import ChunkContext, SegmentSpec
 
 ATTN_NAME = "chunkflow"
 
 
 class MissingChunkContext(RuntimeError):
     """The attention was called without the chunk layout: a layer did not pass the model's kwargs through."""
-
-
-@dataclass
-class SegmentSpec:
-    """Rows ``[start, start + length)`` of the chunk; first token at sequence ``position``."""
-
-    start: int
-    length: int
-    position: int = 0
-    state: GroupState | None = None
-
-
-@dataclass
-class ChunkContext:
-    """What the attention layers need to know about the chunk being run."""
-
-    segments: list[SegmentSpec]
-    num_layer_calls: int = 0
-    sp: object | None = None
-    """A sequence-parallel shard's :class:`~ds_chunkflow.ops.sequence_parallel.UlyssesChunk`: the layer
-    gets this rank's rows and the segments describe the whole chunk."""
 
 
 def _expand(t: torch.Tensor, n_rep: int) -> torch.Tensor:

@@ -59,7 +59,7 @@ import torch
 import torch.nn.functional as F
 
 from ds_chunkflow.hf import transformers_adapter
-from ds_chunkflow.ops.attention import SegmentSpec
+from ds_chunkflow.ops.context import SegmentSpec
 
 # class path -> what it is. Each entry is tested against the full-sequence reference (tests/ops/test_mixers.py).
 SUPPORTED = {

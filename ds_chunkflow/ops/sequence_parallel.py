@@ -33,8 +33,9 @@ from typing import Mapping
 
 import torch
 
+from ds_chunkflow.constants import IGNORE_INDEX
 from ds_chunkflow.deepspeed.deepspeed_adapter import all_to_all_dim0
-from ds_chunkflow.plan.chunking import IGNORE_INDEX, Shard
+from ds_chunkflow.plan.chunking import Shard
 from ds_chunkflow.runtime.batch import ChunkInputs
 
 

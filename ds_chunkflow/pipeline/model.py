@@ -47,7 +47,8 @@ from torch import nn
 from ds_chunkflow.deepspeed.distributed import agree_on_errors
 from ds_chunkflow.hf.guard import PROBE_TOLERANCE, check_model
 from ds_chunkflow.hf.model import ForwardExtras, forward_extras
-from ds_chunkflow.ops.attention import ChunkContext, SegmentSpec, use_chunkflow_attention
+from ds_chunkflow.ops.attention import use_chunkflow_attention
+from ds_chunkflow.ops.context import ChunkContext, SegmentSpec
 from ds_chunkflow.runtime.chunk import head_loss
 
 TIED_KEY = "embed_tokens"

@@ -37,8 +37,6 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Sequence
 
-IGNORE_INDEX = -100
-
 
 @dataclass(frozen=True)
 class Segment:

@@ -14,7 +14,8 @@ from typing import Mapping, Sequence
 
 import torch
 
-from ds_chunkflow.plan.chunking import IGNORE_INDEX, Chunk
+from ds_chunkflow.constants import IGNORE_INDEX
+from ds_chunkflow.plan.chunking import Chunk
 
 SequenceDict = Mapping[str, torch.Tensor]
 

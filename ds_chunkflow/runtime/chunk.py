@@ -26,10 +26,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from ds_chunkflow.ops.attention import ChunkContext, SegmentSpec
+from ds_chunkflow.constants import IGNORE_INDEX
+from ds_chunkflow.ops.context import ChunkContext, SegmentSpec
 from ds_chunkflow.ops.sequence_parallel import UlyssesChunk, shard_inputs, ulysses_chunk
 from ds_chunkflow.ops.state import GroupState
-from ds_chunkflow.plan.chunking import IGNORE_INDEX, Chunk
+from ds_chunkflow.plan.chunking import Chunk
 from ds_chunkflow.runtime.batch import ChunkInputs, SequenceDict, materialize, shifted_targets
 
 

@@ -23,9 +23,10 @@ from typing import Callable, ClassVar, Sequence
 
 import torch
 
+from ds_chunkflow.constants import IGNORE_INDEX
 from ds_chunkflow.hf.model import OutputHead, final_hidden
-from ds_chunkflow.ops.attention import ChunkContext, SegmentSpec
-from ds_chunkflow.plan.chunking import IGNORE_INDEX, Chunk
+from ds_chunkflow.ops.context import ChunkContext, SegmentSpec
+from ds_chunkflow.plan.chunking import Chunk
 from ds_chunkflow.plan.schedule import (
     Backward,
     EvalForward,

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import pytest
 
+from ds_chunkflow.constants import IGNORE_INDEX
 from ds_chunkflow.data.chat_labels import ChatLabeler, ChatLabelError
-from ds_chunkflow.plan.chunking import IGNORE_INDEX
 from ds_chunkflow.testing.chat_templates import FAMILIES, QWEN2_5
 from ds_chunkflow.testing.tokenizer import CHAT_TEMPLATE, build_tokenizer
 

@@ -14,7 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
-from ds_chunkflow.data.jsonl import IGNORE_INDEX, DataError, GlobalBatchSampler, load_jsonl
+from ds_chunkflow.constants import IGNORE_INDEX
+from ds_chunkflow.data.jsonl import DataError, GlobalBatchSampler, load_jsonl
 from ds_chunkflow.testing.chat_templates import QWEN2_5
 from ds_chunkflow.testing.tokenizer import CHAT_TEMPLATE, VOCAB_SIZE, build_tokenizer
 

@@ -14,7 +14,8 @@ def sp_varlen_attention(rank, world, num_tokens, out_path):
 
     import ds_chunkflow
     from ds_chunkflow.ops import varlen
-    from ds_chunkflow.ops.attention import ChunkContext, SegmentSpec, chunkflow_attention
+    from ds_chunkflow.ops.attention import chunkflow_attention
+    from ds_chunkflow.ops.context import ChunkContext, SegmentSpec
     from ds_chunkflow.ops.sequence_parallel import UlyssesChunk
     from tests.ops.test_varlen import VarlenStandIn
 

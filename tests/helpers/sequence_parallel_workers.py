@@ -27,7 +27,8 @@ def sp_sink_softcap_attention(rank, world, num_tokens, out_path):
     import torch.distributed as dist
 
     import ds_chunkflow
-    from ds_chunkflow.ops.attention import ChunkContext, SegmentSpec, chunkflow_attention
+    from ds_chunkflow.ops.attention import chunkflow_attention
+    from ds_chunkflow.ops.context import ChunkContext, SegmentSpec
     from ds_chunkflow.ops.sequence_parallel import UlyssesChunk
 
     ds_chunkflow.init_distributed()  # DeepSpeed's comm on gloo (CPU accelerator), no shm op build

@@ -8,8 +8,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ds_chunkflow.config import ConfigError, split_config
+from ds_chunkflow.constants import IGNORE_INDEX
 from ds_chunkflow.ops.sequence_parallel import SequenceParallelRefused, check_heads, shard_inputs
-from ds_chunkflow.plan.chunking import IGNORE_INDEX, CostModel, Shard, assign_to_ranks, build_chunks
+from ds_chunkflow.plan.chunking import CostModel, Shard, assign_to_ranks, build_chunks
 from ds_chunkflow.plan.schedule import align, build_plan, flatten
 from ds_chunkflow.runtime.batch import materialize
 
