@@ -51,7 +51,24 @@ _UNSUPPORTED_ROPE = ("dynamic", "longrope")
 _CACHE_ATTR = "_ds_chunkflow_guard"
 # Hybrids whose attention layers call transformers' AttentionInterface (read in the transformers 5.24
 # and 5.25 sources) although the class does not declare ``_supports_attention_backend``; the probe checks them.
-INTERFACE_VERIFIED = ("BambaForCausalLM", "JambaForCausalLM", "NemotronHForCausalLM", "Qwen3NextForCausalLM")
+INTERFACE_VERIFIED = ("BambaForCausalLM", "JambaForCausalLM", "NemotronHForCausalLM", "Qwen3NextForCausalLM",
+                      "FalconH1ForCausalLM", "ZambaForCausalLM", "Zamba2ForCausalLM")
+# Models without attention (read in the same sources): their only token mixers are Mamba mixers, which
+# :mod:`ds_chunkflow.ops.mixers` carries; the static scan refuses any other mixer, the probe checks the rest.
+NO_ATTENTION = ("MambaForCausalLM", "Mamba2ForCausalLM", "FalconMambaForCausalLM")
+
+# Recurrent families that transformers can start from a carried state, but for which ds_chunkflow.ops.mixers has no
+# adapter (read in the 5.24 / 5.25 sources): refused by name, with what is missing.
+NO_ADAPTER = {
+    "RwkvForCausalLM": "its RWKV blocks carry a recurrent state from token to token (the WKV time-mix recurrence and "
+                       "the time-mix / channel-mix token shifts); transformers' code does take a start state (the "
+                       "model's state= argument), but ds_chunkflow has no adapter that carries it across chunks or "
+                       "restarts it per packed sequence, and the model has no attention to receive the chunk layout",
+    "RecurrentGemmaForCausalLM": "its recurrent blocks (RG-LRU and a short convolution) carry a state from token to "
+                                 "token; transformers' RG-LRU takes its start state only as a module attribute "
+                                 "(rg_lru.recurrent_states, cleared on every training forward) and its multi-token "
+                                 "convolution takes none, and ds_chunkflow has no adapter for that block yet",
+}
 
 
 class ModelRefused(NotImplementedError):
@@ -117,6 +134,8 @@ def static_check(model: torch.nn.Module) -> None:
     if bad:
         raise _refuse(model, f"rope_type {sorted(bad)} depends on the longest position of each call",
                       "Use a static RoPE type (default, linear, llama3, yarn)")
+    if type(model).__name__ in NO_ADAPTER:
+        raise _refuse(model, NO_ADAPTER[type(model).__name__], "Train it without ChunkFlow (chunkflow.enabled: false)")
     mixers = unsupported_mixers(model)
     if mixers:
         listed = ", ".join(f"{n} ({c})" for n, c in mixers[:3]) + (f" and {len(mixers) - 3} more"
@@ -125,7 +144,8 @@ def static_check(model: torch.nn.Module) -> None:
                       "leak from one sequence into the next, and its state would be lost at chunk borders",
                       "ChunkFlow carries the state of " + ", ".join(c.rsplit(".", 1)[1] for c in SUPPORTED)
                       + "; train this model without ChunkFlow (chunkflow.enabled: false)")
-    if not (getattr(type(model), "_supports_attention_backend", False) or type(model).__name__ in INTERFACE_VERIFIED):
+    if not (getattr(type(model), "_supports_attention_backend", False)
+            or type(model).__name__ in INTERFACE_VERIFIED + NO_ATTENTION):
         raise _refuse(model, "its attention does not go through transformers' AttentionInterface "
                       f"({type(model).__name__}._supports_attention_backend is False), so ChunkFlow cannot "
                       "give it the chunk layout", "Use a model class that supports attn_implementation "
@@ -137,6 +157,16 @@ def _probe_sequences(vocab_size: int) -> list[dict]:
     g = torch.Generator().manual_seed(1234)
     return [{"input_ids": torch.randint(0, vocab_size, (n,), generator=g),
              "labels": torch.full((n,), -100, dtype=torch.long)} for n in PROBE_LENGTHS]
+
+
+def _hidden(model, holder: list) -> torch.Tensor:
+    """The final hidden states the forward left in ``holder`` (:func:`final_hidden`), or the refusal saying why not."""
+    if holder[0] is None:
+        base = getattr(base_model_of(model), "base_model", None)
+        raise _refuse(model, f"its forward never runs its base model {type(base).__name__} as a whole (it calls a "
+                      "submodule of it directly, e.g. model.decoder), so ChunkFlow cannot read the final hidden states "
+                      "its chunked loss starts from", "Train it without ChunkFlow (chunkflow.enabled: false)")
+    return holder[0]
 
 
 def _logits(out) -> torch.Tensor:
@@ -160,7 +190,7 @@ def _chunked_logits(forward_fn: Callable, model, sequences, device) -> list[torc
             if ctx.num_layer_calls == 0:
                 raise _refuse(model, "its layers never called the attention interface",
                               "Its attention bypasses transformers' AttentionInterface; train it without ChunkFlow")
-            logits = head(hidden[0])[0].double()
+            logits = head(_hidden(model, hidden))[0].double()
             row = 0
             for s in chunk.segments:
                 pieces[s.seq_index].append(logits[row:row + s.length])
@@ -197,7 +227,7 @@ def probe_error(model: torch.nn.Module, forward_fn: Callable | None = None) -> f
                     ref = _logits(forward_fn(input_ids=ids, use_cache=False,
                                              position_ids=torch.arange(ids.shape[1], device=device)[None]))
                 scale = ref.abs().max().item() or 1.0
-                _check_head(model, (head(hidden[0])[0].double() - ref).abs().max().item() / scale)
+                _check_head(model, (head(_hidden(model, hidden))[0].double() - ref).abs().max().item() / scale)
                 worst = max(worst, (got - ref).abs().max().item() / scale)
     finally:
         model.train(was_training)

@@ -15,7 +15,8 @@ the range ``setup.cfg`` declares; ``.ci/constraints.txt`` and ``.ci/constraints-
    and ``increase_count`` (single-token decode only). :func:`mixer_cache_calls` reads which ones an
    installed model module calls, so a release that adds another is caught by the test, not by a refusal.
 3. Functions swapped inside model modules for a packed chunk (:data:`SWAPPED_FUNCTIONS`, read in the
-   modeling files of LFM2, Qwen3-Next, Granite-4 hybrid, Bamba, NemotronH, Jamba): the causal conv and the
+   modeling files of LFM2, LFM2-MoE, Qwen3-Next, Granite-4 hybrid, Bamba, NemotronH, Falcon-H1, Zamba, Zamba2,
+   Jamba, Mamba, Mamba2, FalconMamba): the causal conv and the
    scans, called by their module-global names. 5.25 moved each mixer's conv (and the Mamba2 scan) into a
    module function taking the cache (``causal_conv1d_forward``, ``mamba2_scan_forward``), which still calls
    ``causal_conv1d_fn`` / ``mamba2_chunk_scan`` by module-global name, and with the ``kernels`` package
@@ -32,6 +33,8 @@ the range ``setup.cfg`` declares; ``.ci/constraints.txt`` and ``.ci/constraints-
    ``embed_tokens`` / ``layers`` / ``norm`` / ``rotary_emb``, ``config.layer_types``, each decoder layer called
    with ``position_embeddings``; it refuses a model without them by name (checked per model, not here: the
    pipeline tests are in the distributed tier, which only the pinned environment runs).
+8. Zamba / Zamba2 shared attention blocks (:data:`SHARED_ATTENTION_LAYERS`): built with one ``layer_idx`` for
+   every hybrid layer; :mod:`ds_chunkflow.ops.mixers` gives each its layer's index for a chunked step.
 
 Not touch points: a model's ``forward`` kwargs (``position_ids``, ``use_cache``, ``logits_to_keep``, and
 ``chunkflow``, threaded to attention as the ``AttentionInterface`` contract says), ``from_pretrained`` and
@@ -65,6 +68,23 @@ SWAPPED_FUNCTIONS = {
     "transformers.models.bamba.modeling_bamba": ("causal_conv1d_fn", "mamba2_chunk_scan"),
     "transformers.models.nemotron_h.modeling_nemotron_h": ("causal_conv1d_fn", "mamba2_chunk_scan"),
     "transformers.models.jamba.modeling_jamba": ("causal_conv1d_fn", "mamba_selective_scan"),
+    "transformers.models.lfm2_moe.modeling_lfm2_moe": ("causal_conv1d_fn",),
+    "transformers.models.falcon_h1.modeling_falcon_h1": ("causal_conv1d_fn", "mamba2_chunk_scan"),
+    "transformers.models.zamba2.modeling_zamba2": ("causal_conv1d_fn", "mamba2_chunk_scan"),
+    "transformers.models.mamba2.modeling_mamba2": ("causal_conv1d_fn", "mamba2_chunk_scan"),
+    "transformers.models.zamba.modeling_zamba": ("causal_conv1d_fn", "mamba_selective_scan"),
+    "transformers.models.mamba.modeling_mamba": ("causal_conv1d_fn", "mamba_selective_scan"),
+    "transformers.models.falcon_mamba.modeling_falcon_mamba": ("causal_conv1d_fn", "mamba_selective_scan"),
+}
+
+# 8. Shared attention blocks (Zamba, Zamba2): one attention module per hybrid layer, tied weights, all built with the
+# same ``layer_idx`` (None / -1; transformers passes the layer's index as a forward argument, which the attention
+# interface never sees). ChunkFlow keys its K/V state by ``module.layer_idx``, so for a chunked step each hybrid layer's
+# attention gets that layer's index: hybrid layer class -> (attribute of its attention block, of its Mamba layer).
+# Read from 5.24 and 5.25.
+SHARED_ATTENTION_LAYERS = {
+    "transformers.models.zamba.modeling_zamba.ZambaHybridLayer": ("shared_transf", "mamba_decoder"),
+    "transformers.models.zamba2.modeling_zamba2.Zamba2HybridLayer": ("shared_transformer", "mamba_decoder"),
 }
 
 # 1, 4, 5, 6: module -> names ds_chunkflow imports or reads from it
@@ -113,6 +133,18 @@ def signature(fn) -> inspect.Signature:
         fn = inner
 
 
+def shared_attention_indices(model) -> list[tuple[object, int]]:
+    """``(attention module, index of its hybrid layer)`` for each shared attention block of ``model``
+    (:data:`SHARED_ATTENTION_LAYERS`); empty for any other model."""
+    found = []
+    for module in model.modules():
+        names = SHARED_ATTENTION_LAYERS.get(f"{type(module).__module__}.{type(module).__qualname__}")
+        if names is not None:
+            block, mamba = (getattr(module, n) for n in names)
+            found.append((block.self_attn, mamba.layer_idx))
+    return found
+
+
 def render_jinja_template(*args, **kwargs):
     from transformers.utils.chat_template_utils import render_jinja_template as render
 
@@ -153,6 +185,10 @@ def missing_names() -> list[str]:
             missing.append(module_name)
             continue
         missing += [f"{module_name}.{n}" for n in names if not hasattr(module, n)]
+    for path in SHARED_ATTENTION_LAYERS:
+        module_name, cls = path.rsplit(".", 1)
+        if not hasattr(importlib.import_module(module_name), cls):
+            missing.append(path)
     cache = cache_base()
     missing += [f"Cache.{n}" for n in mixer_cache_methods() if not hasattr(cache, n)]
     layer = gradient_checkpointing_layer()

@@ -70,6 +70,13 @@ SUPPORTED = {
     "transformers.models.bamba.modeling_bamba.BambaMixer": "Mamba2 SSD (Bamba)",
     "transformers.models.nemotron_h.modeling_nemotron_h.NemotronHMamba2Mixer": "Mamba2 SSD (NemotronH)",
     "transformers.models.jamba.modeling_jamba.JambaMambaMixer": "Mamba1 selective scan (Jamba)",
+    "transformers.models.lfm2_moe.modeling_lfm2_moe.Lfm2MoeShortConv": "short causal convolution (LFM2-MoE)",
+    "transformers.models.falcon_h1.modeling_falcon_h1.FalconH1Mixer": "Mamba2 SSD (Falcon-H1)",
+    "transformers.models.zamba2.modeling_zamba2.Zamba2MambaMixer": "Mamba2 SSD (Zamba2)",
+    "transformers.models.mamba2.modeling_mamba2.Mamba2Mixer": "Mamba2 SSD (pure Mamba2)",
+    "transformers.models.zamba.modeling_zamba.ZambaMambaMixer": "Mamba1 selective scan, one per head (Zamba)",
+    "transformers.models.mamba.modeling_mamba.MambaMixer": "Mamba1 selective scan (pure Mamba)",
+    "transformers.models.falcon_mamba.modeling_falcon_mamba.FalconMambaMixer": "Mamba1 selective scan (FalconMamba)",
 }
 
 _OUTSIDE, _PLAIN = "outside the model's forward", "a forward without the chunk layout"
@@ -151,6 +158,12 @@ class _StateCache(transformers_adapter.cache_base()):
         super().__init__(layers=[])
         self.initial = initial
         self.final: dict[str, torch.Tensor] = {}
+        self._scans = 0
+
+    def next_scan(self) -> int:
+        """How many scans this mixer call ran before this one (Zamba: the head the scan is for)."""
+        self._scans += 1
+        return self._scans - 1
 
     def is_recording_past(self, layer_idx: int) -> bool:
         return True  # never the in-place single-token decode path
@@ -309,11 +322,18 @@ def _selective_scan_from(ssm_state, hidden_states, dt, A, B, C, D=None, z=None, 
 
 
 def _started(fn):
-    """The model's scan ``fn``, or where the call under way has a carried SSM state, the same scan from it."""
+    """The model's scan ``fn``, or where the call under way has a carried SSM state, the same scan from it.
+
+    Zamba's mixer scans its heads one call each, in head order, and caches their final states stacked
+    (``[b, heads, d, n]``): the ``i``-th scan of a mixer call starts from head ``i``'s state."""
     def run(*args, **kwargs):
         cache = _CALL.get()
         start = cache.initial.get("recurrent0") if cache is not None else None
-        return fn(*args, **kwargs) if start is None else _selective_scan_from(start, *args, **kwargs)
+        if start is None:
+            return fn(*args, **kwargs)
+        if start.dim() == 4:
+            start = start[:, cache.next_scan()]
+        return _selective_scan_from(start, *args, **kwargs)
 
     run.__wrapped__ = fn
     return run
@@ -365,6 +385,7 @@ def _adapter(name: str, original):
             raise ValueError(f"mixer {name}: ChunkFlow trains without a generation cache (use_cache=False)")
         if hidden_states.shape[0] != 1:
             raise ValueError(f"ChunkFlow runs one chunk per call (batch 1), got batch {hidden_states.shape[0]}")
+        ctx.num_layer_calls += 1  # a layer that got the chunk layout (a model without attention has only these)
         segs = ctx.segments
         if segs[0].state is not None:
             if len(segs) != 1:
@@ -404,6 +425,10 @@ def use_chunkflow_mixers(model: torch.nn.Module):
         h._gradient_checkpointing_func = _under_current_chunk(ckpt)
     for name, m in mixers:
         m.forward = _adapter(name, m.forward)
+    # Zamba's shared attention blocks share one layer_idx; the K/V state is keyed by it (transformers_adapter, 8.)
+    shared = [(attn, attn.layer_idx, index) for attn, index in transformers_adapter.shared_attention_indices(model)]
+    for attn, _, index in shared:
+        attn.layer_idx = index
     object.__setattr__(model, _ACTIVE_ATTR, True)
     try:
         with _patched_functions(mixers):
@@ -419,6 +444,8 @@ def use_chunkflow_mixers(model: torch.nn.Module):
                 m.forward = forward
         for h, ckpt in checkpointing:
             h._gradient_checkpointing_func = ckpt
+        for attn, index, _ in shared:
+            attn.layer_idx = index
 
 
 def _under_current_chunk(checkpoint):

@@ -94,14 +94,38 @@ EXACT = {
                                              expert_layer_offset=1, num_experts=2, mamba_d_state=8,
                                              mamba_dt_rank=8, use_mamba_kernels=False,
                                              experts_implementation="eager"), FP32_INSIDE),
+    "lfm2_moe": ("lfm2_moe", "short convolution, MoE (LFM2-MoE)",
+                 dict(layer_types=["conv", "full_attention"], num_dense_layers=1, num_experts=4, num_experts_per_tok=2,
+                      moe_intermediate_size=32, experts_implementation="eager")),
+    "falcon_h1": ("falcon_h1", "Mamba2 beside attention in every layer (Falcon-H1)",
+                  dict(head_dim=16, mamba_d_ssm=64, mamba_n_heads=4, mamba_d_head=16, mamba_d_state=8,
+                       mamba_n_groups=1, mamba_chunk_size=4), FP32_INSIDE),
+    # Zamba / Zamba2: two hybrid layers, so the shared attention block runs twice per forward (its K/V state per
+    # hybrid layer, not per module: transformers_adapter.SHARED_ATTENTION_LAYERS)
+    "zamba": ("zamba", "Mamba1 per head + shared attention (Zamba)",
+              dict(num_hidden_layers=4, layers_block_type=["mamba", "hybrid", "mamba", "hybrid"], n_mamba_heads=2,
+                   mamba_d_state=8, mamba_dt_rank=8, num_key_value_heads=4), FP32_INSIDE),
+    "zamba2": ("zamba2", "Mamba2 + shared attention, RoPE (Zamba2)",
+               dict(num_hidden_layers=4, layers_block_type=["mamba", "hybrid", "mamba", "hybrid"], n_mamba_heads=4,
+                    mamba_d_state=8, mamba_ngroups=1, chunk_size=4, num_key_value_heads=4, use_mem_rope=True,
+                    use_shared_attention_adapter=True, adapter_rank=8), FP32_INSIDE),
+    # no attention at all: the mixers' state is the model's only state
+    "mamba": ("mamba", "pure SSM, Mamba1", dict(state_size=8, time_step_rank=8), FP32_INSIDE),
+    "mamba2": ("mamba2", "pure SSM, Mamba2", dict(num_heads=4, head_dim=32, state_size=8, n_groups=1, chunk_size=4),
+               FP32_INSIDE),
+    "falcon_mamba": ("falcon_mamba", "pure SSM, Mamba1 + B/C/dt norms", dict(state_size=8, time_step_rank=8),
+                     FP32_INSIDE),
 }
 
 # family -> (model_type, kind, overrides, reason substring)
 REFUSED = {
     "recurrent_gemma": ("recurrent_gemma", "RG-LRU", dict(num_hidden_layers=3, lru_width=64, head_dim=16,
                                                           block_types=["recurrent", "recurrent", "attention"]),
-                        "mixes tokens"),
-    "mamba2": ("mamba2", "pure SSM", dict(num_heads=4, head_dim=32, state_size=8, n_groups=1), "mixes tokens"),
+                        "RG-LRU and a short convolution"),
+    "rwkv": ("rwkv", "RWKV (no attention)", dict(attention_hidden_size=64, context_length=512),
+             "WKV time-mix recurrence"),
+    "opt": ("opt", "LM head calls the decoder directly", dict(ffn_dim=128, word_embed_proj_dim=64),
+            "never runs its base model OPTModel"),
     "falcon": ("falcon", "attention outside the interface", dict(num_kv_heads=2, new_decoder_architecture=True),
                "AttentionInterface"),
     "stablelm": ("stablelm", "attention outside the interface", dict(), "AttentionInterface"),
