@@ -73,6 +73,7 @@ class DataConfig(_Section):
     seed: int = 0
     """Shuffle seed (per epoch: seed + epoch)."""
     shuffle: bool = True
+    """Reshuffle the samples every epoch; false: data order."""
 
     @model_validator(mode="after")
     def _one_budget(self):
@@ -98,9 +99,13 @@ class ChunkFlowConfig(_Section):
     on_overlong: Literal["error", "skip"] = "error"
     """What a sample over max_seq_len does: error, or skip (counted and logged). Never truncated."""
     offload: OffloadConfig = Field(default_factory=OffloadConfig)
+    """What lives on the CPU instead of the accelerator: far chunks' activations, long samples' K/V state."""
     balance: BalanceConfig = Field(default_factory=BalanceConfig)
+    """The cost model that balances chunks over the data-parallel ranks."""
     data: DataConfig = Field(default_factory=DataConfig)
+    """The global batch and its sampler (used when the engine gets ``training_data``)."""
     sequence_parallel: SequenceParallelConfig = Field(default_factory=SequenceParallelConfig)
+    """Spreading one long sample over several data-parallel ranks (Ulysses over ChunkFlow's chunks)."""
     pad_token_id: int = Field(0, ge=0)
     """Token id of the one-token padding calls that keep ranks in step."""
     loss_piece_tokens: int = Field(1024, gt=0)
