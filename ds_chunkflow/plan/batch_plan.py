@@ -11,7 +11,7 @@ import logging
 from dataclasses import dataclass
 from typing import Sequence
 
-from ds_chunkflow.plan.chunking import ChunkLayout, CostModel, RankShare, assign_to_ranks, build_chunks, imbalance
+from ds_chunkflow.plan.chunking import ChunkLayout, CostModel, RankShare, imbalance, plan_layout
 from ds_chunkflow.plan.schedule import Step, align, align_eval, build_eval_plan, build_plan, plan_stats
 from ds_chunkflow.runtime.batch import SequenceDict, count_loss_tokens, validate_sequences
 
@@ -67,15 +67,14 @@ def plan_batch(sequences: Sequence[SequenceDict], *, chunk_size: int, keep_chunk
     kept, skipped = guard_lengths(sequences, max_seq_len, on_overlong)
     if not kept:
         raise ValueError("the global batch is empty (after the max_seq_len guard)")
+    lengths = [int(s["input_ids"].numel()) for s in kept]
     if evaluation:
-        layout = build_chunks([int(s["input_ids"].numel()) for s in kept], chunk_size)
-        shares = assign_to_ranks(layout, num_ranks, cost, sp_max_size)
+        layout, shares = plan_layout(lengths, chunk_size, num_ranks, cost, sp_max_size)
         return BatchPlan(kept, layout, shares, align_eval([build_eval_plan(s) for s in shares]), 1, skipped)
     if num_loss_tokens is None:
         num_loss_tokens = count_loss_tokens(kept)
     if num_loss_tokens <= 0:
         raise ValueError("num_loss_tokens must be > 0: the batch has no label to predict (all labels are -100)")
-    layout = build_chunks([int(s["input_ids"].numel()) for s in kept], chunk_size)
-    shares = assign_to_ranks(layout, num_ranks, cost, sp_max_size)
+    layout, shares = plan_layout(lengths, chunk_size, num_ranks, cost, sp_max_size)
     plans = align([build_plan(s, keep_chunks, offload_activations) for s in shares])
     return BatchPlan(kept, layout, shares, plans, num_loss_tokens, skipped)

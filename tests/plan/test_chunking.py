@@ -25,14 +25,15 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from ds_chunkflow.constants import IGNORE_INDEX
 from ds_chunkflow.plan.chunking import (
-    IGNORE_INDEX,
     Chunk,
     CostModel,
     Segment,
     assign_to_ranks,
     build_chunks,
     imbalance,
+    plan_layout,
 )
 from ds_chunkflow.runtime.batch import (
     count_loss_tokens,
@@ -409,8 +410,10 @@ def test_sft_like_batch_packs_near_the_lower_bound():
 # --------------------------------------------------------------------------- costs and ranks
 
 
-def item_costs(layout, cost: CostModel) -> list[float]:
-    return [sum(cost.chunk_cost(c) for c in g) for g in layout.groups] + [cost.chunk_cost(c) for c in layout.standalone]
+def item_costs(layout, cost: CostModel, spread: bool = False) -> list[float]:
+    """Costs of what ``assign_to_ranks`` deals: groups, and packed chunks or (``spread``) short sequences."""
+    pieces = [Chunk((s,)) for c in layout.standalone for s in c.segments] if spread else layout.standalone
+    return [sum(cost.chunk_cost(c) for c in g) for g in layout.groups] + [cost.chunk_cost(c) for c in pieces]
 
 
 cost_models = st.sampled_from([CostModel(), CostModel(1.0, 0.0), CostModel(1.0, 0.05), CostModel(0.0, 1.0)])
@@ -419,10 +422,11 @@ cost_models = st.sampled_from([CostModel(), CostModel(1.0, 0.0), CostModel(1.0, 
 @SETTINGS
 @given(batches(), st.integers(1, 64), cost_models)
 def test_every_item_goes_to_exactly_one_rank_and_groups_stay_whole(batch, num_ranks, cost):
-    """Each dependent group (whole, in order) and each standalone chunk is on exactly one rank."""
+    """Chunks as items (``spread=False``): each dependent group (whole, in order) and each standalone
+    chunk of the layout is on exactly one rank."""
     lengths, chunk_size = batch
     layout = build_chunks(lengths, chunk_size)
-    shares = assign_to_ranks(layout, num_ranks, cost)
+    shares = assign_to_ranks(layout, num_ranks, cost, spread=False)
     assert [s.rank for s in shares] == list(range(num_ranks))
     groups = [tuple(g) for s in shares for g in s.groups]
     standalone = [c for s in shares for c in s.standalone]
@@ -433,25 +437,27 @@ def test_every_item_goes_to_exactly_one_rank_and_groups_stay_whole(batch, num_ra
 
 
 @SETTINGS
-@given(batches(), st.integers(1, 64), cost_models)
-def test_rank_cost_is_the_sum_of_its_chunk_costs(batch, num_ranks, cost):
-    """RankShare.cost equals the cost model summed over the rank's chunks."""
+@given(batches(), st.integers(1, 64), cost_models, st.booleans())
+def test_rank_cost_is_the_sum_of_its_chunk_costs(batch, num_ranks, cost, spread):
+    """RankShare.cost equals the cost model summed over the rank's chunks (also after a rank packs
+    its spread sequences: a chunk's cost is the sum of its sequences')."""
     lengths, chunk_size = batch
-    for share in assign_to_ranks(build_chunks(lengths, chunk_size), num_ranks, cost):
+    for share in assign_to_ranks(build_chunks(lengths, chunk_size), num_ranks, cost, spread=spread):
         chunks = share.standalone + [c for g in share.groups for c in g]
         assert share.cost == pytest.approx(sum(cost.chunk_cost(c) for c in chunks), rel=1e-9, abs=1e-9)
 
 
 @SETTINGS
-@given(batches(), st.integers(1, 64), cost_models)
-def test_lpt_makespan_bound(batch, num_ranks, cost):
+@given(batches(), st.integers(1, 64), cost_models, st.booleans())
+def test_lpt_makespan_bound(batch, num_ranks, cost, spread):
     """LPT list-scheduling bound: max rank cost <= max(p_1, mean + (1 - 1/m) p_(m+1)),
     p sorted item costs (an item after the first m lands on a rank at or below the mean);
+    the items are groups and packed chunks, or groups and short sequences with ``spread``;
     imbalance() is that max over the mean."""
     lengths, chunk_size = batch
     layout = build_chunks(lengths, chunk_size)
-    costs = [s.cost for s in assign_to_ranks(layout, num_ranks, cost)]
-    p = sorted(item_costs(layout, cost), reverse=True)
+    costs = [s.cost for s in assign_to_ranks(layout, num_ranks, cost, spread=spread)]
+    p = sorted(item_costs(layout, cost, spread), reverse=True)
     mean = sum(p) / num_ranks
     bound = max(p[0], mean + (1 - 1 / num_ranks) * (p[num_ranks] if len(p) > num_ranks else 0.0))
     assert max(costs) <= bound * (1 + 1e-9)
@@ -472,16 +478,18 @@ def optimal_makespan(costs: list[float], num_ranks: int) -> float:
 @settings(SETTINGS, max_examples=40)
 @given(st.lists(st.integers(1, 40), min_size=1, max_size=7), st.integers(4, 16), st.integers(1, 3), cost_models)
 def test_lpt_within_four_thirds_of_optimum(lengths, chunk_size, num_ranks, cost):
-    """max rank cost <= (4/3 - 1/(3m)) OPT (Graham's LPT bound; OPT by exhaustive search).
+    """max rank cost <= (4/3 - 1/(3m)) OPT (Graham's LPT bound; OPT by exhaustive search over the
+    items dealt: packed chunks, or short sequences with ``spread``).
 
     The bound is against OPT: against the lower bound max(max item, total / m) it does not hold
     (m = 3, four equal chunks: LPT = OPT = 1.5 x that bound; see the next test)."""
     layout = build_chunks(lengths, chunk_size)
-    items = item_costs(layout, cost)
-    if len(items) > 8:
-        return
-    costs = [s.cost for s in assign_to_ranks(layout, num_ranks, cost)]
-    assert max(costs) <= (4 / 3 - 1 / (3 * num_ranks)) * optimal_makespan(items, num_ranks) * (1 + 1e-9)
+    for spread in (False, True):
+        items = item_costs(layout, cost, spread)
+        if len(items) > 8:
+            continue
+        costs = [s.cost for s in assign_to_ranks(layout, num_ranks, cost, spread=spread)]
+        assert max(costs) <= (4 / 3 - 1 / (3 * num_ranks)) * optimal_makespan(items, num_ranks) * (1 + 1e-9)
 
 
 def test_four_equal_chunks_on_three_ranks_is_optimal_at_imbalance_one_and_a_half():
@@ -489,6 +497,71 @@ def test_four_equal_chunks_on_three_ranks_is_optimal_at_imbalance_one_and_a_half
     shares = assign_to_ranks(build_chunks([4, 4, 4, 4], 4), 3)
     assert sorted(s.num_chunks for s in shares) == [1, 1, 2]
     assert imbalance([s.cost for s in shares]) == pytest.approx(1.5)
+
+
+@SETTINGS
+@given(batches(), st.integers(1, 64), cost_models, st.sampled_from([1, 2, 8, 64]))
+def test_spread_deals_each_short_sequence_whole_to_one_rank(batch, num_ranks, cost, sp_max_size):
+    """Spreading (the default): every short sequence lies whole in exactly one standalone chunk of
+    exactly one rank, every group is whole on one rank or on one sequence-parallel block, no chunk
+    exceeds chunk_size, every token is counted once; each rank's chunks are a BFD packing of its own
+    sequences; ``plan_layout``'s layout lists exactly the chunks the ranks run."""
+    lengths, chunk_size = batch
+    layout, shares = plan_layout(lengths, chunk_size, num_ranks, cost, sp_max_size)
+    short = {i for i, n in enumerate(lengths) if n <= chunk_size}
+    seen = []
+    for share in shares:
+        for c in share.standalone:
+            assert not c.is_dependent and c.shard is None and 1 <= c.num_tokens <= chunk_size
+            assert all(s.start == 0 and s.length == lengths[s.seq_index] for s in c.segments)
+            seen += [s.seq_index for s in c.segments]
+        fills = sorted(c.num_tokens for c in share.standalone)
+        mine = [s.length for c in share.standalone for s in c.segments]
+        assert fills == naive_best_fit_decreasing(mine, chunk_size)
+    assert sorted(seen) == sorted(short)
+    whole = [g[0].group for s in shares for g in s.groups]
+    spread = {g[0].group for s in shares for g in s.sp_groups}
+    assert len(whole) == len(set(whole)) and spread.isdisjoint(whole)
+    assert sorted(set(whole) | spread) == [g[0].group for g in layout.groups]
+    assert sum(s.num_tokens for s in shares) == sum(lengths) == layout.num_real_tokens
+    assert layout.standalone == [c for s in shares for c in s.standalone]
+    assert layout.groups == build_chunks(lengths, chunk_size).groups
+
+
+@SETTINGS
+@given(batches(), st.integers(1, 64), cost_models, st.sampled_from([2, 8, 64]))
+def test_spread_balances_to_within_one_item_with_sequence_parallelism(batch, num_ranks, cost, sp_max_size):
+    """With sequence-parallel groups placed first, a rank's cost is its sequence-parallel load, or at
+    most mean + (1 - 1/m) x the largest dealt item (a group kept whole or one short sequence): the
+    rank got its last item when it was the least loaded."""
+    lengths, chunk_size = batch
+    layout = build_chunks(lengths, chunk_size)
+    shares = assign_to_ranks(layout, num_ranks, cost, sp_max_size)
+    spread = {g[0].group for s in shares for g in s.sp_groups}
+    dealt = [cost.group_cost(g) for g in layout.groups if g[0].group not in spread]
+    dealt += [cost.chunk_cost(Chunk((s,))) for c in layout.standalone for s in c.segments]
+    mean = sum(s.cost for s in shares) / num_ranks
+    sp_only = max(sum(cost.group_cost(g, g[0].shard.size) for g in s.sp_groups) for s in shares)
+    bound = max(sp_only, mean + (1 - 1 / num_ranks) * max(dealt, default=0.0))
+    assert max(s.cost for s in shares) <= bound * (1 + 1e-9) + 1e-9
+
+
+def test_512_samples_on_64_ranks_balance_within_ten_percent():
+    """bench_chunking's small global batch (LMSysChat-like lengths, 512 samples, 64 ranks, 4K chunks,
+    sequence parallelism up to 64 ranks): the busiest rank is within 10% of the compute-only mean
+    when short sequences are dealt one by one; dealing the batch's packed chunks (about one per rank)
+    is not, in the worst of the same five batches."""
+    from benchmarks.bench_chunking import lmsys_like_lengths
+
+    cost = CostModel(all_to_all=0.1)
+    spread, packed = [], []
+    for seed in range(1000, 1005):
+        layout = build_chunks(lmsys_like_lengths(512, seed), 4096)
+        mean = cost.layout_cost(layout) / 64
+        spread.append(max(s.cost for s in assign_to_ranks(layout, 64, cost, 64)) / mean)
+        packed.append(max(s.cost for s in assign_to_ranks(layout, 64, cost, 64, spread=False)) / mean)
+    assert max(spread) <= 1.10, spread
+    assert max(packed) > 1.10, packed
 
 
 @pytest.mark.parametrize("chunk_size", [1, 7, 4096])
