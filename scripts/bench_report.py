@@ -22,6 +22,7 @@ class Spec:
     intro: str = ""
     command: str = ""
     omit: tuple = field(default_factory=tuple)
+    pivot: tuple = ()  # (list key, column field, row field): one row per (measure, row value), columns by value
 
 
 SPECS = [
@@ -35,10 +36,12 @@ target rows only, in checkpointed pieces. Activations are the bytes autograd hol
 hooks, peak of the warm-up step), K/V state reported apart. Speed: median of unmetered steps after
 the warm-up, by the process's CPU time (`tokens_per_cpu_s`, the figure to read on a shared machine)
 and by wall clock. Recompute fraction: `1 - L / (tokens through the first decoder layer's MLP)`.
-In `summary`, `k1_*` compares ChunkFlow `K=1` with full+ckpt and `kN_*` ChunkFlow `K=N` with full."""),
+In `summary`, `k1_*` compares ChunkFlow `K=1` with full+ckpt and `kN_*` ChunkFlow `K=N` with full.""",
+         pivot=("rows", "multiple", "system")),
     Spec("memory.json", "Exact step at the old, tiny shapes", """
 The same benchmark at tiny shapes, where per-chunk overhead still shows (a chunk is a few
-milliseconds of math). `complete: False`: the run was stopped before the last multiple."""),
+milliseconds of math). `complete: False`: the run was stopped before the last multiple.""",
+         pivot=("rows", "multiple", "system")),
     Spec("engine.json", "The engine: ChunkFlowEngine vs. plain DeepSpeed", """
 Two gloo ranks, `ZeRO-2`, fp32, AdamW, global batches of chats from `examples/data/sample_sft.jsonl`.
 Every system computes the same loss (sum of CE over the global label count; `max_loss_diff`).
@@ -178,14 +181,32 @@ def _table(records: list[dict], label: str = "") -> list[str]:
     return lines + [""]
 
 
-def render(data, omit=()) -> list[str]:
+def _pivot(records: list[dict], column: str, row: str) -> list[str]:
+    """A long table turned wide: one line per (measure, row value), one column per column value."""
+    values = list(dict.fromkeys(r[column] for r in records))
+    keys = list(dict.fromkeys(r[row] for r in records))
+    measures = [k for k, v in records[0].items()
+                if k not in (column, row) and isinstance(v, (int, float)) and not isinstance(v, bool)]
+    cell = {(r[row], r[column]): r for r in records}
+    lines = [f"| measure, {row} | " + " | ".join(f"{column} {v}" for v in values) + " |",
+             "|" + "---|" * (len(values) + 1)]
+    for m in measures:
+        for k in keys:
+            cells = [fmt(cell[(k, v)].get(m)) if (k, v) in cell else "" for v in values]
+            lines.append(f"| {m}, {k} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def render(data, omit=(), pivot=()) -> list[str]:
     if isinstance(data, list):
         return _table(data)
     lines, settings = [], []
     for key, value in data.items():
         if key in omit or key == "environment":
             continue
-        if isinstance(value, list) and value and all(isinstance(r, dict) for r in value):
+        if pivot and key == pivot[0]:
+            lines += [f"**{key}**", ""] + _pivot(value, pivot[1], pivot[2])
+        elif isinstance(value, list) and value and all(isinstance(r, dict) for r in value):
             lines += [f"**{key}**", ""] + _table(value)
         elif isinstance(value, dict) and key not in ("config", "model", "data") \
                 and sum(isinstance(v, dict) for v in value.values()) >= 2:
@@ -224,7 +245,7 @@ def section(spec: Spec, results: Path) -> list[str]:
         lines += [intro, ""]
     if _environment(data):
         lines += [_environment(data), ""]
-    lines += render(data, spec.omit)
+    lines += render(data, spec.omit, spec.pivot)
     png = results / (Path(spec.file).stem + ".png")
     if png.exists():
         lines += [f"![{spec.title}](results/{png.name})", ""]
