@@ -103,14 +103,15 @@ def _bubble(timeline) -> float:
 def simulated(system: str, batch: list[dict], cfg: dict) -> dict:
     """Simulated bubble of one batch: under the engine's planning cost, and under h = 128."""
     from ds_chunkflow.plan.chunking import Chunk, CostModel, Segment
-    from ds_chunkflow.plan.pipeline import plan_stages, replay
+    from ds_chunkflow.plan.instructions import letter
+    from ds_chunkflow.plan.planner import plan_stages, replay
 
     planning, model = CostModel(), CostModel(attention=1.0 / (6 * MODEL["hidden_size"]))
     if system == "chunkflow":
         chunks = chunkflow_chunks(batch, cfg)
         p = plan_stages(chunks, STAGES, cfg["keep_chunks"], [planning.chunk_cost(c) for c in chunks])
-        ops = sum(op.kind in "FSR" for op in p.forward)
-        recomputes = sum(op.kind == "R" for op in p.forward)
+        ops = sum(letter(op) in "FSR" for op in p.forward)
+        recomputes = sum(letter(op) == "R" for op in p.forward)
         costs_h128 = [model.chunk_cost(c) for c in chunks]
     else:
         mbs = padded_micro_batches(batch, cfg["micro_batch"], cfg["pad_id"])

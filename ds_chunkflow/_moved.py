@@ -16,7 +16,7 @@ MOVED = {
     "chunking": "plan.chunking",
     "scheduler": "plan.schedule",
     "batch_plan": "plan.batch_plan",
-    "pipeline.planner": "plan.pipeline",
+    "pipeline.planner": "plan.planner",
     "pipeline.simulate": "plan.simulate",
     "attention": "ops.attention",
     "kernels": "ops.kernels",

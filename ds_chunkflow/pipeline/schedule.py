@@ -1,6 +1,6 @@
 """DeepSpeed pipeline schedule for ChunkFlow's state-aware 1F1B.
 
-:func:`~ds_chunkflow.plan.pipeline.plan_stages` fixes every stage's compute order (the same plan
+:func:`~ds_chunkflow.plan.planner.plan_stages` fixes every stage's compute order (the same plan
 the simulator times); this module turns one stage's order into DeepSpeed instructions:
 
     F -> ForwardPass        S -> StateForwardPass        R -> RecomputeForwardPass      B -> BackwardPass
@@ -65,7 +65,8 @@ from deepspeed.runtime.pipe.schedule import (
 )
 
 from ds_chunkflow.plan.chunking import CostModel
-from ds_chunkflow.plan.pipeline import B, F, R, S, StagePlan, plan_stages
+from ds_chunkflow.plan.instructions import Backward, Forward, Recompute, StateForward
+from ds_chunkflow.plan.planner import BACKWARD, FORWARD, RECOMPUTE, StagePlan, phase, plan_stages
 
 
 class StateForwardPass(BufferOpInstruction):
@@ -101,8 +102,8 @@ class RecomputeForwardPass(BufferOpInstruction):
         super().__init__(buffer_id, micro_batch=micro_batch)
 
 
-_COMPUTE = {F: ForwardPass, S: StateForwardPass, R: RecomputeForwardPass, B: BackwardPass}
-_PHASE = {F: "fwd", S: "fwd", R: R, B: B}
+_COMPUTE = {Forward: ForwardPass, StateForward: StateForwardPass, Recompute: RecomputeForwardPass,
+            Backward: BackwardPass}
 
 
 def _comm_items(plan_: StagePlan, num_stages: int, s: int) -> list[tuple[tuple, type, int]]:
@@ -115,33 +116,33 @@ def _comm_items(plan_: StagePlan, num_stages: int, s: int) -> list[tuple[tuple, 
     end: dict[tuple[int, str, int], float] = {}
     for t in (s - 1, s, s + 1):
         for a, b, op in (plan_.timeline[t] if 0 <= t < num_stages else ()):
-            start[(t, _PHASE[op.kind], op.micro_batch)] = a
-            end[(t, _PHASE[op.kind], op.micro_batch)] = b
+            start[(t, phase(op), plan_.micro_batch[op.chunk])] = a
+            end[(t, phase(op), plan_.micro_batch[op.chunk])] = b
     items = []
     for _, _, op in plan_.timeline[s]:
-        mb, phase = op.micro_batch, _PHASE[op.kind]
-        if op.kind is B:
+        mb, ph = plan_.micro_batch[op.chunk], phase(op)
+        if ph == BACKWARD:
             if s > 0:
-                items.append(((start[(s - 1, B, mb)], 1, mb, phase), SendGrad, mb))
+                items.append(((start[(s - 1, BACKWARD, mb)], 1, mb, ph), SendGrad, mb))
             if s < num_stages - 1:
-                items.append(((start[(s, B, mb)], 1, mb, phase), RecvGrad, mb))
+                items.append(((start[(s, BACKWARD, mb)], 1, mb, ph), RecvGrad, mb))
         else:
             if s < num_stages - 1:
-                items.append(((_activation_tau(end, s, phase, mb), 0, mb, phase), SendActivation, mb))
+                items.append(((_activation_tau(end, s, ph, mb), 0, mb, ph), SendActivation, mb))
             if s > 0:
-                items.append(((_activation_tau(end, s - 1, phase, mb), 0, mb, phase), RecvActivation, mb))
+                items.append(((_activation_tau(end, s - 1, ph, mb), 0, mb, ph), RecvActivation, mb))
     return sorted(items, key=lambda it: it[0])
 
 
-def _activation_tau(end: dict, producer: int, phase: str, mb: int) -> float:
+def _activation_tau(end: dict, producer: int, ph: str, mb: int) -> float:
     """When the activation of ``mb`` from ``producer`` to ``producer + 1`` changes hands.
 
     A recompute's input lands in the buffer that held the chunk's first input, so it must not
     arrive before the consumer's state-only forward has used that: a lagging consumer may still
     be at the group's state-only forwards when the producer recomputes.
     """
-    tau = end[(producer, phase, mb)]
-    return max(tau, end[(producer + 1, "fwd", mb)]) if phase is R else tau
+    tau = end[(producer, ph, mb)]
+    return max(tau, end[(producer + 1, FORWARD, mb)]) if ph == RECOMPUTE else tau
 
 
 def stage_steps(plan_: StagePlan, num_stages: int, stage_id: int) -> tuple[list[list[PipeInstruction]], int]:
@@ -157,19 +158,20 @@ def stage_steps(plan_: StagePlan, num_stages: int, stage_id: int) -> tuple[list[
             k += 1
         # RecvGrad last: only other-link messages can share its tau, so link orders are unchanged
         step.sort(key=lambda it: it[0] is RecvGrad)
-        if loads and op.kind in (F, S):
-            step.append((LoadMicroBatch, op.micro_batch))
-        raw.append(step + [(_COMPUTE[op.kind], op.micro_batch)])
+        mb = plan_.micro_batch[op.chunk]
+        if loads and isinstance(op, (Forward, StateForward)):
+            step.append((LoadMicroBatch, mb))
+        raw.append(step + [(_COMPUTE[type(op)], mb, getattr(op, "offload", False))])
     raw.append([it[1:] for it in items[k:]])
     buffer_of, num_buffers = _assign_buffers(raw)
-    steps = [[_make(cls, mb, buffer_of[(i, j)]) for j, (cls, mb) in enumerate(step)] for i, step in enumerate(raw)]
+    steps = [[_make(buffer_of[(i, j)], *item) for j, item in enumerate(step)] for i, step in enumerate(raw)]
     steps[-1] += [ReduceTiedGrads(), ReduceGrads(), OptimizerStep()]
     return steps, num_buffers
 
 
-def _assign_buffers(raw: list[list[tuple[type, int]]]) -> tuple[dict[tuple[int, int], int], int]:
+def _assign_buffers(raw: list[list[tuple]]) -> tuple[dict[tuple[int, int], int], int]:
     """Lowest free buffer id from a chunk's first instruction to its last one."""
-    flat = [(i, j, mb) for i, step in enumerate(raw) for j, (_, mb) in enumerate(step)]
+    flat = [(i, j, item[1]) for i, step in enumerate(raw) for j, item in enumerate(step)]
     last = {mb: n for n, (_, _, mb) in enumerate(flat)}
     held: dict[int, int] = {}
     free: list[int] = []
@@ -188,7 +190,10 @@ def _assign_buffers(raw: list[list[tuple[type, int]]]) -> tuple[dict[tuple[int, 
     return out, max(num, 1)
 
 
-def _make(cls: type, micro_batch: int, buffer_id: int) -> PipeInstruction:
+def _make(buffer_id: int, cls: type, micro_batch: int, offload: bool = False) -> PipeInstruction:
+    """``ForwardPass`` of an offloaded chunk carries ``offload=True`` (its saved tensors go to the CPU)."""
+    if offload:
+        return cls(buffer_id, micro_batch=micro_batch, offload=True)
     return cls(buffer_id, micro_batch=micro_batch)
 
 
@@ -209,7 +214,7 @@ class ChunkFlowTrainSchedule(PipeSchedule):
         stages, stage_id: as for DeepSpeed's ``TrainSchedule``.
         keep_chunks: K, chunks of a group whose activations are kept (the rest are recomputed).
         costs: per-chunk forward cost for planning (default :func:`default_costs`).
-        strategy, search_iters: forward-sequence choice, see :func:`~ds_chunkflow.plan.pipeline.plan_stages`.
+        strategy, search_iters: forward-sequence choice, see :func:`~ds_chunkflow.plan.planner.plan_stages`.
 
     The data iterator must yield chunks in :attr:`load_order` (the order of ``LoadMicroBatch``
     on the first and the last stage), which may differ from the list order.
@@ -227,7 +232,7 @@ class ChunkFlowTrainSchedule(PipeSchedule):
     @property
     def load_order(self) -> list[int]:
         """Micro-batch ids in the order the first and last stages load them."""
-        return [op.micro_batch for op in self.plan.forward if op.kind in (F, S)]
+        return [self.plan.micro_batch[op.chunk] for op in self.plan.forward if isinstance(op, (Forward, StateForward))]
 
     def steps(self):
         """Yield this stage's instruction lists (fresh objects every pass)."""

@@ -1,4 +1,9 @@
-"""State-aware chunk scheduling (ChunkFlow Algorithm 2) as data.
+"""State-aware chunk scheduling (ChunkFlow Algorithm 2) as data: one data-parallel rank's plan.
+
+The order is the one planner's (:mod:`ds_chunkflow.plan.planner`) on one stage with one chunk in
+flight, in the instruction vocabulary of :mod:`ds_chunkflow.plan.instructions`; this module cuts it
+into steps (:func:`as_steps`) and passes over the steps: lock-step alignment of ranks (:func:`align`).
+Offload is a pass over the forward sequence (:func:`~ds_chunkflow.plan.planner.offload_pass`).
 
 A plan is a list of :class:`Step`; a step is a few instructions in a fixed shape::
 
@@ -28,101 +33,23 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ds_chunkflow.plan.chunking import Chunk, RankShare
+from ds_chunkflow.plan.instructions import (
+    Backward,
+    EvalForward,
+    Forward,
+    Instruction,
+    PadBackward,
+    PadEvalForward,
+    PadForward,
+    Recompute,
+    ReleaseState,
+    StateForward,
+)
+from ds_chunkflow.plan.planner import backward_sequence, given_sequence, offload_pass, stage_order
 
-
-class Instruction:
-    """Base class; executors map each subclass to one method and refuse unknown ones."""
-
-    def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
-        return f"{type(self).__name__}({args})"
-
-    def __eq__(self, other) -> bool:
-        return type(self) is type(other) and vars(self) == vars(other)
-
-    def __hash__(self) -> int:
-        return hash((type(self).__name__, tuple(vars(self).values())))
-
-
-class StateForward(Instruction):
-    """Forward a dependent chunk with no graph, writing its K/V into the group state.
-
-    Roughly: ``with no_grad(): model(chunk)``; keep only the state.
-    """
-
-    def __init__(self, chunk: Chunk):
-        self.chunk = chunk
-
-
-class Forward(Instruction):
-    """Forward a chunk keeping its activations (optionally offloaded to the CPU).
-
-    Roughly: ``loss[chunk] = CE(model(chunk)) / num_loss_tokens``.
-    """
-
-    def __init__(self, chunk: Chunk, offload: bool = False):
-        self.chunk = chunk
-        self.offload = offload
-
-
-class Recompute(Instruction):
-    """Forward a dependent chunk again, from the RNG state of its first forward.
-
-    Roughly: ``set_rng(saved[chunk]); loss[chunk] = CE(model(chunk)) / n``.
-    """
-
-    def __init__(self, chunk: Chunk):
-        self.chunk = chunk
-
-
-class Backward(Instruction):
-    """Backward of a chunk's loss; the K/V gradients flow through the group state.
-
-    Roughly: ``backward(loss.pop(chunk))``.
-    """
-
-    def __init__(self, chunk: Chunk):
-        self.chunk = chunk
-
-
-class PadForward(Instruction):
-    """A one-token forward that contributes nothing, so ranks issue equal collectives.
-
-    Roughly: ``pad_loss = 0 * model([token 0]).sum()`` (kept only if ``keep``).
-    """
-
-    def __init__(self, keep: bool):
-        self.keep = keep
-
-
-class PadBackward(Instruction):
-    """Backward of the oldest pending pad loss (a zero gradient)."""
-
-
-class EvalForward(Instruction):
-    """Forward a chunk with no graph and add its summed loss (evaluation: no backward follows).
-
-    Roughly: ``with no_grad(): loss_sum += CE(model(chunk))``; a dependent chunk also fills the
-    K/V state for the next one, as a :class:`StateForward` does.
-    """
-
-    def __init__(self, chunk: Chunk):
-        self.chunk = chunk
-
-
-class PadEvalForward(Instruction):
-    """A one-token evaluation forward with the loss head's calls and no loss, so ranks issue
-    equal collectives (ZeRO-3 gathers per module call).
-
-    Roughly: ``with no_grad(): 0 * CE(model([token 0]))``.
-    """
-
-
-class ReleaseState(Instruction):
-    """Free a dependent group's K/V state after its last backward (local: no model call)."""
-
-    def __init__(self, group: int):
-        self.group = group
+__all__ = ["Backward", "EvalForward", "Forward", "Instruction", "PadBackward", "PadEvalForward", "PadForward",
+           "PlanStats", "Recompute", "ReleaseState", "StateForward", "Step", "align", "align_eval", "build_eval_plan",
+           "build_plan", "flatten", "group_steps", "plan_stats", "rank_order"]
 
 
 @dataclass
@@ -136,19 +63,38 @@ class Step:
         return self.pre + self.fwd + self.bwd + self.post
 
 
+def rank_order(chunks: list[Chunk], keep_chunks: int, offload: bool = False) -> list[Instruction]:
+    """One rank's compute order: the planner's one-stage case (one chunk in flight), chunks in the given order."""
+    fwd = given_sequence(chunks, keep_chunks)
+    if offload:
+        fwd = offload_pass(fwd)
+    return stage_order(fwd, backward_sequence(fwd, chunks), limit=1)
+
+
+def as_steps(order: list[Instruction]) -> list[Step]:
+    """Cuts a one-stage compute order into steps (a run of forwards, then a run of backwards) and adds each
+    group's ReleaseState after its last backward (the backward of its chunk 0)."""
+    steps: list[Step] = []
+    for ins in order:
+        if not isinstance(ins, Backward) and (not steps or steps[-1].bwd):
+            steps.append(Step())
+        step = steps[-1]
+        if isinstance(ins, StateForward):
+            if step.fwd:
+                raise AssertionError(f"a state-only forward after a kept one in a step: {order}")
+            step.pre.append(ins)
+        elif isinstance(ins, Backward):
+            step.bwd.append(ins)
+            if ins.chunk.is_dependent and ins.chunk.index == 0:
+                step.post.append(ReleaseState(ins.chunk.group))
+        else:
+            step.fwd.append(ins)
+    return steps
+
+
 def group_steps(chunks: list[Chunk], keep_chunks: int, offload: bool = False) -> list[Step]:
     """Algorithm 2 for one dependent group (chunks in ascending index order)."""
-    n, k = len(chunks), min(keep_chunks, len(chunks))
-    if offload:
-        first = Step(fwd=[Forward(c, offload=i < n - k) for i, c in enumerate(chunks)])
-        first.bwd = [Backward(c) for c in reversed(chunks)]
-        steps = [first]
-    else:
-        first = Step(pre=[StateForward(c) for c in chunks[: n - k]], fwd=[Forward(c) for c in chunks[n - k:]])
-        first.bwd = [Backward(c) for c in reversed(chunks[n - k:])]
-        steps = [first] + [Step(fwd=[Recompute(c)], bwd=[Backward(c)]) for c in reversed(chunks[: n - k])]
-    steps[-1].post.append(ReleaseState(chunks[0].group))
-    return steps
+    return as_steps(rank_order(chunks, keep_chunks, offload))
 
 
 def build_plan(share: RankShare, keep_chunks: int, offload_activations: bool = False) -> list[Step]:
@@ -156,11 +102,9 @@ def build_plan(share: RankShare, keep_chunks: int, offload_activations: bool = F
     ranks of each group share), dependent groups (longest first), then standalone chunks."""
     if keep_chunks < 1:
         raise ValueError(f"keep_chunks must be >= 1, got {keep_chunks}")
-    steps: list[Step] = []
-    for g in share.sp_groups + sorted(share.groups, key=lambda g: (-len(g), g[0].group)):
-        steps += group_steps(g, keep_chunks, offload_activations)
-    steps += [Step(fwd=[Forward(c)], bwd=[Backward(c)]) for c in share.standalone]
-    return steps
+    groups = share.sp_groups + sorted(share.groups, key=lambda g: (-len(g), g[0].group))
+    chunks = [c for g in groups for c in g] + list(share.standalone)
+    return as_steps(rank_order(chunks, keep_chunks, offload_activations))
 
 
 def align(plans: list[list[Step]]) -> list[list[Step]]:

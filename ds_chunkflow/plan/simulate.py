@@ -1,4 +1,4 @@
-"""The pipeline simulator: times the runtime plan (:mod:`ds_chunkflow.plan.pipeline`) on a
+"""The pipeline simulator: times the runtime plan (:mod:`ds_chunkflow.plan.planner`) on a
 simulated pipeline, for benchmarks and for choosing settings. Pure Python: no DeepSpeed."""
 
 from __future__ import annotations
@@ -7,14 +7,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ds_chunkflow.plan.chunking import Chunk, CostModel, Segment, build_chunks
-from ds_chunkflow.plan.pipeline import B, F, Op, R, S, StagePlan, plan_stages
+from ds_chunkflow.plan.instructions import Backward, Recompute, StateForward, letter
+from ds_chunkflow.plan.planner import Op, StagePlan, plan_stages
 
 # --------------------------------------------------------------------------- simulate
 
 
 @dataclass
 class SimResult:
-    """A simulated pipeline timeline. ``timeline[s] = [(start, end, kind, micro_batch), ...]``."""
+    """A simulated pipeline timeline. ``timeline[s] = [(start, end, letter, micro_batch), ...]``."""
 
     num_stages: int
     chunks: list[Chunk]
@@ -23,7 +24,8 @@ class SimResult:
 
     @property
     def timeline(self) -> list[list[tuple[float, float, str, int]]]:
-        return [[(a, b, op.kind, op.micro_batch) for a, b, op in row] for row in self.plan.timeline]
+        mb = self.plan.micro_batch
+        return [[(a, b, letter(op), mb[op.chunk]) for a, b, op in row] for row in self.plan.timeline]
 
     @property
     def makespan(self) -> float:
@@ -36,7 +38,7 @@ class SimResult:
 
     @property
     def recompute_time(self) -> float:
-        return sum(b - a for row in self.plan.timeline for a, b, op in row if op.kind is R)
+        return sum(b - a for row in self.plan.timeline for a, b, op in row if isinstance(op, Recompute))
 
     @property
     def bubble_ratio(self) -> float:
@@ -47,18 +49,19 @@ class SimResult:
     @property
     def peak_in_flight(self) -> list[int]:
         """Per stage, the most chunks holding activations at once (F/R run, B not yet)."""
-        return [_peak(row, lambda mb: 1) for row in self.plan.orders]
+        return [_peak(row, lambda c: 1) for row in self.plan.orders]
 
     @property
     def peak_in_flight_tokens(self) -> list[int]:
         """Per stage, the most tokens whose activations are held at once."""
-        return [_peak(row, lambda mb: self.chunks[mb].num_tokens) for row in self.plan.orders]
+        return [_peak(row, lambda c: c.num_tokens) for row in self.plan.orders]
 
 
 def _peak(order: Sequence[Op], weight) -> int:
     held = peak = 0
     for op in order:
-        held += {F: 1, R: 1, B: -1, S: 0}[op.kind] * weight(op.micro_batch)
+        step = -1 if isinstance(op, Backward) else 0 if isinstance(op, StateForward) else 1
+        held += step * weight(op.chunk)
         peak = max(peak, held)
     return peak
 

@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 from ds_chunkflow.pipeline import ChunkFlowTrainSchedule, simulate, stage_steps
 from ds_chunkflow.pipeline.schedule import RecomputeForwardPass, StateForwardPass
 from ds_chunkflow.plan.chunking import build_chunks
+from ds_chunkflow.plan.instructions import letter
 from ds_chunkflow.plan.simulate import SimResult
 
 PAPER = [4, 2, 1, 1]  # the paper's worked example: 4 stages, sequences of 4, 2, 1, 1 units
@@ -72,7 +73,7 @@ def test_plain_order_is_deepspeed_train_schedule():
                         if kind:
                             ds.append((kind, counts[kind]))
                             counts[kind] += 1
-                assert [(op.kind, op.micro_batch) for op in r.plan.orders[s]] == ds
+                assert [(letter(op), r.plan.micro_batch[op.chunk]) for op in r.plan.orders[s]] == ds
 
 
 # --------------------------------------------------------------------------- plan invariants
@@ -82,7 +83,7 @@ def check_plan(r, keep):
     """Every chunk F/S once, R once iff S, B once, on every stage; dependency orders hold."""
     chunks = r.chunks
     for s, order in enumerate(r.plan.orders):
-        pos = {(op.kind, op.micro_batch): i for i, op in enumerate(order)}
+        pos = {(letter(op), r.plan.micro_batch[op.chunk]): i for i, op in enumerate(order)}
         assert len(pos) == len(order)
         for mb, c in enumerate(chunks):
             kept = c.group is None or c.index >= c.count - keep
@@ -195,19 +196,19 @@ def check_stage(r, s, steps, num_buffers):
     n, order = r.num_stages, r.plan.orders[s]
     flat = [c for step in steps for c in step]
     assert [(KIND[type(c)], c.micro_batch) for c in flat if type(c) in KIND] == \
-        [(op.kind, op.micro_batch) for op in order], f"stage {s}: compute differs from the plan"
+        [(letter(op), r.plan.micro_batch[op.chunk]) for op in order], f"stage {s}: compute differs from the plan"
     assert all(c.buffer_id < num_buffers for c in flat if hasattr(c, "buffer_id"))
     assert [type(c).__name__ for c in steps[-1][-3:]] == ["ReduceTiedGrads", "ReduceGrads", "OptimizerStep"]
 
     loads = [i for i, c in enumerate(flat) if type(c) is LoadMicroBatch]
-    load_order = [op.micro_batch for op in r.plan.forward if op.kind in ("F", "S")]
+    load_order = [r.plan.micro_batch[op.chunk] for op in r.plan.forward if letter(op) in ("F", "S")]
     assert [flat[i].micro_batch for i in loads] == (load_order if s in (0, n - 1) else []), f"stage {s} loads"
     for i in loads:
         nxt = flat[i + 1]
         assert type(nxt) in (ForwardPass, StateForwardPass) and (nxt.micro_batch, nxt.buffer_id) == \
             (flat[i].micro_batch, flat[i].buffer_id), f"stage {s}: load not right before its forward"
 
-    expected = collections.Counter((op.kind != "B", op.micro_batch) for op in order)
+    expected = collections.Counter((letter(op) != "B", r.plan.micro_batch[op.chunk]) for op in order)
     prev, nxt = links(steps)
     assert collections.Counter(prev) == (expected if s > 0 else collections.Counter()), f"stage {s}, prev link"
     assert collections.Counter(nxt) == (expected if s < n - 1 else collections.Counter()), f"stage {s}, next link"
@@ -241,7 +242,7 @@ def check_schedule(r, keep):
         check_stage(r, s, steps, num_buffers)
     for s in range(n - 1):
         assert links(built[s][0])[1] == links(built[s + 1][0])[0], f"link {s} -> {s + 1}"
-    recomputed = {op.micro_batch for op in r.plan.forward if op.kind == "R"}
+    recomputed = {r.plan.micro_batch[op.chunk] for op in r.plan.forward if letter(op) == "R"}
     rendezvous([[c for step in steps for c in step] for steps, _ in built], r.chunks, recomputed)
 
 
@@ -297,7 +298,7 @@ def test_peak_activations_bounded(stages, keep):
 def test_keep_all_means_no_recompute():
     """K >= N: no chunk is recomputed and no time is spent recomputing."""
     r = simulate([17, 3, 2], 4, chunk_size=4, keep_chunks=5)
-    assert r.recompute_time == 0 and not any(op.kind in "RS" for op in r.plan.forward)
+    assert r.recompute_time == 0 and not any(letter(op) in "RS" for op in r.plan.forward)
 
 
 @pytest.mark.parametrize("stages", range(2, 9))
