@@ -1,4 +1,4 @@
-"""Recurrent sequence mixers under ChunkFlow: short convolutions, Mamba2 SSD, gated delta nets.
+"""Recurrent sequence mixers under ChunkFlow: short convolutions, Mamba2 SSD, Mamba1 scans, gated delta nets.
 
 A hybrid model mixes tokens in two ways: attention (whose K/V state :mod:`ds_chunkflow.ops.state`
 carries) and recurrent mixers whose state is constant in the sequence length: the last
@@ -19,12 +19,17 @@ chunk the model-module functions that mix tokens (:data:`_SEGMENTED_FUNCTIONS`: 
 segment; the module itself is called once, so under ZeRO-3 every rank gathers the same
 parameters in the same order whatever its chunks pack. The CPU torch path is the tested one;
 where causal-conv1d / mamba-ssm / flash-linear-attention are installed, the model's dispatch
-to them (which take initial states) is used unchanged (untested here: no GPU). Jamba's Mamba1
-scan is the exception: neither transformers' multi-token ``mamba_selective_scan`` nor
-mamba-ssm's kernel takes a start state, so a dependent chunk with a carried state runs
-transformers' torch recurrence from it (:func:`_selective_scan_from`; a token loop, also on GPU).
+to them (which take initial states) is used unchanged (untested here: no GPU). The Mamba1
+scans (Jamba, Zamba, Mamba, FalconMamba) are the exception: neither transformers' multi-token
+``mamba_selective_scan`` nor mamba-ssm's kernel takes a start state, so a dependent chunk with a carried
+state runs transformers' torch recurrence from it (:func:`_selective_scan_from`; a token loop, also on GPU).
 
-A layer that calls its mixer without the layer's kwargs (Jamba) gives the mixer its chunk only
+A model without attention (Mamba, Mamba2, FalconMamba) is a model whose only state is its mixers': each
+adapter call counts as a layer that received the chunk layout (``ChunkContext.num_layer_calls``).
+Zamba's shared attention blocks, one module per hybrid layer built with one ``layer_idx``, get their
+layer's index for the step, so their K/V states stay apart (``transformers_adapter.SHARED_ATTENTION_LAYERS``).
+
+A layer that calls its mixer without the layer's kwargs (Jamba, Mamba) gives the mixer its chunk only
 through the model's forward; a transformers layer checkpoint recomputing it in the backward
 runs under the chunk layout of its forward (:func:`_under_current_chunk`).
 
@@ -427,6 +432,9 @@ def use_chunkflow_mixers(model: torch.nn.Module):
         m.forward = _adapter(name, m.forward)
     # Zamba's shared attention blocks share one layer_idx; the K/V state is keyed by it (transformers_adapter, 8.)
     shared = [(attn, attn.layer_idx, index) for attn, index in transformers_adapter.shared_attention_indices(model)]
+    if len({id(attn) for attn, _, _ in shared}) != len(shared):
+        raise NotImplementedError("one attention module serves several hybrid layers; ChunkFlow keys its K/V state by "
+                                  "module and cannot tell the layers apart")
     for attn, _, index in shared:
         attn.layer_idx = index
     object.__setattr__(model, _ACTIVE_ATTR, True)
@@ -444,8 +452,8 @@ def use_chunkflow_mixers(model: torch.nn.Module):
                 m.forward = forward
         for h, ckpt in checkpointing:
             h._gradient_checkpointing_func = ckpt
-        for attn, index, _ in shared:
-            attn.layer_idx = index
+        for attn, built_with, _ in shared:
+            attn.layer_idx = built_with
 
 
 def _under_current_chunk(checkpoint):

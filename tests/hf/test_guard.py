@@ -33,11 +33,13 @@ def test_probe_refuses_an_unknown_sequence_mixer():
         check_model(model)
 
 
-@pytest.mark.parametrize("family", ["lfm2", "jamba", "bamba", "qwen3_next", "granitemoehybrid", "recurrent_gemma"])
+@pytest.mark.parametrize("family", ["lfm2", "jamba", "bamba", "qwen3_next", "granitemoehybrid", "recurrent_gemma",
+                                    "lfm2_moe", "falcon_h1", "zamba", "zamba2"])
 def test_probe_alone_catches_every_hybrid(family, monkeypatch):
     """With the static scan and the mixer adapters switched off, the numerical probe still refuses each hybrid
     family (float32): a mixer whose state is not carried is caught even if no static rule names it."""
     monkeypatch.setattr(guard, "sequence_mixers", lambda model: [])
+    monkeypatch.setattr(guard, "NO_ADAPTER", {})
     monkeypatch.setattr(mixers, "SUPPORTED", {})
     model_type, _, overrides = (REFUSED[family] if family in REFUSED else exact_case(family))[:3]
     model = build(model_type, overrides, dtype=torch.float32)
@@ -47,10 +49,33 @@ def test_probe_alone_catches_every_hybrid(family, monkeypatch):
         check_model(model)
 
 
-def test_static_scan_names_the_mixer():
+@pytest.mark.parametrize("family", ["mamba", "mamba2", "falcon_mamba"])
+def test_model_without_attention_is_refused_by_its_mixers_not_its_attention(family, monkeypatch):
+    """A pure SSM (no attention at all) passes the guard with its mixers carried; without their adapters it is
+    refused because no layer received the chunk layout, not for an attention it does not have."""
+    model_type, _, overrides, _ = exact_case(family)
+    assert check_model(build(model_type, overrides, dtype=torch.float32)).max_error < 1e-4
+    monkeypatch.setattr(guard, "sequence_mixers", lambda model: [])
+    monkeypatch.setattr(mixers, "SUPPORTED", {})
+    with pytest.raises(ModelRefused, match="never called"):
+        check_model(build(model_type, overrides, dtype=torch.float32))
+
+
+@pytest.mark.parametrize("family", sorted(REFUSED))
+def test_refusal_names_the_reason_not_an_internal_error(family):
+    """Every refused family is refused for its own reason, by the static checks or the probe's own checks: no
+    exception from inside the model (a TypeError, an AttributeError) is the message."""
+    model_type, _, overrides, reason = REFUSED[family]
+    with pytest.raises(ModelRefused, match=reason) as info:
+        check_model(build(model_type, overrides, dtype=torch.float32))
+    assert "forward failed on a chunked probe batch" not in str(info.value) and info.value.__cause__ is None
+
+
+def test_static_scan_names_the_mixer(monkeypatch):
     """The refusal of a hybrid without an adapter names the offending module, the mixers that are supported,
     and what the user can do."""
-    model_type, _, overrides, _ = REFUSED["mamba2"]
+    monkeypatch.delitem(mixers.SUPPORTED, "transformers.models.mamba2.modeling_mamba2.Mamba2Mixer")
+    model_type, _, overrides, _ = exact_case("mamba2")
     with pytest.raises(ModelRefused) as info:
         check_model(build(model_type, overrides, dtype=torch.float32))
     msg = str(info.value)
@@ -71,7 +96,8 @@ def test_unknown_subclass_of_a_supported_mixer_is_refused():
         check_model(model)
 
 
-@pytest.mark.parametrize("family", ["lfm2", "qwen3_next", "granitemoehybrid", "bamba", "nemotron_h", "jamba"])
+@pytest.mark.parametrize("family", ["lfm2", "qwen3_next", "granitemoehybrid", "bamba", "nemotron_h", "jamba",
+                                    "lfm2_moe", "falcon_h1", "zamba", "zamba2", "mamba", "mamba2", "falcon_mamba"])
 def test_supported_hybrid_passes_scan_and_probe(family):
     """Every hybrid family with adapters passes the static scan and the probe (float32) with rounding error."""
     model_type, _, overrides, _ = exact_case(family)

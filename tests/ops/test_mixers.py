@@ -12,7 +12,8 @@ from ds_chunkflow.testing.families import build, exact_case
 from tests.helpers.exactness import chunked_errors
 from tests.helpers.reference import make_sequences
 
-HYBRIDS = ["lfm2", "qwen3_next", "granitemoehybrid", "bamba", "nemotron_h", "jamba"]
+HYBRIDS = ["lfm2", "qwen3_next", "granitemoehybrid", "bamba", "nemotron_h", "jamba",
+           "lfm2_moe", "falcon_h1", "zamba", "zamba2", "mamba", "mamba2", "falcon_mamba"]
 CHUNK = 8
 
 
@@ -41,7 +42,8 @@ def test_split_sequence_carries_state_and_its_gradient(family, keep):
     assert max(_errors(model, seqs, keep_chunks=keep)) < tol
 
 
-@pytest.mark.parametrize("family", ["lfm2", "qwen3_next", "granitemoehybrid", "jamba"])
+@pytest.mark.parametrize("family", ["lfm2", "qwen3_next", "granitemoehybrid", "jamba", "lfm2_moe", "falcon_h1",
+                                    "zamba", "zamba2", "mamba", "mamba2", "falcon_mamba"])
 def test_activation_offload_and_layer_recompute_stay_exact(family):
     """Far chunks offloaded to the CPU, and transformers' layer checkpointing recomputing a mixer inside its
     chunk's backward: the gradient still reaches the state of the chunk before (Jamba's layer calls its mixer
@@ -53,7 +55,8 @@ def test_activation_offload_and_layer_recompute_stay_exact(family):
     assert max(_errors(model, seqs, keep_chunks=2)) < tol
 
 
-@pytest.mark.parametrize("family", ["lfm2", "qwen3_next", "granitemoehybrid", "jamba"])
+@pytest.mark.parametrize("family", ["lfm2", "qwen3_next", "granitemoehybrid", "jamba", "lfm2_moe", "falcon_h1",
+                                    "zamba", "zamba2", "mamba", "falcon_mamba"])
 def test_a_lost_state_or_state_gradient_would_be_caught(family, monkeypatch):
     """The tests above are sensitive: starting every chunk from zero moves loss and gradients far beyond the
     tolerance (and the guard's probe refuses it), dropping the gradient the next chunk sends back moves the gradients
@@ -73,6 +76,24 @@ def test_a_lost_state_or_state_gradient_would_be_caught(family, monkeypatch):
                         lambda self, name, position, keys: [None for _ in pending(self, name, position, keys)])
     loss_err, grad_err = _errors(model, seqs)
     assert loss_err < tol and grad_err > 1e3 * tol
+
+
+@pytest.mark.parametrize("family", ["zamba", "zamba2"])
+def test_shared_attention_keeps_one_state_per_hybrid_layer(family, monkeypatch):
+    """Zamba's shared attention blocks, one per hybrid layer, all built with one layer_idx: each keeps its own K/V
+    state (keyed by its hybrid layer's index for the step, restored after). Sharing one key, a later layer's keys
+    overwrite an earlier one's and the split sequence's gradients move far beyond the tolerance."""
+    from ds_chunkflow.hf import transformers_adapter
+
+    model, tol = _model(family)
+    attns = transformers_adapter.shared_attention_indices(model)
+    built_with = [a.layer_idx for a, _ in attns]
+    assert len(attns) == 2 and len(set(built_with)) == 1 and len({i for _, i in attns}) == 2
+    seqs = make_sequences([37, 5], model.config.vocab_size, seed=7)
+    assert max(_errors(model, seqs, keep_chunks=2)) < tol
+    assert [a.layer_idx for a, _ in attns] == built_with
+    monkeypatch.setattr(transformers_adapter, "shared_attention_indices", lambda model: [])
+    assert max(_errors(model, seqs, keep_chunks=2)) > 1e3 * tol
 
 
 def test_mixer_state_per_boundary_is_constant_in_the_sample_length(monkeypatch):
