@@ -199,7 +199,7 @@ def _pivot(records: list[dict], column: str, row: str) -> list[str]:
 
 def render(data, omit=(), pivot=()) -> list[str]:
     if isinstance(data, list):
-        return _table(data)
+        return _table(data) if all(isinstance(r, dict) for r in data) else _kv([("values", data)])
     lines, settings = [], []
     for key, value in data.items():
         if key in omit or key == "environment":
