@@ -6,21 +6,25 @@ of :func:`ds_chunkflow.data.jsonl.load_jsonl` (same shapes, checks, order of che
 and ``LoadStats``), as an :class:`ArrowSFTDataset`::
 
     file ──rows──> datasets.map(batched, num_proc, progress bar) ──> <cache_dir>/<key>/*.arrow
-                   (parse, check, render, tokenise, label: one row out per row in, good or bad)
+                   (parse, check, render, tokenise, label: one row out per row in, good or bad;
+                    an expanded chat: one row per sample, each with its line)
     every rank:    Dataset.from_file(...) memory-mapped; lengths / loss counts as numpy arrays
 
 * Rows keep their place: row ``r`` is line ``r + 1`` of a JSONL file (blank lines included, so
   errors name the file's 1-based line) or the ``r + 1``-th record of the other formats (errors
-  read ``path:<record>``). A bad row becomes a row with a ``reason`` and a ``problem``; after the
-  map the loader raises :class:`~ds_chunkflow.data.jsonl.DataError` for the first bad row whose policy is
-  ``"error"`` (``on_overlong`` for over-long samples, ``on_error`` for the rest), or skips and
-  counts them by reason (``stats.skipped``, logged once). Nothing is dropped silently.
+  read ``path:<record>``); each output row carries its ``line``, so the samples of a chat expanded
+  per assistant turn (``non_prefix_stable="expand"``) name the line they came from. A bad row
+  becomes a row with a ``reason`` and a ``problem``; after the map the loader raises
+  :class:`~ds_chunkflow.data.jsonl.DataError` for the first bad row whose policy is ``"error"``
+  (``on_overlong`` for over-long samples, ``on_error`` for the rest), or skips and counts them by
+  reason (``stats.skipped``, logged once). Nothing is dropped silently.
 * JSONL lines are split on ``b"\\n"`` and parsed by ``json`` here (not by pyarrow, which would stop
   at the first bad line without naming it, and not by ``str.splitlines``, which also splits on
   U+2028 inside a JSON string).
 * Cache: ``<cache_dir>/<key>/`` where ``key`` hashes the file's path, size and mtime (every file of
   a directory), the tokenizer (its ``tokenizer.json``, chat template, special tokens), the options
-  that change samples (``max_seq_len``, ``on_overlong``, ``vocab_size``, ``assistant_turns``) and
+  that change samples (``max_seq_len``, ``on_overlong``, ``vocab_size``, ``assistant_turns``,
+  ``non_prefix_stable``) and
   a format version. It is written to a temporary directory and renamed into place when complete,
   so a killed build leaves no cache that looks valid. ``on_error`` is applied when loading, so
   switching it reuses the cache. A second run loads from the cache without tokenising.
@@ -52,7 +56,7 @@ import torch.distributed as dist
 from transformers import PreTrainedTokenizerBase
 
 from ds_chunkflow.constants import IGNORE_INDEX
-from ds_chunkflow.data.chat_labels import AssistantTurns
+from ds_chunkflow.data.chat_labels import AssistantTurns, NonPrefixStable
 from ds_chunkflow.data.jsonl import (
     BAD_FIELD,
     MALFORMED_JSON,
@@ -71,7 +75,7 @@ from ds_chunkflow.data.sampler import _is_positive_int
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 """Bumped when what the map writes changes, so old caches are not read."""
 BLANK = "blank"  # a blank JSONL line (counted, not skipped)
 _META = "ds_chunkflow_cache.json"
@@ -83,6 +87,8 @@ _FEATURES = datasets.Features({
     "truncated": datasets.Value("bool"),
     "reason": datasets.Value("string"),
     "problem": datasets.Value("string"),
+    "line": datasets.Value("int64"),
+    "expanded": datasets.Value("bool"),
 })
 
 
@@ -133,25 +139,28 @@ class _EncodeBatch:
                                for m in obj["messages"]]
         return obj
 
-    def __call__(self, batch: dict[str, list]) -> pa.Table:
-        ids_out, labels_out, truncated_out, reasons, problems = [], [], [], [], []
+    def __call__(self, batch: dict[str, list], indices: list[int]) -> pa.Table:
+        ids_out, labels_out, truncated_out, reasons, problems, lines, expanded = [], [], [], [], [], [], []
         empty = np.zeros(0, dtype=np.int64)
-        for j in range(len(next(iter(batch.values())))):
-            ids = labels = empty
-            truncated, reason, problem = False, "", ""
+        for j, index in enumerate(indices):
+            samples = [(empty, empty, False)]
+            reason, problem = "", ""
             try:
                 obj = self._obj(batch, j)
                 if obj is None:
                     reason = BLANK
                 else:
-                    ids, labels, truncated = self.encode(obj)
+                    samples = self.encode(obj)
             except _Bad as bad:
                 reason, problem = bad.reason, bad.problem
-            ids_out.append(ids)
-            labels_out.append(labels)
-            truncated_out.append(bool(truncated))
-            reasons.append(reason)
-            problems.append(problem)
+            for ids, labels, truncated in samples:
+                ids_out.append(ids)
+                labels_out.append(labels)
+                truncated_out.append(bool(truncated))
+                reasons.append(reason)
+                problems.append(problem)
+                lines.append(index + 1)
+                expanded.append(len(samples) > 1)
         # One Arrow table per batch from concatenated arrays: no per-token Python objects on the way to disk
         lengths = np.fromiter((len(x) for x in ids_out), dtype=np.int64, count=len(ids_out))
         offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
@@ -166,7 +175,8 @@ class _EncodeBatch:
             "labels": pa.ListArray.from_arrays(offsets, pa.array(flat_labels)),
             "length": pa.array(lengths), "num_loss_tokens": pa.array(num_loss.astype(np.int64)),
             "truncated": pa.array(truncated_out, pa.bool_()), "reason": pa.array(reasons, pa.string()),
-            "problem": pa.array(problems, pa.string())})
+            "problem": pa.array(problems, pa.string()), "line": pa.array(lines, pa.int64()),
+            "expanded": pa.array(expanded, pa.bool_())})
 
 
 def _jsonl_rows(path: str) -> Iterator[dict[str, bytes]]:
@@ -233,7 +243,8 @@ def _build(path: str, final: str, encode: LineEncoder, num_proc: int | None, bat
         rows, jsonl = _read_rows(path, os.path.join(tmp, "raw"))
         if num_proc is None:
             num_proc = min(8, len(os.sched_getaffinity(0))) if len(rows) >= 20_000 else 1
-        out = rows.map(_EncodeBatch(encode, jsonl), batched=True, batch_size=batch_size, num_proc=num_proc,
+        out = rows.map(_EncodeBatch(encode, jsonl), batched=True, with_indices=True, batch_size=batch_size,
+                       num_proc=num_proc,
                        remove_columns=rows.column_names, features=_FEATURES, new_fingerprint=os.path.basename(final),
                        cache_file_name=os.path.join(tmp, "data.arrow"), desc="ds_chunkflow: tokenising")
         files = [os.path.basename(f["filename"]) for f in out.cache_files]
@@ -280,27 +291,32 @@ def _build_once_per_node(build, final: str) -> None:
 
 
 def _stats_and_rows(path: str, table: datasets.Dataset, on_error: OnError,
-                    on_overlong: OnOverlong) -> tuple[LoadStats, np.ndarray]:
+                    on_overlong: OnOverlong) -> tuple[LoadStats, np.ndarray, np.ndarray]:
+    """The stats, the good rows and their lines (a bad, blank or one-sample line is one row)."""
     reasons = table.data.column("reason").to_numpy(zero_copy_only=False)
+    lines = _column(table, "line")
     bad = np.flatnonzero(reasons != "")
-    stats = LoadStats(path=path, num_lines=len(reasons))
+    stats = LoadStats(path=path, num_lines=len(np.unique(lines)))
     for r in bad.tolist():
-        reason = reasons[r]
+        reason, line = reasons[r], int(lines[r])
         if reason == BLANK:
             stats.num_blank_lines += 1
             continue
         policy = on_overlong if reason == OVERLONG else on_error
         if policy == "error":
-            raise DataError(path, r + 1, reason, table.data.column("problem")[r].as_py())
+            raise DataError(path, line, reason, table.data.column("problem")[r].as_py())
         stats.skipped[reason] += 1
-        stats.first_skipped_line.setdefault(reason, r + 1)
+        stats.first_skipped_line.setdefault(reason, line)
     rows = np.flatnonzero(reasons == "")
+    expanded = table.data.column("expanded").to_numpy(zero_copy_only=False)[rows]
+    stats.num_expanded_samples = int(expanded.sum())
+    stats.num_expanded_lines = len(np.unique(lines[rows][expanded]))
     stats.skipped = Counter(dict(sorted(stats.skipped.items())))
     stats.num_samples = len(rows)
     stats.num_tokens = int(_column(table, "length")[rows].sum())
     stats.num_loss_tokens = int(_column(table, "num_loss_tokens")[rows].sum())
     stats.num_truncated = int(table.data.column("truncated").to_numpy(zero_copy_only=False)[rows].sum())
-    return stats, rows
+    return stats, rows, lines[rows]
 
 
 def load_sft_data(
@@ -312,6 +328,7 @@ def load_sft_data(
     on_overlong: OnOverlong = "error",
     vocab_size: int | None = None,
     assistant_turns: AssistantTurns = "all",
+    non_prefix_stable: NonPrefixStable = "expand",
     cache_dir: str | os.PathLike[str] | None = None,
     num_proc: int | None = None,
     batch_size: int = 256,
@@ -325,7 +342,7 @@ def load_sft_data(
     """
     path = os.fspath(path)
     vocab_size = check_arguments("load_sft_data", tokenizer, on_error, on_overlong, max_seq_len, vocab_size,
-                                 assistant_turns)
+                                 assistant_turns, non_prefix_stable)
     if num_proc is not None and not _is_positive_int(num_proc):
         raise ValueError(f"num_proc must be a positive int or None, got {num_proc!r}")
     if not _is_positive_int(batch_size):
@@ -335,17 +352,17 @@ def load_sft_data(
     cache_dir = os.fspath(cache_dir or os.environ.get("DS_CHUNKFLOW_DATA_CACHE")
                           or os.path.join(datasets.config.HF_DATASETS_CACHE, "ds_chunkflow"))
     options = {"max_seq_len": max_seq_len, "on_overlong": on_overlong, "vocab_size": vocab_size,
-               "assistant_turns": assistant_turns}
+               "assistant_turns": assistant_turns, "non_prefix_stable": non_prefix_stable}
     final = os.path.join(cache_dir, cache_key(path, tokenizer, options))
-    encode = LineEncoder(tokenizer, vocab_size, max_seq_len, on_overlong, assistant_turns)
+    encode = LineEncoder(tokenizer, vocab_size, max_seq_len, on_overlong, assistant_turns, non_prefix_stable)
     _build_once_per_node(lambda: _build(path, final, encode, num_proc, batch_size), final)
 
     with open(os.path.join(final, _META)) as f:
         files = json.load(f)["files"]
     table = datasets.concatenate_datasets([datasets.Dataset.from_file(os.path.join(final, n)) for n in files])
-    stats, rows = _stats_and_rows(path, table, on_error, on_overlong)
+    stats, rows, line_numbers = _stats_and_rows(path, table, on_error, on_overlong)
     level = logging.WARNING if stats.num_skipped or stats.num_truncated else logging.INFO
     logger.log(level, "%s (cache %s)", stats.summary(), final)
     if not len(rows):
         raise DataError(path, None, NO_SAMPLES, f"no samples ({stats.summary()})")
-    return ArrowSFTDataset(table, rows, stats, rows + 1)
+    return ArrowSFTDataset(table, rows, stats, line_numbers)

@@ -8,7 +8,12 @@ Input: one JSON object per line (UTF-8). Three shapes, told apart by their keys
   markers too); loss on every assistant reply and the end-of-turn token after it (or on the
   last reply only, ``assistant_turns="last"``), nothing else, checked per sample: see
   :mod:`ds_chunkflow.data.chat_labels`. A chat the template cannot label exactly is a
-  ``chat_template`` line error;
+  ``chat_template`` line error. A chat the template does not render prefix-stably (reasoning
+  templates such as Qwen3's, which drop earlier turns' ``<think>`` blocks) becomes one sample per
+  assistant turn, each the conversation up to that turn with loss on that turn as the model writes
+  it (its reasoning block included): ``non_prefix_stable="expand"``, the default, counted in
+  :class:`LoadStats`; ``"error"`` makes such a line a ``not_prefix_stable`` error. With
+  ``assistant_turns="last"`` such a chat is one sample (no expansion);
 * prompt/completion ``{"prompt": "...", "completion": "..."}``: ``tokenizer(prompt)``
   (with the tokenizer's own special tokens, e.g. a BOS), then the completion encoded on
   its own, then EOS; loss on completion + EOS;
@@ -38,8 +43,8 @@ Guarantees of :func:`load_jsonl`:
   (truncate keeps the first ``max_seq_len`` tokens), no loss tokens (a chat without an
   assistant turn fails this one early); so a sample whose loss tokens all lie past
   ``max_seq_len`` is a "no loss" error, never a sample without targets;
-* ``num_lines == num_blank_lines + num_samples + num_skipped``; a file with no sample
-  raises;
+* ``num_lines == num_blank_lines + num_samples + num_skipped`` (minus the samples an expanded
+  chat adds: ``num_expanded_samples - num_expanded_lines``); a file with no sample raises;
 * every id is one the model can embed: ``0 <= id < vocab_size`` in ``input_ids`` and
   ``labels`` (besides -100), whatever the shape, so a bad id is a :class:`DataError`
   naming file, line and id at load time, never an ``IndexError`` in the embedding hours
@@ -77,7 +82,14 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from ds_chunkflow.constants import IGNORE_INDEX
-from ds_chunkflow.data.chat_labels import CHAT_TEMPLATE_REASON, AssistantTurns, ChatLabeler, ChatLabelError
+from ds_chunkflow.data.chat_labels import (
+    CHAT_TEMPLATE_REASON,
+    NOT_PREFIX_STABLE_REASON,
+    AssistantTurns,
+    ChatLabeler,
+    ChatLabelError,
+    NonPrefixStable,
+)
 from ds_chunkflow.data.sampler import GlobalBatchSampler, _is_positive_int  # noqa: F401  (GlobalBatchSampler re-exported)
 from ds_chunkflow.runtime.batch import num_targets
 
@@ -97,6 +109,7 @@ OVERLONG = "overlong"
 NO_LOSS = "no_loss_tokens"
 OUT_OF_VOCAB = "out_of_vocab"  # an id the model cannot embed (>= vocab_size)
 CHAT_TEMPLATE = CHAT_TEMPLATE_REASON  # a chat its template cannot label exactly (ds_chunkflow.data.chat_labels)
+NOT_PREFIX_STABLE = NOT_PREFIX_STABLE_REASON  # a chat that needs one sample per turn, non_prefix_stable="error"
 NO_SAMPLES = "no_samples"  # the whole file: raised, never skipped
 
 _SHAPES = {"messages": "chat", "prompt": "prompt/completion", "input_ids": "pre-tokenised"}
@@ -138,6 +151,10 @@ class LoadStats:
     skipped: Counter[str] = field(default_factory=Counter)
     """Skipped lines by reason (``on_error="skip"`` / ``on_overlong="skip"``)."""
     first_skipped_line: dict[str, int] = field(default_factory=dict)
+    num_expanded_lines: int = 0
+    """Chat lines given one sample per assistant turn (the template does not render them prefix-stably)."""
+    num_expanded_samples: int = 0
+    """The samples those lines gave (included in num_samples)."""
     """The first skipped line of each reason, to look at."""
 
     @property
@@ -150,6 +167,11 @@ class LoadStats:
             f"({self.num_loss_tokens} with loss) from {self.num_lines} lines; "
             f"{self.num_blank_lines} blank, {self.num_skipped} skipped, {self.num_truncated} truncated"
         )
+        if self.num_expanded_lines:
+            kept = self.num_samples - self.num_expanded_samples + self.num_expanded_lines
+            text += (f"; {kept} lines -> {self.num_samples} samples ({self.num_expanded_lines} conversations expanded "
+                     f"into {self.num_expanded_samples} samples, one per assistant turn: the chat template does not "
+                     "render them prefix-stably)")
         if self.skipped:
             text += " [" + ", ".join(
                 f"{r}: {n} (first at line {self.first_skipped_line[r]})" for r, n in sorted(self.skipped.items())
@@ -209,7 +231,7 @@ def _check_ids(values: list[Any], what: str, vocab_size: int, allow_ignore: bool
             raise _Bad(BAD_FIELD, f"field '{what}[{j}]' = {v} is outside {allowed}")
 
 
-def _encode_chat(obj: dict[str, Any], labeler: ChatLabeler) -> tuple[np.ndarray, np.ndarray]:
+def _encode_chat(obj: dict[str, Any], labeler: ChatLabeler) -> list[tuple[np.ndarray, np.ndarray]]:
     messages = _require(obj, "messages", list, "messages")
     if not messages:
         raise _Bad(EMPTY_SAMPLE, "field 'messages' is an empty list")
@@ -221,7 +243,7 @@ def _encode_chat(obj: dict[str, Any], labeler: ChatLabeler) -> tuple[np.ndarray,
     if not any(m["role"] == "assistant" for m in messages):
         raise _Bad(NO_LOSS, "no message with role 'assistant' in field 'messages', so no loss tokens")
     try:
-        return labeler.encode(messages)
+        return labeler.encode_samples(messages)
     except ChatLabelError as e:
         raise _Bad(e.reason, e.problem) from None
 
@@ -297,17 +319,21 @@ def parse_json_line(raw: bytes) -> dict[str, Any]:
 
 
 class LineEncoder:
-    """One line's object -> ``(input_ids, labels, truncated)``, or ``_Bad``: every check of the module
-    docstring, in its order. Shared by :func:`load_jsonl` and :func:`ds_chunkflow.data.hf_data.load_sft_data`."""
+    """One line's object -> its samples ``[(input_ids, labels, truncated)]`` (several for an expanded chat), or
+    ``_Bad``: every check of the module docstring, in its order; a line is kept or refused whole (one bad
+    sample of an expanded chat refuses the line). Shared by :func:`load_jsonl` and
+    :func:`ds_chunkflow.data.hf_data.load_sft_data`."""
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, vocab_size: int, max_seq_len: int | None,
-                 on_overlong: OnOverlong, assistant_turns: AssistantTurns = "all") -> None:
+                 on_overlong: OnOverlong, assistant_turns: AssistantTurns = "all",
+                 non_prefix_stable: NonPrefixStable = "expand") -> None:
         self.tokenizer, self.vocab_size = tokenizer, vocab_size
         self.max_seq_len, self.on_overlong, self.assistant_turns = max_seq_len, on_overlong, assistant_turns
+        self.non_prefix_stable = non_prefix_stable
         self._checked: set[str] = set()
         self._labeler: ChatLabeler | None = None
 
-    def __call__(self, obj: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, bool]:
+    def __call__(self, obj: dict[str, Any]) -> list[tuple[np.ndarray, np.ndarray, bool]]:
         keys = [k for k in _SHAPES if k in obj]
         if len(keys) != 1:
             found = "none" if not keys else " and ".join(f"'{k}'" for k in keys)
@@ -317,14 +343,16 @@ class LineEncoder:
         if shape not in self._checked:
             _check_tokenizer(self.tokenizer, shape, self.vocab_size)
             if shape == "chat":
-                self._labeler = ChatLabeler(self.tokenizer, self.assistant_turns)  # ValueError: a tokenizer problem
+                # ValueError: a tokenizer problem
+                self._labeler = ChatLabeler(self.tokenizer, self.assistant_turns, self.non_prefix_stable)
             self._checked.add(shape)
         if shape == "pre-tokenised":
-            ids, labels = _encode_pretokenised(obj, self.vocab_size)
+            samples = [_encode_pretokenised(obj, self.vocab_size)]
         else:
-            ids, labels = _encode_chat(obj, self._labeler) if shape == "chat" else _encode_prompt(obj, self.tokenizer)
-            _check_encoded(ids, self.tokenizer, self.vocab_size)  # labels are ids or -100
-        return _fit(ids, labels, self.max_seq_len, self.on_overlong)
+            samples = _encode_chat(obj, self._labeler) if shape == "chat" else [_encode_prompt(obj, self.tokenizer)]
+            for ids, _ in samples:
+                _check_encoded(ids, self.tokenizer, self.vocab_size)  # labels are ids or -100
+        return [_fit(ids, labels, self.max_seq_len, self.on_overlong) for ids, labels in samples]
 
 
 def _fit(
@@ -343,7 +371,8 @@ def _fit(
 
 
 def check_arguments(name: str, tokenizer: PreTrainedTokenizerBase, on_error: str, on_overlong: str,
-                    max_seq_len: int | None, vocab_size: int | None, assistant_turns: str = "all") -> int:
+                    max_seq_len: int | None, vocab_size: int | None, assistant_turns: str = "all",
+                    non_prefix_stable: str = "expand") -> int:
     """Validate a loader's arguments (ValueError naming the argument); the vocab_size to check ids against."""
     if on_error not in ("error", "skip"):
         raise ValueError(f"on_error must be 'error' or 'skip', got {on_error!r}")
@@ -351,6 +380,8 @@ def check_arguments(name: str, tokenizer: PreTrainedTokenizerBase, on_error: str
         raise ValueError(f"on_overlong must be 'error', 'skip' or 'truncate', got {on_overlong!r}")
     if assistant_turns not in ("all", "last"):
         raise ValueError(f"assistant_turns must be 'all' or 'last', got {assistant_turns!r}")
+    if non_prefix_stable not in ("expand", "error"):
+        raise ValueError(f"non_prefix_stable must be 'expand' or 'error', got {non_prefix_stable!r}")
     if max_seq_len is not None and not _is_positive_int(max_seq_len):
         raise ValueError(f"max_seq_len must be a positive int or None, got {max_seq_len!r}")
     if max_seq_len is None and on_overlong != "error":
@@ -376,6 +407,7 @@ def load_jsonl(
     on_overlong: OnOverlong = "error",
     vocab_size: int | None = None,
     assistant_turns: AssistantTurns = "all",
+    non_prefix_stable: NonPrefixStable = "expand",
 ) -> SFTDataset:
     """Read a JSONL SFT file into memory (see the module docstring for shapes, checks and guarantees).
 
@@ -383,10 +415,12 @@ def load_jsonl(
     (under ZeRO-3, where that weight is partitioned, ``model.config.vocab_size``); default
     ``len(tokenizer)``. Pass it: a tokenizer may hold more entries than the model embeds.
     ``assistant_turns``: ``"all"`` assistant replies carry loss, or only the ``"last"``.
+    ``non_prefix_stable``: a chat the template does not render prefix-stably (Qwen3 reasoning) becomes
+    one sample per assistant turn (``"expand"``, counted in the stats), or is a line error (``"error"``).
     """
     vocab_size = check_arguments("load_jsonl", tokenizer, on_error, on_overlong, max_seq_len, vocab_size,
-                                 assistant_turns)
-    encode = LineEncoder(tokenizer, vocab_size, max_seq_len, on_overlong, assistant_turns)
+                                 assistant_turns, non_prefix_stable)
+    encode = LineEncoder(tokenizer, vocab_size, max_seq_len, on_overlong, assistant_turns, non_prefix_stable)
     path = os.fspath(path)
     stats = LoadStats(path=path)
     samples: list[dict[str, torch.Tensor]] = []
@@ -398,7 +432,7 @@ def load_jsonl(
                 stats.num_blank_lines += 1
                 continue
             try:
-                ids, labels, truncated = encode(parse_json_line(raw))
+                encoded = encode(parse_json_line(raw))
             except _Bad as bad:
                 policy = on_overlong if bad.reason == OVERLONG else on_error
                 if policy == "error":
@@ -407,13 +441,17 @@ def load_jsonl(
                 stats.first_skipped_line.setdefault(bad.reason, lineno)
                 logger.debug("%s:%d: skipped: %s", path, lineno, bad.problem)
                 continue
-            sample = {"input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(labels)}  # int64 = torch.long
-            samples.append(sample)
-            line_numbers.append(lineno)
-            stats.num_samples += 1
-            stats.num_truncated += truncated
-            stats.num_tokens += len(ids)
-            stats.num_loss_tokens += num_targets(sample["labels"])
+            if len(encoded) > 1:
+                stats.num_expanded_lines += 1
+                stats.num_expanded_samples += len(encoded)
+            for ids, labels, truncated in encoded:
+                sample = {"input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(labels)}  # int64 = torch.long
+                samples.append(sample)
+                line_numbers.append(lineno)
+                stats.num_samples += 1
+                stats.num_truncated += truncated
+                stats.num_tokens += len(ids)
+                stats.num_loss_tokens += num_targets(sample["labels"])
 
     level = logging.WARNING if stats.num_skipped or stats.num_truncated else logging.INFO
     logger.log(level, "%s", stats.summary())

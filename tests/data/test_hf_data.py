@@ -114,7 +114,7 @@ def test_second_run_loads_from_the_cache(tokenizer, tmp_path: Path, cache: Path,
     path = write(tmp_path, GOOD, json.dumps(CHAT))
     first = load_sft_data(path, tokenizer, cache_dir=cache)
 
-    def boom(self, batch):
+    def boom(self, batch, indices):
         raise AssertionError("tokenised again")
 
     with monkeypatch.context() as m:

@@ -232,7 +232,7 @@ def test_chat_the_template_cannot_label_is_a_line_error(tmp_path: Path) -> None:
     tok = build_tokenizer(chat_template=QWEN2_5.replace("message.content + '<|im_end|>'",
                                                         "message.content | upper + '<|im_end|>'"))
     path = write(tmp_path, GOOD, json.dumps(CHAT))
-    with pytest.raises(DataError, match=r"data.jsonl:2: the chat template does not write every assistant reply"):
+    with pytest.raises(DataError, match=r"data.jsonl:2: the chat template does not write (every assistant reply|the reply of)"):
         load_jsonl(path, tok)
     assert load_jsonl(path, tok, on_error="skip").stats.skipped == {"chat_template": 1}
 
