@@ -202,7 +202,7 @@ def render(data, omit=(), pivot=()) -> list[str]:
         return _table(data) if all(isinstance(r, dict) for r in data) else _kv([("values", data)])
     lines, settings = [], []
     for key, value in data.items():
-        if key in omit or key == "environment":
+        if key in omit or key in ("environment", "command"):
             continue
         if pivot and key == pivot[0]:
             lines += [f"**{key}**", ""] + _pivot(value, pivot[1], pivot[2])
