@@ -1,4 +1,4 @@
-"""ChunkFlow against the tools users would pick instead: TRL's SFTTrainer and the HF Trainer.
+"""ChunkFlow against the tools users would pick instead: TRL's SFTTrainer, the HF Trainer, DeepSpeed ALST.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_peers.py            # full (13.4 min measured, 2 shared cores)
     OMP_NUM_THREADS=1 python benchmarks/bench_peers.py --quick    # smoke run (5.4 min measured, 2 shared cores)
@@ -33,7 +33,12 @@ exactly those samples, in that order, pre-tokenised (``input_ids`` + ``labels``)
                         TRL packs the whole dataset, not each global batch: the run trains the
                         same samples, but a step holds whatever rows the sampler draws, and the
                         step count is ceil(rows / 2) / G with G = rows // (2 (steps + 1)), at least 1
-                        (recorded: with no truncation there are fewer rows than 2 x steps).
+                        (recorded: with no truncation there are fewer rows than 2 x steps);
+* ``alst``              DeepSpeed's long-sequence recipe (``peer_alst.py``): Ulysses SP 2 on the 2 ranks
+                        (data-parallel 1) through ``UlyssesSPAttentionHF.register_with_transformers`` and
+                        ``UlyssesSPDataLoaderAdapter``, TiledMLP, gradient checkpointing,
+                        ``TiledFusedLogitsLoss``; one sample per micro-batch (SDPA), every sample of the
+                        global batch in turn on both ranks, the same objective (``peer_alst.py --check``).
 
 TRL 1.16 has no flash-attn requirement for padding-free: its collator returns position_ids and
 cu_seq_lens (no attention_mask); on CPU the model runs SDPA, and transformers 5 turns the
@@ -77,8 +82,9 @@ REPO = HERE.parent
 sys.path[:0] = [str(REPO), str(HERE)]
 from _common import load_samples, rss_bytes, save_json, table  # noqa: E402
 from bench_engine import MODEL, data_stats, long_sample, make_batches, run_system, summarise  # noqa: E402
+from peer_alst import alst_worker, summarise_alst  # noqa: E402
 
-SYSTEMS = ("chunkflow", "chunkflow_k4", "chunkflow_sp", "trainer_padded", "trl_padding_free", "trl_bfd")
+SYSTEMS = ("chunkflow", "chunkflow_k4", "chunkflow_sp", "trainer_padded", "trl_padding_free", "trl_bfd", "alst")
 PEERS = SYSTEMS[3:]
 CHUNKFLOW_VARIANTS = {"chunkflow": "K = 1", "chunkflow_k4": "K = 4 (fewer recomputes, more memory)",
                       "chunkflow_sp": "K = 1, sequence_parallel.max_size 2 (a dominant sample spread over both ranks)"}
@@ -88,6 +94,8 @@ ATTENTION = {
     "trl_padding_free": "sdpa; TRL DataCollatorForLanguageModeling(padding_free) -> position_ids, "
                         "transformers builds a block-diagonal mask",
     "trl_bfd": "sdpa; TRL BFD-packed rows + padding-free collator -> position_ids, block-diagonal mask",
+    "alst": "DeepSpeed Ulysses SP 2 around sdpa (is_causal, full sample after the all-to-all), one sample per "
+            "micro-batch; TiledMLP, gradient checkpointing, TiledFusedLogitsLoss",
 }
 LOSS = {
     "chunkflow": "sum CE / label tokens of the global batch",
@@ -95,6 +103,8 @@ LOSS = {
                       "summed over ranks) x world size; DeepSpeed averages over ranks",
     "trl_padding_free": "TRL fused LM head: sum(-log_probs) / num_items_in_batch x world size (as Trainer)",
     "trl_bfd": "TRL fused LM head: sum(-log_probs) / num_items_in_batch x world size (as Trainer)",
+    "alst": "sum CE of each rank's shard / label tokens of the global batch, inside TiledFusedLogitsLoss; "
+            "DeepSpeed sums the SP ranks' gradients",
 }
 
 
@@ -212,6 +222,15 @@ def hf_worker(rank, world, system, cfg, samples, out_prefix):
 
 
 # ----------------------------------------------------------------------------- driver
+def run_alst(cfg, warmup, batches, world=2) -> list[dict]:
+    from ds_chunkflow.testing.spawn import run_ranks
+
+    with tempfile.TemporaryDirectory() as tmp:
+        prefix = os.path.join(tmp, "alst")
+        run_ranks(alst_worker, cfg, warmup, batches, prefix, world=world, timeout=cfg["timeout"])
+        return [json.loads(Path(f"{prefix}.{r}").read_text()) for r in range(world)]
+
+
 def run_hf(system, cfg, samples, world=2) -> list[dict]:
     from ds_chunkflow.testing.spawn import run_ranks
 
@@ -341,6 +360,8 @@ def main():
             row = summarise(system, run_system(system, cfg, warmup, batches), batches, cfg)
             row.update(optimizer_steps=args.steps + 1, timed_steps=args.steps, tokens_truncated=0, samples_dropped=0,
                        tokens_trained_extra=0, gradient_checkpointing=False)
+        elif system == "alst":
+            row = summarise_alst(run_alst(cfg, warmup, batches), batches)
         else:
             row = summarise_hf(system, run_hf(system, cfg, samples), input_tokens, len(samples))
         base = "chunkflow" if system in CHUNKFLOW_VARIANTS else system
