@@ -25,9 +25,29 @@ def test_a_missing_touch_point_is_reported(monkeypatch):
     module = "transformers.models.bamba.modeling_bamba"
     monkeypatch.setitem(transformers_adapter.SWAPPED_FUNCTIONS, module, ("causal_conv1d_fn", "no_such_scan"))
     monkeypatch.setattr(transformers_adapter, "mixer_cache_calls", lambda name: {"get_conv_state", "new_method"})
+    gone = "transformers.models.zamba.modeling_zamba.NoSuchHybridLayer"
+    monkeypatch.setitem(transformers_adapter.SHARED_ATTENTION_LAYERS, gone, ("shared_transf", "mamba_decoder"))
     missing = transformers_adapter.missing_names()
     assert f"{module}.no_such_scan" in missing
     assert f"_StateCache.new_method (called in {module})" in missing
+    assert gone in missing
+
+
+@pytest.mark.parametrize("family", ["zamba", "zamba2"])
+def test_shared_attention_blocks_are_found_per_hybrid_layer(family):
+    """Zamba / Zamba2: one attention module per hybrid layer, each paired with that layer's index (distinct), and
+    every attention module of the model is among them (none left on the shared layer_idx)."""
+    import torch
+
+    from ds_chunkflow.testing.families import build, exact_case
+
+    model_type, _, overrides, _ = exact_case(family)
+    model = build(model_type, overrides, dtype=torch.float32)
+    found = transformers_adapter.shared_attention_indices(model)
+    hybrid = [i for i, t in enumerate(model.config.layers_block_type) if t == "hybrid"]
+    assert sorted(i for _, i in found) == hybrid
+    attentions = [m for n, m in model.named_modules() if n.endswith("self_attn")]
+    assert {id(a) for a, _ in found} == {id(a) for a in attentions}
 
 
 def test_mixer_cache_is_a_transformers_cache_with_every_method_the_mixers_call():
