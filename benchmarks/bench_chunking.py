@@ -8,11 +8,12 @@
     on the tokenised sample data (if present) and on a synthetic LMSysChat-like distribution.
     Also: BFD's standalone chunk count against ``ceil(short tokens / chunk_size)``, all chunks
     against ``ceil(tokens / chunk_size)``, and the wall time of ``build_chunks``.
-(b) Data-parallel imbalance (max / mean per rank, by ``CostModel`` cost and by token count):
-    ChunkFlow's ``assign_to_ranks`` against an equal number of samples per rank in data order, and
-    with sequence parallelism (a dominant group spread over an aligned block of up to all ranks,
-    its all-to-all traffic in the cost at two weights). The mean is the compute-only mean, so an
-    all-to-all term shows as imbalance.
+(b) Data-parallel imbalance (max / mean per rank, by ``CostModel`` cost and by token count) and model
+    calls per rank: ChunkFlow's ``assign_to_ranks`` against an equal number of samples per rank in
+    data order, dealing short sequences (each rank packs its own, the default) or the batch's packed
+    chunks ("packed"), and with sequence parallelism (a dominant group spread over an aligned block of
+    up to all ranks, its all-to-all traffic in the cost at two weights). The mean is the compute-only
+    mean, so an all-to-all term shows as imbalance.
 
     python benchmarks/bench_chunking.py [--quick]     # table on stdout, JSON in benchmarks/results/
 """
@@ -108,39 +109,34 @@ def time_build_chunks(lengths: list[int], chunk_size: int, repeats: int = 3) -> 
 # --------------------------------------------------------------------------- (b) balance
 
 
-def by_sample_count(lengths: list[int], num_ranks: int, cost: CostModel) -> tuple[list[float], list[int], None]:
+def by_sample_count(lengths: list[int], num_ranks: int, cost: CostModel) -> dict:
     """Equal sample counts per rank in data order; a sample costs its whole causal sequence."""
     costs, tokens = [], []
     for part in np.array_split(np.arange(len(lengths)), num_ranks):
         lens = [lengths[i] for i in part]
         costs.append(sum(cost.chunk_cost(Chunk((Segment(0, 0, n),))) for n in lens))
         tokens.append(sum(lens))
-    return costs, tokens, None
+    return dict(costs=costs, tokens=tokens)
 
 
-def by_chunkflow(lengths: list[int], num_ranks: int, cost: CostModel, chunk_size: int) -> tuple[list[float], list[int], float]:
-    """``assign_to_ranks``; also the best max/mean any assignment of whole groups and chunks can
-    reach, max(largest item, mean) / mean (a long sequence's group is indivisible)."""
+def by_chunkflow(lengths: list[int], num_ranks: int, cost: CostModel, chunk_size: int, spread: bool,
+                 sp_max_size: int = 1) -> dict:
+    """``assign_to_ranks``, dealing short sequences (``spread``) or the batch's packed chunks.
+
+    ``bound``: max(largest indivisible item, mean) / mean, the best any assignment of these items reaches
+    (items: whole groups unless sequence parallelism may spread them; short sequences, or packed chunks).
+    ``calls``: model calls (chunks) per rank. With sequence parallelism a spread group's per-rank cost
+    includes its all-to-all term (``CostModel.group_cost``) and the mean is the compute-only mean, so the
+    all-to-all shows as imbalance."""
     layout = build_chunks(lengths, chunk_size)
-    shares = assign_to_ranks(layout, num_ranks, cost)
-    items = [sum(cost.chunk_cost(c) for c in g) for g in layout.groups] + [cost.chunk_cost(c) for c in layout.standalone]
-    mean = sum(items) / num_ranks
-    return [s.cost for s in shares], [s.num_tokens for s in shares], max(max(items), mean) / mean
-
-
-def by_chunkflow_sp(lengths: list[int], num_ranks: int, cost: CostModel, chunk_size: int,
-                    sp_max_size: int) -> tuple[list[float], list[int], None, float]:
-    """``assign_to_ranks`` with sequence parallelism up to ``sp_max_size`` ranks per group; a spread
-    group's per-rank cost includes its all-to-all term (``CostModel.group_cost``). The costs are
-    compared with the compute-only mean (the last value returned): the all-to-all shows as imbalance."""
-    layout = build_chunks(lengths, chunk_size)
-    shares = assign_to_ranks(layout, num_ranks, cost, sp_max_size)
-    return [s.cost for s in shares], [s.num_tokens for s in shares], None, cost.layout_cost(layout) / num_ranks
-
-
-def _cost_imbalance(costs: list[float], reference_mean: list[float]) -> float:
-    """max / mean, against ``reference_mean[0]`` when given (the compute-only mean of sequence parallelism)."""
-    return max(costs) / reference_mean[0] if reference_mean else imbalance(costs)
+    shares = assign_to_ranks(layout, num_ranks, cost, sp_max_size, spread=spread)
+    mean = cost.layout_cost(layout) / num_ranks
+    items = [cost.chunk_cost(Chunk((s,))) for c in layout.standalone for s in c.segments] if spread else [
+        cost.chunk_cost(c) for c in layout.standalone]
+    if sp_max_size == 1:
+        items += [cost.group_cost(g) for g in layout.groups]
+    return dict(costs=[s.cost for s in shares], tokens=[s.num_tokens for s in shares], mean=mean,
+                bound=max(max(items, default=0.0), mean) / mean, calls=[s.num_chunks for s in shares])
 
 
 SP_ALL_TO_ALL = (0.1, 1.0)
@@ -154,20 +150,26 @@ def balance_rows(batch_sizes, num_batches: int, seed: int) -> list[dict]:
         batches = [lmsys_like_lengths(batch_size, seed + 1000 + k) for k in range(num_batches)]
         for num_ranks in (8, 64):
             methods = {"by sample count": lambda b, m=num_ranks: by_sample_count(b, m, cost)}
-            for c in CHUNK_SIZES:
-                methods[f"chunkflow C={c}"] = lambda b, m=num_ranks, c=c: by_chunkflow(b, m, cost, c)
-            for c in CHUNK_SIZES:
-                for w in SP_ALL_TO_ALL:
-                    sp_cost = CostModel(all_to_all=w)
-                    methods[f"chunkflow+SP C={c} a2a={w}"] = (
-                        lambda b, m=num_ranks, c=c, sc=sp_cost: by_chunkflow_sp(b, m, sc, c, m))
+            for spread, tag in ((False, " packed"), (True, "")):
+                for c in CHUNK_SIZES:
+                    methods[f"chunkflow C={c}{tag}"] = lambda b, m=num_ranks, c=c, sp=spread: by_chunkflow(b, m, cost, c, sp)
+            for spread, tag in ((False, " packed"), (True, "")):
+                for c in CHUNK_SIZES:
+                    for w in SP_ALL_TO_ALL:
+                        methods[f"chunkflow+SP C={c} a2a={w}{tag}"] = (
+                            lambda b, m=num_ranks, c=c, sc=CostModel(all_to_all=w), sp=spread:
+                            by_chunkflow(b, m, sc, c, sp, m))
             for method, run in methods.items():
-                cost_imb, token_imb, bound = zip(*((_cost_imbalance(cs, ref), imbalance(ts), lb)
-                                                   for cs, ts, lb, *ref in map(run, batches)))
+                res = [run(b) for b in batches]
+                cost_imb = [max(r["costs"]) / r["mean"] if "mean" in r else imbalance(r["costs"]) for r in res]
+                token_imb = [imbalance(r["tokens"]) for r in res]
+                calls = "calls" in res[0]
                 rows.append(dict(batch=batch_size, ranks=num_ranks, method=method, batches=num_batches,
                                  cost_mean=statistics.mean(cost_imb), cost_worst=max(cost_imb),
-                                 cost_bound_mean=None if None in bound else statistics.mean(bound),
-                                 tokens_mean=statistics.mean(token_imb), tokens_worst=max(token_imb)))
+                                 cost_bound_mean=statistics.mean(r["bound"] for r in res) if calls else None,
+                                 tokens_mean=statistics.mean(token_imb), tokens_worst=max(token_imb),
+                                 calls_max=statistics.mean(max(r["calls"]) for r in res) if calls else None,
+                                 calls_mean=statistics.mean(statistics.mean(r["calls"]) for r in res) if calls else None))
     return rows
 
 
@@ -193,13 +195,20 @@ def print_tables(result: dict) -> None:
     for k, v in result["build_chunks_seconds"].items():
         print(f"  build_chunks wall time, {k}: {v * 1e3:.1f} ms (median of 3)")
     print("\n(b) data-parallel imbalance, max/mean per rank (mean and worst over batches)")
-    print("  (bound: max(largest group or chunk, mean) / mean, the best any assignment of ChunkFlow's items reaches)")
-    print("  (chunkflow+SP: a group may be spread over up to all ranks, its all-to-all traffic counted at a2a x tokens)")
-    print(f"  {'batch':>5} {'ranks':>5} {'method':<28} {'cost mean':>9} {'worst':>7} {'bound':>7} {'tokens mean':>11} {'worst':>7}")
+    print("  (chunkflow: short sequences dealt to ranks, each rank packs its own; 'packed': the batch's packed")
+    print("   chunks dealt as items, the assignment before issue 26)")
+    print("  (bound: max(largest indivisible item, mean) / mean, the best any assignment of those items reaches;")
+    print("   with SP a group is divisible, a short sequence or packed chunk is not)")
+    print("  (chunkflow+SP: a group may be spread over up to all ranks, its all-to-all traffic counted at a2a x tokens;")
+    print("   the mean is the compute-only mean)")
+    print("  (calls: model calls (chunks) per rank, the busiest rank's (every rank runs as many steps) and the mean)")
+    print(f"  {'batch':>5} {'ranks':>5} {'method':<36} {'cost mean':>9} {'worst':>7} {'bound':>7} {'tokens mean':>11}"
+          f" {'worst':>7} {'calls max':>9} {'mean':>6}")
     for r in result["balance"]:
         bound = "" if r["cost_bound_mean"] is None else f"{r['cost_bound_mean']:.3f}"
-        print(f"  {r['batch']:>5} {r['ranks']:>5} {r['method']:<28} {r['cost_mean']:>9.3f} {r['cost_worst']:>7.3f}"
-              f" {bound:>7} {r['tokens_mean']:>11.3f} {r['tokens_worst']:>7.3f}")
+        calls = "" if r.get("calls_max") is None else f"{r['calls_max']:>9.2f} {r['calls_mean']:>6.2f}"
+        print(f"  {r['batch']:>5} {r['ranks']:>5} {r['method']:<36} {r['cost_mean']:>9.3f} {r['cost_worst']:>7.3f}"
+              f" {bound:>7} {r['tokens_mean']:>11.3f} {r['tokens_worst']:>7.3f} {calls}")
 
 
 def main(argv: list[str] | None = None) -> dict:
