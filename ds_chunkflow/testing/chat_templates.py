@@ -1,9 +1,10 @@
-"""Released chat templates of Qwen2.5, Llama-3, Mistral v0.3 and Gemma / Gemma-3, written out in full.
+"""Released chat templates of Qwen2.5, Qwen3, Llama-3, Mistral v0.3 and Gemma / Gemma-3, written out in full.
 
 None has ``{% generation %}`` markers; :mod:`ds_chunkflow.data.chat_labels` labels them by rendering.
+Qwen3's is not prefix-stable (it drops earlier turns' reasoning): its chats are labelled per turn.
 Each comes with the special tokens its template emits, so :func:`ds_chunkflow.testing.tokenizer.build_tokenizer`
 can make a local tokenizer of that family (``family="qwen2.5"``). Copied from the models'
-``tokenizer_config.json`` (Qwen2.5-7B-Instruct, Meta-Llama-3-8B-Instruct, Mistral-7B-Instruct-v0.3,
+``tokenizer_config.json`` (Qwen2.5-7B-Instruct, Qwen3-0.6B, Meta-Llama-3-8B-Instruct, Mistral-7B-Instruct-v0.3,
 gemma-2-9b-it, gemma-3-1b-it); whitespace inside ``{%- -%}`` tags is as released.
 """
 
@@ -308,6 +309,8 @@ FAMILIES: dict[str, dict] = {
     # template, special tokens as the released tokenizers name them, and the end-of-turn token
     "qwen2.5": {"template": QWEN2_5, "bos": None, "eos": "<|im_end|>", "pad": "<|endoftext|>",
                 "extra": ["<|im_start|>"], "end": "<|im_end|>"},
+    "qwen3": {"template": QWEN3, "bos": None, "eos": "<|im_end|>", "pad": "<|endoftext|>",
+              "extra": ["<|im_start|>"], "end": "<|im_end|>", "added": ["<think>", "</think>"]},
     "llama3": {"template": LLAMA3, "bos": "<|begin_of_text|>", "eos": "<|eot_id|>", "pad": None,
                "extra": ["<|start_header_id|>", "<|end_header_id|>", "<|end_of_text|>"], "end": "<|eot_id|>"},
     "mistral": {"template": MISTRAL_V03, "bos": "<s>", "eos": "</s>", "pad": None,
@@ -318,4 +321,5 @@ FAMILIES: dict[str, dict] = {
     "gemma3": {"template": GEMMA3, "bos": "<bos>", "eos": "<eos>", "pad": "<pad>",
                "extra": ["<start_of_turn>", "<end_of_turn>", "<start_of_image>"], "end": "<end_of_turn>"},
 }
-"""Per family: ``template``, ``bos`` / ``eos`` / ``pad`` and ``extra`` special tokens, ``end``: its end-of-turn token."""
+"""Per family: ``template``, ``bos`` / ``eos`` / ``pad`` and ``extra`` special tokens, ``end``: its end-of-turn token,
+``added``: plain added tokens (Qwen3's ``<think>`` / ``</think>``: single ids, not special)."""

@@ -24,8 +24,9 @@ Guarantees:
       text  <|im_start|>user\\nHi<|im_end|>\\n<|im_start|>assistant\\nHello<|im_end|>\\n
       mask  0           0    0  0         0  0           0         0  1    1         0
 
-* ``family="qwen2.5" | "llama3" | "mistral" | "gemma" | "gemma3"``: the same BPE with that
-  family's special tokens and its released template (:mod:`ds_chunkflow.testing.chat_templates`),
+* ``family="qwen2.5" | "qwen3" | "llama3" | "mistral" | "gemma" | "gemma3"``: the same BPE with that
+  family's special tokens (and added tokens: Qwen3's ``<think>``, ``</think>``) and its released
+  template (:mod:`ds_chunkflow.testing.chat_templates`),
   to test stock templates without downloading a tokenizer.
 """
 
@@ -33,7 +34,7 @@ from __future__ import annotations
 
 import os
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from ds_chunkflow.testing.chat_templates import FAMILIES, QWEN2_5
@@ -114,12 +115,14 @@ def build_tokenizer(
     named = {k: spec[k] for k in ("bos", "eos", "pad") if spec[k] is not None}
     specials = list(dict.fromkeys([*named.values(), *spec["extra"]]))
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=_train(specials),
+        tokenizer_object=_train(specials + spec.get("added", [])),  # added tokens count in VOCAB_SIZE too
         **{f"{k}_token": v for k, v in named.items()},
         extra_special_tokens=spec["extra"],
         chat_template=chat_template or spec["template"],
         clean_up_tokenization_spaces=False,
     )
+    # plain (non-special) added tokens, as the released tokenizer has them; they keep their trained ids
+    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in spec.get("added", [])])
     assert len(tokenizer) <= VOCAB_SIZE, len(tokenizer)
     if save_dir is not None:
         tokenizer.save_pretrained(os.fspath(save_dir))
