@@ -8,6 +8,7 @@ from ds_chunkflow.testing.spawn import run_ranks
 from tests.helpers.guard_workers import (
     DP_FAMILIES,
     HYBRID_DP_FAMILIES,
+    MAMBA_DP_FAMILIES,
     MOE_DP_FAMILIES,
     dp_family_batch,
     refused_everywhere,
@@ -33,6 +34,15 @@ def test_hybrids_match_reference_under_zero3(tmp_path):
     out = tmp_path / "hybrids.pt"
     run_ranks(train_families, 3, str(out), HYBRID_DP_FAMILIES, 1)
     assert_matches_reference(torch.load(out), HYBRID_DP_FAMILIES)
+
+
+def test_mamba_families_match_reference_under_zero3(tmp_path):
+    """Falcon-H1 (Mamba2 SSD beside attention in every layer) and Zamba2 (Mamba2 + shared attention blocks with tied
+    weights) under ZeRO-3, K=1 (recompute): after one SGD step the conv and SSM states carried across dependent chunks
+    (and restarted in packed ones) give the plain reference's loss and parameters."""
+    out = tmp_path / "mamba.pt"
+    run_ranks(train_families, 3, str(out), MAMBA_DP_FAMILIES, 1, timeout=150)
+    assert_matches_reference(torch.load(out), MAMBA_DP_FAMILIES)
 
 
 def test_moe_under_zero3_with_every_parameter_partitioned(tmp_path):
@@ -79,10 +89,10 @@ def assert_matches_reference(got, families):
 
 
 def test_hybrid_refused_on_every_rank_under_zero3(tmp_path):
-    """Mamba2 (pure SSM, no adapter) under ZeRO-3: initialize raises ModelRefused on both ranks (no hang), before
-    any gradient."""
+    """RecurrentGemma (RG-LRU, no adapter) under ZeRO-3: initialize raises ModelRefused on both ranks (no hang),
+    before any gradient, naming its recurrent blocks."""
     out = tmp_path / "refused"
     run_ranks(refused_everywhere, 3, str(out), timeout=120)
     for r in range(2):
         text = (tmp_path / f"refused.{r}").read_text()
-        assert "Mamba2ForCausalLM" in text and "mixes tokens" in text and "grads written: 0" in text
+        assert "RecurrentGemmaForCausalLM" in text and "RG-LRU" in text and "grads written: 0" in text

@@ -7,6 +7,9 @@ from tests.helpers.workers import ds_config, gathered_state
 
 DP_FAMILIES = ("deepseek_v3_mla", "gemma3_text", "mixtral", "granite", "qwen2_tied")
 HYBRID_DP_FAMILIES = ("lfm2",)  # short conv: the mixer state carried across dependent chunks
+# Mamba2 SSD beside attention in every layer; Mamba2 + shared attention blocks with tied weights (one K/V state per
+# hybrid layer)
+MAMBA_DP_FAMILIES = ("falcon_h1", "zamba2")
 
 
 def dp_family_batch(vocab_size):
@@ -41,7 +44,7 @@ def refused_everywhere(rank, world, stage, out_path):
     import ds_chunkflow
     from ds_chunkflow.hf.guard import ModelRefused
 
-    model_type, _, overrides, _ = REFUSED["mamba2"]
+    model_type, _, overrides, _ = REFUSED["recurrent_gemma"]
     model = build(model_type, overrides, dtype=torch.float32)
     try:
         ds_chunkflow.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
