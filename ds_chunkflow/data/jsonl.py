@@ -169,9 +169,9 @@ class LoadStats:
         )
         if self.num_expanded_lines:
             kept = self.num_samples - self.num_expanded_samples + self.num_expanded_lines
-            text += (f"; {kept} lines -> {self.num_samples} samples ({self.num_expanded_lines} conversations expanded "
-                     f"into {self.num_expanded_samples} samples, one per assistant turn: the chat template does not "
-                     "render them prefix-stably)")
+            text += (f"; {kept} lines -> {self.num_samples} samples (expanded per assistant turn, the chat template "
+                     f"not rendering them prefix-stably: {self.num_expanded_lines} chats into "
+                     f"{self.num_expanded_samples} samples)")
         if self.skipped:
             text += " [" + ", ".join(
                 f"{r}: {n} (first at line {self.first_skipped_line[r]})" for r, n in sorted(self.skipped.items())

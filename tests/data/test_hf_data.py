@@ -17,6 +17,7 @@ from ds_chunkflow.data.jsonl import DataError, load_jsonl
 from ds_chunkflow.data.sampler import GlobalBatchSampler
 from ds_chunkflow.testing.spawn import run_ranks
 from ds_chunkflow.testing.tokenizer import build_tokenizer
+from tests.data.test_chat_labels import qwen3_chat
 from tests.data.test_jsonl import BAD_LINES, CHAT, GOOD, write
 
 REPO = Path(__file__).resolve().parents[2]
@@ -129,6 +130,32 @@ def test_second_run_loads_from_the_cache(tokenizer, tmp_path: Path, cache: Path,
     assert len(load_sft_data(path, tokenizer, cache_dir=cache)) == 1
 
 
+def test_reasoning_chats_expand_like_load_jsonl(tmp_path: Path, cache: Path) -> None:
+    """Released Qwen3 template: expanded chats (one sample per assistant turn) give load_jsonl's samples, line
+    numbers and stats (expansion counts included), also from a 2-process map whose shards split the file; with
+    non_prefix_stable="error" the same DataError (file, line, reason); the option is part of the cache key."""
+    tok = build_tokenizer(family="qwen3")
+    multi = qwen3_chat()
+    lines = [json.dumps({"messages": multi}), GOOD, "", json.dumps({"messages": multi[:5]}), GOOD,
+             json.dumps({"messages": multi[:3]})]
+    path = write(tmp_path, *lines)
+    old = load_jsonl(path, tok)
+    assert old.stats.num_expanded_lines == 2 and len(old) == 4 + 1 + 2 + 1 + 1
+    for num_proc in (1, 2):
+        new = load_sft_data(path, tok, cache_dir=cache / str(num_proc), num_proc=num_proc, batch_size=2)
+        assert same_samples(old, new) and new.stats == old.stats, num_proc
+        assert new.line_numbers.tolist() == old.line_numbers == [1, 1, 1, 1, 2, 4, 4, 5, 6]
+        assert list(old.lengths) == new.lengths.tolist() and old.num_loss_tokens() == new.num_loss_tokens()
+    with pytest.raises(DataError) as a:
+        load_jsonl(path, tok, non_prefix_stable="error")
+    with pytest.raises(DataError) as b:
+        load_sft_data(path, tok, cache_dir=cache / "1", non_prefix_stable="error")
+    assert (b.value.line, b.value.reason, str(b.value)) == (1, "not_prefix_stable", str(a.value))
+    skipped = load_sft_data(path, tok, cache_dir=cache / "1", non_prefix_stable="error", on_error="skip")
+    assert skipped.stats == load_jsonl(path, tok, non_prefix_stable="error", on_error="skip").stats
+    assert skipped.line_numbers.tolist() == [2, 5, 6] and len(list((cache / "1").iterdir())) == 2
+
+
 def test_multi_process_map_gives_the_same_samples(tokenizer, cache: Path) -> None:
     """num_proc=2 (two worker processes, two Arrow shards) gives the same samples and order as num_proc=1."""
     one = load_sft_data(SAMPLE_DATA, tokenizer, cache_dir=cache / "a", num_proc=1, batch_size=64)
@@ -161,7 +188,7 @@ def test_bad_arguments_name_the_argument(tokenizer, tmp_path: Path, cache: Path)
     """Invalid arguments and unsupported files raise naming the argument or the file."""
     path = write(tmp_path, GOOD)
     for kwargs, name in (({"num_proc": 0}, "num_proc"), ({"batch_size": 0}, "batch_size"),
-                         ({"assistant_turns": "x"}, "assistant_turns")):
+                         ({"assistant_turns": "x"}, "assistant_turns"), ({"non_prefix_stable": "x"}, "non_prefix_stable")):
         with pytest.raises(ValueError, match=name):
             load_sft_data(path, tokenizer, cache_dir=cache, **kwargs)
     (tmp_path / "d.csv").write_text("a\n")

@@ -18,6 +18,7 @@ from ds_chunkflow.constants import IGNORE_INDEX
 from ds_chunkflow.data.jsonl import DataError, GlobalBatchSampler, load_jsonl
 from ds_chunkflow.testing.chat_templates import QWEN2_5
 from ds_chunkflow.testing.tokenizer import CHAT_TEMPLATE, VOCAB_SIZE, build_tokenizer
+from tests.data.test_chat_labels import qwen3_chat, reference_turn
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLE_DATA = REPO / "examples" / "data" / "sample_sft.jsonl"
@@ -237,6 +238,48 @@ def test_chat_the_template_cannot_label_is_a_line_error(tmp_path: Path) -> None:
     assert load_jsonl(path, tok, on_error="skip").stats.skipped == {"chat_template": 1}
 
 
+def test_reasoning_chats_expand_per_turn_and_are_counted(tmp_path: Path) -> None:
+    """Released Qwen3 template: a 4-turn reasoning chat gives one sample per assistant turn, each exactly the
+    independent apply_chat_template construction and naming its line; a single-turn chat stays one sample; the
+    stats count the expansion, the summary says so, and lines = blank + kept lines + skipped still holds."""
+    tok = build_tokenizer(family="qwen3")
+    multi, single = qwen3_chat(), qwen3_chat()[1:3]
+    path = write(tmp_path, json.dumps({"messages": multi}), "", json.dumps({"messages": single}), GOOD)
+    ds = load_jsonl(path, tok)
+    turns = [i for i, m in enumerate(multi) if m["role"] == "assistant"]
+    expected = [reference_turn(tok, multi, i) for i in turns] + [reference_turn(tok, single, 1)]
+    assert [(ds[k]["input_ids"].tolist(), ds[k]["labels"].tolist()) for k in range(5)] == expected
+    assert len(ds) == 6 and ds.line_numbers == [1, 1, 1, 1, 3, 4]
+    st = ds.stats
+    assert (st.num_expanded_lines, st.num_expanded_samples, st.num_samples, st.num_lines) == (1, 4, 6, 4)
+    assert st.num_lines == (st.num_blank_lines + st.num_skipped + st.num_samples - st.num_expanded_samples
+                            + st.num_expanded_lines)
+    assert st.num_loss_tokens == sum(ds.num_loss_tokens([k]) for k in range(6))
+    assert "3 lines -> 6 samples (expanded per assistant turn" in st.summary()
+    assert "1 chats into 4 samples" in st.summary()
+    last = load_jsonl(path, tok, assistant_turns="last")  # one sample per line, the final turn's reasoning trained
+    assert len(last) == 3 and last.stats.num_expanded_lines == 0 and "expanded" not in last.stats.summary()
+    assert (last[0]["input_ids"].tolist(), last[0]["labels"].tolist()) == reference_turn(tok, multi, turns[-1])
+
+
+def test_reasoning_chat_without_expansion_or_too_long_is_a_line_error(tmp_path: Path) -> None:
+    """non_prefix_stable="error": the multi-turn reasoning chat is a not_prefix_stable DataError naming file and
+    line (or skipped and counted); a line is kept or refused whole: one over-long turn sample refuses the line."""
+    tok = build_tokenizer(family="qwen3")
+    multi = qwen3_chat()
+    path = write(tmp_path, GOOD, json.dumps({"messages": multi}))
+    with pytest.raises(DataError, match=r"data.jsonl:2: .*non_prefix_stable='expand'") as e:
+        load_jsonl(path, tok, non_prefix_stable="error")
+    assert e.value.reason == "not_prefix_stable"
+    skipped = load_jsonl(path, tok, non_prefix_stable="error", on_error="skip")
+    assert len(skipped) == 1 and skipped.stats.skipped == {"not_prefix_stable": 1}
+    first_turn = len(reference_turn(tok, multi, 2)[0])
+    with pytest.raises(DataError, match=r"data.jsonl:2: sample has \d+ tokens, longer than max_seq_len"):
+        load_jsonl(path, tok, max_seq_len=first_turn)
+    cut = load_jsonl(path, tok, max_seq_len=first_turn, on_overlong="skip")
+    assert len(cut) == 1 and cut.stats.skipped == {"overlong": 1} and cut.stats.num_expanded_lines == 0
+
+
 # --- the model's vocabulary and max_seq_len, checked at load time ------------------------
 # What the example meets: the toy tokenizer saved next to a tiny Qwen2 (512 embedding rows) loads
 # back as a Qwen2Tokenizer with an added '<|endoftext|>' at id 512, so len(tokenizer) == 513.
@@ -328,6 +371,7 @@ BAD_ARGS = [
     ({"max_seq_len": 0}, "max_seq_len"),
     ({"vocab_size": 0}, "vocab_size"),
     ({"assistant_turns": "first"}, "assistant_turns"),
+    ({"non_prefix_stable": "drop"}, "non_prefix_stable"),
 ]
 
 
