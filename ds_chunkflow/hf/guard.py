@@ -86,7 +86,9 @@ class GuardReport:
 
 
 def _refuse(model, reason: str, advice: str) -> ModelRefused:
-    return ModelRefused(f"ds_chunkflow cannot train {type(model).__name__} exactly: {reason}. {advice}")
+    error = ModelRefused(f"ds_chunkflow cannot train {type(model).__name__} exactly: {reason}. {advice}")
+    error.reason = reason  # the why alone (scripts/family_matrix.py shows it)
+    return error
 
 
 # ---------------------------------------------------------------------------- static checks
