@@ -38,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a bad data line: stop naming file and line, or skip it and count it by reason")
     p.add_argument("--assistant_turns", choices=["all", "last"], default="all",
                    help="chat lines: loss on every assistant reply or on the last one only")
+    p.add_argument("--non_prefix_stable", choices=["expand", "error"], default="expand",
+                   help="chat lines a template does not render prefix-stably (Qwen3 reasoning): one sample per "
+                   "assistant turn, or a data error (docs/data.md)")
     p.add_argument("--data_cache", default=None, help="tokenised-data cache (default: <output_dir>/data_cache)")
     p.add_argument("--num_proc", type=int, default=None, help="tokenising processes (default: the CPUs, at most 8)")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (global batches); default 30, or "
@@ -181,6 +184,7 @@ def load_data(args, paths: list[str], tokenizer, cf, vocab_size: int, weights: l
 
     options = dict(max_seq_len=cf.max_seq_len if cf else None, on_overlong=cf.on_overlong if cf else "error",
                    on_error=args.on_error, vocab_size=vocab_size, assistant_turns=args.assistant_turns,
+                   non_prefix_stable=args.non_prefix_stable,
                    num_proc=args.num_proc, cache_dir=args.data_cache or os.path.join(args.output_dir, "data_cache"))
     if len(paths) == 1 and weights is None:
         return load_sft_data(paths[0], tokenizer, **options)
