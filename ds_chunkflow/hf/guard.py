@@ -64,10 +64,6 @@ NO_ADAPTER = {
                        "the time-mix / channel-mix token shifts); transformers' code does take a start state (the "
                        "model's state= argument), but ds_chunkflow has no adapter that carries it across chunks or "
                        "restarts it per packed sequence, and the model has no attention to receive the chunk layout",
-    "RecurrentGemmaForCausalLM": "its recurrent blocks (RG-LRU and a short convolution) carry a state from token to "
-                                 "token; transformers' RG-LRU takes its start state only as a module attribute "
-                                 "(rg_lru.recurrent_states, cleared on every training forward) and its multi-token "
-                                 "convolution takes none, and ds_chunkflow has no adapter for that block yet",
 }
 
 

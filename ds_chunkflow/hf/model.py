@@ -13,7 +13,7 @@ The extras (:data:`FORWARD_EXTRAS`, read from the transformers 5.24 sources)::
     embedding multiplier     Granite      hidden = embed(ids) * embedding_multiplier
     logit scaling            Granite      logits = head(h) / logits_scaling
                              Cohere       logits = head(h) * logit_scale
-    final logit softcapping  Gemma 2 / 3  logits = tanh(logits / c) * c
+    final logit softcapping  Gemma 2 / 3, RecurrentGemma  logits = tanh(logits / c) * c
 
 (the embedding multiplier matters only to the pipeline wrapper, which rebuilds the forward.)
 A model whose forward does anything else after its decoder is caught by the guard's probe,
@@ -67,6 +67,7 @@ FORWARD_EXTRAS: dict[str, Callable[..., ForwardExtras]] = {
     "granite": _granite, "granitemoe": _granite, "granitemoeshared": _granite, "granitemoehybrid": _granite,
     "cohere": _cohere, "cohere2": _cohere,
     "gemma2": _gemma, "gemma3_text": _gemma, "vaultgemma": _gemma,
+    "recurrent_gemma": lambda config: ForwardExtras(final_logit_softcapping=config.logits_soft_cap),
 }
 
 

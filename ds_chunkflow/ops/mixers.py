@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import sys
 from dataclasses import dataclass, field
 
@@ -82,6 +83,8 @@ SUPPORTED = {
     "transformers.models.zamba.modeling_zamba.ZambaMambaMixer": "Mamba1 selective scan, one per head (Zamba)",
     "transformers.models.mamba.modeling_mamba.MambaMixer": "Mamba1 selective scan (pure Mamba)",
     "transformers.models.falcon_mamba.modeling_falcon_mamba.FalconMambaMixer": "Mamba1 selective scan (FalconMamba)",
+    "transformers.models.recurrent_gemma.modeling_recurrent_gemma.RecurrentGemmaRecurrentBlock":
+        "RG-LRU + short convolution (RecurrentGemma)",
 }
 
 _OUTSIDE, _PLAIN = "outside the model's forward", "a forward without the chunk layout"
@@ -216,7 +219,7 @@ class _Carry(torch.autograd.Function):
         return (None, None, None, None, dout, *states.pending_grads(name, end, keys))
 
 
-def _run_dependent(name: str, original, x: torch.Tensor, seg: SegmentSpec) -> torch.Tensor:
+def _run_dependent(name: str, call, x: torch.Tensor, seg: SegmentSpec) -> torch.Tensor:
     """One piece of a long sequence: the mixer starts from the state the chunk before left, hands on its own."""
     if seg.state.mixers is None:
         seg.state.mixers = MixerStates()
@@ -228,10 +231,7 @@ def _run_dependent(name: str, original, x: torch.Tensor, seg: SegmentSpec) -> to
         raise NotImplementedError(f"mixer {name}: a one-token dependent chunk inside a sequence (chunk_size 1)")
     token = _CALL.set(cache)
     try:
-        if seg.length == 1:
-            out = original(F.pad(x, (0, 0, 0, 1)), cache=cache, attention_mask=None)[:, :1]
-        else:
-            out = original(x, cache=cache, attention_mask=None)
+        out = call(F.pad(x, (0, 0, 0, 1)), cache)[:, :1] if seg.length == 1 else call(x, cache)
     finally:
         _CALL.reset(token)
     if last:
@@ -367,19 +367,76 @@ def _patched_functions(mixers: list[tuple[str, torch.nn.Module]]):
             setattr(mod, fname, fn)
 
 
-def _run_packed(original, x: torch.Tensor, segments: list[SegmentSpec]) -> torch.Tensor:
+def _run_packed(call, x: torch.Tensor, segments: list[SegmentSpec]) -> torch.Tensor:
     # an empty cache keeps the mixer on its unfused path, whose token mixing goes through the functions above
     cache = _StateCache({})
-    token, call = _SEGMENTS.set([(s.start, s.start + s.length) for s in segments]), _CALL.set(cache)
+    token, call_token = _SEGMENTS.set([(s.start, s.start + s.length) for s in segments]), _CALL.set(cache)
     try:
-        return original(x, cache=cache, attention_mask=None)
+        return call(x, cache)
     finally:
-        _CALL.reset(call)
+        _CALL.reset(call_token)
         _SEGMENTS.reset(token)
 
 
-def _adapter(name: str, original):
+# ---------------------------------------------------------------------------- RecurrentGemma's recurrent block
+# Its state lives outside transformers' cache: the RG-LRU reads its start state from the module attribute
+# ``rg_lru.recurrent_states`` (which the block clears on every forward without a cache) and the block's causal
+# convolution is a plain ``nn.Conv1d`` over the call (padding ``width - 1``, no start window). For one call the two
+# submodules run from the call's state instead; the block's own code does the rest. The RG-LRU restarts by itself
+# where ``position_ids`` is 0, so a packed chunk only needs its convolution run per segment.
+def _call_recurrent_gemma_block(block, original, kwargs, x, cache) -> torch.Tensor:
+    positions = kwargs["position_ids"]
+    if positions.shape[1] < x.shape[1]:  # a one-token piece run as two (_run_dependent): the padding token's position
+        positions = torch.cat([positions, positions[:, -1:] + 1], dim=1)
+    conv, lru = block.conv_1d, block.rg_lru
+    conv_forward, lru_forward = conv.forward, lru.forward
+    window = conv.kernel_size[0] - 1
+
+    def conv_from_window(x_branch):  # [b, C, T] -> the causal conv's [b, C, T]
+        bounds = _SEGMENTS.get()
+        if bounds is not None:  # packed: each sequence from zero
+            return torch.cat([conv_forward(x_branch[..., lo:hi])[..., :hi - lo] for lo, hi in bounds], dim=-1)
+        full = cache.update_conv_state(x_branch, 0, conv_kernel_size=window)  # window + inputs
+        skip = full.shape[-1] - x_branch.shape[-1]
+        return conv_forward(full)[..., skip:skip + x_branch.shape[-1]]
+
+    def lru_from_state(activations, position_ids):
+        lru.recurrent_states = cache.initial.get("recurrent0")
+        try:
+            out = lru_forward(activations, position_ids)
+            cache.update_recurrent_state(lru.recurrent_states, 0)
+        finally:
+            lru.recurrent_states = None  # no tensor of this step's graph left on the module
+        return out
+
+    conv.forward, lru.forward = conv_from_window, lru_from_state
+    try:
+        out, _ = original(x, position_ids=positions, attention_mask=None, use_cache=False)
+    finally:
+        del conv.forward, lru.forward
+    return out
+
+
+def _call_mixer(module, original, kwargs, x, cache) -> torch.Tensor:
+    return original(x, cache=cache, attention_mask=None)
+
+
+# class path -> how its adapter calls it for one piece with a state cache, and whether the module returns (out, None)
+_CALLS = {"transformers.models.recurrent_gemma.modeling_recurrent_gemma.RecurrentGemmaRecurrentBlock":
+          (_call_recurrent_gemma_block, True)}
+
+
+def _adapter(name: str, original, module):
+    run, returns_pair = _CALLS.get(class_path(module), (_call_mixer, False))
+
     def forward(hidden_states, *args, **kwargs):
+        call = functools.partial(run, module, original, kwargs)
+        if returns_pair:
+            out = chunked(hidden_states, *args, call=call, **kwargs)
+            return out if isinstance(out, tuple) else (out, None)
+        return chunked(hidden_states, *args, call=call, **kwargs)
+
+    def chunked(hidden_states, *args, call, **kwargs):
         ctx = kwargs.get("chunkflow") or _CURRENT.get()
         if ctx is _PLAIN:  # the model called without a chunk layout: its own forward
             return original(hidden_states, *args, **kwargs)
@@ -395,8 +452,8 @@ def _adapter(name: str, original):
         if segs[0].state is not None:
             if len(segs) != 1:
                 raise AssertionError("a dependent chunk holds one piece of one sequence")
-            return _run_dependent(name, original, hidden_states, segs[0])
-        return _run_packed(original, hidden_states, segs)
+            return _run_dependent(name, call, hidden_states, segs[0])
+        return _run_packed(call, hidden_states, segs)
 
     return forward
 
@@ -429,7 +486,7 @@ def use_chunkflow_mixers(model: torch.nn.Module):
     for h, ckpt in checkpointing:
         h._gradient_checkpointing_func = _under_current_chunk(ckpt)
     for name, m in mixers:
-        m.forward = _adapter(name, m.forward)
+        m.forward = _adapter(name, m.forward, m)
     # Zamba's shared attention blocks share one layer_idx; the K/V state is keyed by it (transformers_adapter, 8.)
     shared = [(attn, attn.layer_idx, index) for attn, index in transformers_adapter.shared_attention_indices(model)]
     if len({id(attn) for attn, _, _ in shared}) != len(shared):

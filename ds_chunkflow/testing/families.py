@@ -109,6 +109,10 @@ EXACT = {
                dict(num_hidden_layers=4, layers_block_type=["mamba", "hybrid", "mamba", "hybrid"], n_mamba_heads=4,
                     mamba_d_state=8, mamba_ngroups=1, chunk_size=4, num_key_value_heads=4, use_mem_rope=True,
                     use_shared_attention_adapter=True, adapter_rank=8), FP32_INSIDE),
+    # RG-LRU + short conv blocks and local attention; the RG-LRU accumulates in float32 (acc_dtype) in any model
+    "recurrent_gemma": ("recurrent_gemma", "RG-LRU + local attention, logit softcap",
+                        dict(num_hidden_layers=3, lru_width=64, head_dim=16, attention_window_size=12,
+                             block_types=["recurrent", "recurrent", "attention"]), FP32_INSIDE),
     # no attention at all: the mixers' state is the model's only state
     "mamba": ("mamba", "pure SSM, Mamba1", dict(state_size=8, time_step_rank=8), FP32_INSIDE),
     "mamba2": ("mamba2", "pure SSM, Mamba2", dict(num_heads=4, head_dim=32, state_size=8, n_groups=1, chunk_size=4),
@@ -119,9 +123,6 @@ EXACT = {
 
 # family -> (model_type, kind, overrides, reason substring)
 REFUSED = {
-    "recurrent_gemma": ("recurrent_gemma", "RG-LRU", dict(num_hidden_layers=3, lru_width=64, head_dim=16,
-                                                          block_types=["recurrent", "recurrent", "attention"]),
-                        "RG-LRU and a short convolution"),
     "rwkv": ("rwkv", "RWKV (no attention)", dict(attention_hidden_size=64, context_length=512),
              "WKV time-mix recurrence"),
     "opt": ("opt", "LM head calls the decoder directly", dict(ffn_dim=128, word_embed_proj_dim=64),

@@ -89,10 +89,10 @@ def assert_matches_reference(got, families):
 
 
 def test_hybrid_refused_on_every_rank_under_zero3(tmp_path):
-    """RecurrentGemma (RG-LRU, no adapter) under ZeRO-3: initialize raises ModelRefused on both ranks (no hang),
-    before any gradient, naming its recurrent blocks."""
+    """RWKV (recurrent, no adapter) under ZeRO-3: initialize raises ModelRefused on both ranks (no hang), before any
+    gradient, naming its recurrence."""
     out = tmp_path / "refused"
     run_ranks(refused_everywhere, 3, str(out), timeout=120)
     for r in range(2):
         text = (tmp_path / f"refused.{r}").read_text()
-        assert "RecurrentGemmaForCausalLM" in text and "RG-LRU" in text and "grads written: 0" in text
+        assert "RwkvForCausalLM" in text and "WKV time-mix recurrence" in text and "grads written: 0" in text

@@ -7,13 +7,13 @@ import torch
 import ds_chunkflow
 from ds_chunkflow.hf.guard import ModelRefused, check_model
 from ds_chunkflow.ops import mixers
-from ds_chunkflow.runtime.chunk import ChunkRun
+from ds_chunkflow.runtime.chunk import ChunkRuntime
 from ds_chunkflow.testing.families import build, exact_case
 from tests.helpers.exactness import chunked_errors
 from tests.helpers.reference import make_sequences
 
 HYBRIDS = ["lfm2", "qwen3_next", "granitemoehybrid", "bamba", "nemotron_h", "jamba",
-           "lfm2_moe", "falcon_h1", "zamba", "zamba2", "mamba", "mamba2", "falcon_mamba"]
+           "lfm2_moe", "falcon_h1", "zamba", "zamba2", "mamba", "mamba2", "falcon_mamba", "recurrent_gemma"]
 CHUNK = 8
 
 
@@ -43,7 +43,7 @@ def test_split_sequence_carries_state_and_its_gradient(family, keep):
 
 
 @pytest.mark.parametrize("family", ["lfm2", "qwen3_next", "granitemoehybrid", "jamba", "lfm2_moe", "falcon_h1",
-                                    "zamba", "zamba2", "mamba", "mamba2", "falcon_mamba"])
+                                    "zamba", "zamba2", "mamba", "mamba2", "falcon_mamba", "recurrent_gemma"])
 def test_activation_offload_and_layer_recompute_stay_exact(family):
     """Far chunks offloaded to the CPU, and transformers' layer checkpointing recomputing a mixer inside its
     chunk's backward: the gradient still reaches the state of the chunk before (Jamba's layer calls its mixer
@@ -56,7 +56,7 @@ def test_activation_offload_and_layer_recompute_stay_exact(family):
 
 
 @pytest.mark.parametrize("family", ["lfm2", "qwen3_next", "granitemoehybrid", "jamba", "lfm2_moe", "falcon_h1",
-                                    "zamba", "zamba2", "mamba", "falcon_mamba"])
+                                    "zamba", "zamba2", "mamba", "falcon_mamba", "recurrent_gemma"])
 def test_a_lost_state_or_state_gradient_would_be_caught(family, monkeypatch):
     """The tests above are sensitive: starting every chunk from zero moves loss and gradients far beyond the
     tolerance (and the guard's probe refuses it), dropping the gradient the next chunk sends back moves the gradients
@@ -101,14 +101,14 @@ def test_mixer_state_per_boundary_is_constant_in_the_sample_length(monkeypatch):
     the sample; with K=1 every boundary is held until the recomputes reach it; all is freed by the last backward."""
     model, _ = _model("lfm2")
     seen = []
-    release = ChunkRun.release
+    release = ChunkRuntime.release
 
     def spy(self, group):
         states = self.states[group].mixers
         seen.append((states.bytes_per_boundary, states.peak_bytes, states.nbytes))
         release(self, group)
 
-    monkeypatch.setattr(ChunkRun, "release", spy)
+    monkeypatch.setattr(ChunkRuntime, "release", spy)
     for n in (3 * CHUNK, 6 * CHUNK):
         ds_chunkflow.chunked_forward_backward(model, make_sequences([n], model.config.vocab_size), chunk_size=CHUNK)
     convs = [m.conv for _, m in mixers.supported_mixers(model)]
