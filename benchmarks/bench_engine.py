@@ -137,8 +137,8 @@ def micro_batches(system, batch, rank, world, cfg):
 
 def work_per_rank(system, batch, world, cfg) -> list[dict]:
     """Real tokens, computed token slots and modelled cost (ChunkFlow's CostModel) per rank."""
-    from ds_chunkflow.plan.batch_plan import plan_batch
     from ds_chunkflow.plan.chunking import CostModel
+    from ds_chunkflow.runtime.batch_plan import plan_batch
 
     cost = CostModel(attention=1.0 / (6 * cfg["model"]["hidden_size"]))  # the engine's default weight
     if system.startswith("chunkflow"):

@@ -15,7 +15,7 @@ import warnings
 MOVED = {
     "chunking": "plan.chunking",
     "scheduler": "plan.schedule",
-    "batch_plan": "plan.batch_plan",
+    "batch_plan": "runtime.batch_plan",
     "pipeline.planner": "plan.planner",
     "pipeline.simulate": "plan.simulate",
     "attention": "ops.attention",

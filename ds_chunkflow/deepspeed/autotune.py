@@ -28,14 +28,16 @@ smallest need, before anything trains.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
 from ds_chunkflow.config import ChunkFlowConfig, ConfigError
+from ds_chunkflow.deepspeed.deepspeed_adapter import client_optimizer, full_numel, held_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -213,15 +215,14 @@ def static_terms(params: Sequence[torch.nn.Parameter], zero_stage: int, dp_world
                  mixed_precision: bool) -> dict[str, int]:
     """Parameters, gradients, optimizer state (with float32 master copies) held by one rank.
 
-    Parameters count what is allocated here (a ZeRO-3 partition: ``ds_tensor``); gradients are full
+    Parameters count what is allocated here (a ZeRO-3 partition: :func:`held_tensor`); gradients are full
     at stages 0-1 and a 1/W float32 partition from stage 2; optimizer state is 1/W from stage 1."""
     local = full = 0
     elt = 4
     for p in params:
-        held = getattr(p, "ds_tensor", None)
-        local += (held if held is not None else p).numel() * p.element_size()
+        local += held_tensor(p).numel() * p.element_size()
         if p.requires_grad:
-            full += int(getattr(p, "ds_numel", p.numel()))
+            full += full_numel(p)
             elt = p.element_size()
     shard = dp_world if zero_stage >= 1 else 1
     grads = full * 4 // dp_world if zero_stage >= 2 else full * elt
@@ -235,21 +236,18 @@ def _probe_run(forward_fn, model, device, tokens: int, chunk_size: int, keep_chu
                cf: ChunkFlowConfig):
     """One sequence of ``tokens`` random ids through the executor, forward only (graphs dropped, no
     ``.grad`` touched); returns ``(activation meter peak, executor stats)``."""
-    from ds_chunkflow.ops.attention import use_chunkflow_attention
-    from ds_chunkflow.ops.mixers import use_chunkflow_mixers
-    from ds_chunkflow.plan.batch_plan import plan_batch
-    from ds_chunkflow.runtime.chunk import num_loss_pieces
+    from ds_chunkflow.runtime.batch_plan import plan_batch
+    from ds_chunkflow.runtime.chunk import ChunkRuntime, hooks
     from ds_chunkflow.runtime.executor import Executor
     from ds_chunkflow.runtime.memory import ActivationMeter
 
     ids = torch.randint(0, vocab, (tokens,), generator=torch.Generator().manual_seed(tokens))
     batch = plan_batch([{"input_ids": ids, "labels": ids.clone()}], chunk_size=chunk_size, keep_chunks=keep_chunks)
     meter = ActivationMeter()
-    executor = Executor(forward_fn, lambda loss, boundary: None, batch.sequences, batch.num_loss_tokens, device,
-                        cf.offload.kv_state_min_tokens, meter, pad_token_id=cf.pad_token_id, model=model,
-                        loss_pieces=num_loss_pieces(chunk_size, cf.loss_piece_tokens))
-    with use_chunkflow_attention(model.config), use_chunkflow_mixers(model):
-        stats = executor.run(batch.rank_plans[0])
+    runtime = ChunkRuntime.from_config(batch.sequences, cf, device, batch.num_loss_tokens, chunk_size=chunk_size,
+                                       meter=meter)
+    with hooks(model):
+        stats = Executor(forward_fn, lambda loss, boundary: None, runtime, model=model).run(batch.rank_plans[0])
     return meter.peak, stats
 
 
@@ -294,30 +292,36 @@ def needs_autotune(cf: ChunkFlowConfig | None) -> bool:
     return cf is not None and "auto" in (cf.chunk_size, cf.keep_chunks)
 
 
-def autotune_engine(engine, dataset=None) -> Choice:
-    """Resolves ``auto`` in ``engine.chunkflow_config`` once, at engine start (collective over the
-    data-parallel group): measures, chooses, replaces the config, logs on rank 0 and keeps the
-    :class:`Choice` as ``engine.chunkflow_autotune``."""
+def resolve_auto(engine, cf: ChunkFlowConfig, dataset=None) -> tuple[ChunkFlowConfig, Choice]:
+    """``cf`` with ``auto`` resolved, measured on ``engine`` (a DeepSpeed engine being built: its module,
+    optimizer and ZeRO stage are set up; collective over its data-parallel group), and the :class:`Choice`.
+
+    Reads nothing from and writes nothing to the engine's ChunkFlow config: the engine is given the
+    returned config as its own before its constructor returns (:func:`engine_resolver`), so the config
+    an engine holds never changes after it is built. Logs the choice on rank 0."""
     from ds_chunkflow.deepspeed.distributed import all_reduce
 
-    cf = engine.chunkflow_config
     group, device = engine.data_parallel_group, engine.device
     reduce_max = lambda xs: all_reduce(xs, "max", group, device)  # noqa: E731
     mixed = bool(engine.bfloat16_enabled() or engine.fp16_enabled())
     static = static_terms(list(engine.module.parameters()), engine.zero_optimization_stage(), engine.dp_world_size,
-                          getattr(engine, "basic_optimizer", None), mixed)
+                          client_optimizer(engine), mixed)
     static = dict(zip(static, (int(v) for v in reduce_max([float(v) for v in static.values()]))))
     profile = measure_profile(engine, engine.module, device, cf, static, reduce_max)
-    longest = longest_sample(dataset if dataset is not None else engine.chunkflow_dataset, cf)
+    longest = longest_sample(dataset, cf)
     kv_offloaded = cf.offload.kv_state_min_tokens is not None and longest >= cf.offload.kv_state_min_tokens
     work = Workload(longest, offload_in_same_memory=cf.offload.activations == "far" and device.type == "cpu",
                     kv_on_device=not (kv_offloaded and torch.device(device).type != "cpu"))
     choice = choose(profile, work, int(cf.memory_budget_gib * GIB),
                     chunk_size=None if cf.chunk_size == "auto" else cf.chunk_size,
                     keep_chunks=None if cf.keep_chunks == "auto" else cf.keep_chunks)
-    engine.chunkflow_config = cf.model_copy(update={"chunk_size": choice.chunk_size,
-                                                    "keep_chunks": choice.keep_chunks})
-    engine.chunkflow_autotune = choice
     if engine.global_rank == 0:
         logger.info("ds_chunkflow autotune: %s", choice.summary())
-    return choice
+    return cf.model_copy(update={"chunk_size": choice.chunk_size, "keep_chunks": choice.keep_chunks}), choice
+
+
+def engine_resolver(cf: ChunkFlowConfig, dataset=None) -> Callable | None:
+    """What :class:`~ds_chunkflow.deepspeed.engine.ChunkFlowEngine` calls at the end of its constructor
+    (``chunkflow_resolve``) to get its final config and :class:`Choice` (``engine.chunkflow_autotune``):
+    :func:`resolve_auto` of ``cf``; None when nothing is ``auto``."""
+    return functools.partial(resolve_auto, cf=cf, dataset=dataset) if needs_autotune(cf) else None

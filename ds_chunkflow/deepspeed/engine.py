@@ -1,7 +1,7 @@
 """ChunkFlowEngine: a thin DeepSpeedEngine subclass that trains on ChunkFlow chunks.
 
 ``train_batch(sequences)`` takes one whole global batch (the same list on every
-data-parallel rank), plans it with :func:`ds_chunkflow.plan.batch_plan.plan_batch`, runs this
+data-parallel rank), plans it with :func:`ds_chunkflow.runtime.batch_plan.plan_batch`, runs this
 rank's share through :class:`ds_chunkflow.runtime.executor.Executor` with the engine as the
 forward and ``engine.backward`` as the backward, and takes one optimizer step.
 
@@ -12,6 +12,7 @@ averages gradients over the W data-parallel ranks, so each backward is given
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -22,21 +23,25 @@ from deepspeed.runtime.engine import DeepSpeedEngine
 
 from ds_chunkflow.config import ChunkFlowConfig
 from ds_chunkflow.deepspeed import checkpoint
-from ds_chunkflow.deepspeed.deepspeed_adapter import Zero3LiveGraphs, count_param_gathers
+from ds_chunkflow.deepspeed.deepspeed_adapter import Zero3LiveGraphs, all_to_all_dim0, count_param_gathers
 from ds_chunkflow.deepspeed.distributed import agree_on_errors, all_reduce
 from ds_chunkflow.deepspeed.monitor import step_metrics, write_events
 from ds_chunkflow.hf.export import save_hf_metadata
 from ds_chunkflow.hf.guard import check_model
 from ds_chunkflow.hf.model import enable_recompute
-from ds_chunkflow.ops.attention import use_chunkflow_attention
-from ds_chunkflow.ops.mixers import supported_mixers, use_chunkflow_mixers
-from ds_chunkflow.ops.sequence_parallel import SequenceParallelRefused, check_heads, sp_group_ranks
-from ds_chunkflow.plan.batch_plan import BatchPlan, plan_batch
+from ds_chunkflow.ops.mixers import supported_mixers
+from ds_chunkflow.ops.sequence_parallel import (
+    SequenceParallelGroup,
+    SequenceParallelRefused,
+    check_heads,
+    sp_group_ranks,
+)
 from ds_chunkflow.plan.chunking import CostModel, sp_sizes
 from ds_chunkflow.runtime.batch import SequenceDict, count_loss_tokens
-from ds_chunkflow.runtime.chunk import get_rng, num_loss_pieces, set_rng
+from ds_chunkflow.runtime.batch_plan import BatchPlan, plan_batch
+from ds_chunkflow.runtime.chunk import ChunkRuntime, get_rng, hooks, set_rng
 from ds_chunkflow.runtime.executor import Executor, GraphHooks, no_backward
-from ds_chunkflow.runtime.memory import ActivationMeter, peak_rss_bytes
+from ds_chunkflow.runtime.memory import peak_rss_bytes
 
 SAMPLER_KEY = "ds_chunkflow_sampler"
 EVAL_BATCH_SAMPLES = 256  # samples planned together by evaluate(): the whole set is never planned at once
@@ -153,7 +158,7 @@ class ChunkFlowMixin:
 
 
 class ChunkFlowEngine(ChunkFlowMixin, DeepSpeedEngine):
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, chunkflow_resolve=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.num_recomputed_layers = enable_recompute(self.module, self.chunkflow_config.recompute_layers)
         # every rank probes (under ZeRO-3 the forward gathers parameters collectively); the
@@ -164,7 +169,10 @@ class ChunkFlowEngine(ChunkFlowMixin, DeepSpeedEngine):
         self.guard_report = report
         logger.info("ds_chunkflow guard: %s passed (probe error %.1e <= %.0e) in %.2f s", report.model_class,
                     report.max_error, report.tolerance, report.seconds)
-        self.sp_groups = self._sequence_parallel_groups()
+        self.sp_process_groups = self._sequence_parallel_groups()
+        self.chunkflow_autotune = None  # chunk_size / keep_chunks: auto, measured on this engine before it is returned
+        if chunkflow_resolve is not None:  # (ds_chunkflow.deepspeed.autotune.engine_resolver): the config is final
+            self.chunkflow_config, self.chunkflow_autotune = chunkflow_resolve(self)
 
     def _sequence_parallel_groups(self) -> dict[tuple[int, ...], Any]:
         """One process group per aligned block of data-parallel ranks a long sample may be spread over
@@ -192,7 +200,7 @@ class ChunkFlowEngine(ChunkFlowMixin, DeepSpeedEngine):
 
         global_ranks = tdist.get_process_group_ranks(self.data_parallel_group)
         sizes = sp_sizes(self.dp_world_size, sp.max_size)
-        return {ranks: dist.new_group(ranks=[global_ranks[r] for r in ranks])
+        return {ranks: SequenceParallelGroup(dist.new_group(ranks=[global_ranks[r] for r in ranks]), all_to_all_dim0)
                 for ranks in sp_group_ranks(self.dp_world_size, sizes)}
 
     # ------------------------------------------------------------------ step
@@ -212,29 +220,26 @@ class ChunkFlowEngine(ChunkFlowMixin, DeepSpeedEngine):
             self.set_gradient_accumulation_boundary(boundary)
             self.backward(loss * world, scale_wrt_gas=False)
 
-        cf = self.chunkflow_config
         zero3 = self.zero_optimization_stage() == 3
-        executor = Executor(self, backward, batch.sequences, batch.num_loss_tokens, self.device,
-                            cf.offload.kv_state_min_tokens, pad_token_id=cf.pad_token_id,
-                            loss_pieces=num_loss_pieces(cf.chunk_size, cf.loss_piece_tokens),
-                            model=self.module,
-                            graph_hooks=Zero3LiveGraphs(self) if zero3 else GraphHooks(),
-                            sp_groups=self.sp_groups)
-        with (use_chunkflow_attention(self.module.config), use_chunkflow_mixers(self.module),
-              count_param_gathers() as gathers):
+        runtime = ChunkRuntime.from_config(batch.sequences, self.chunkflow_config, self.device, batch.num_loss_tokens,
+                                           sp_process_groups=self.sp_process_groups)
+        executor = Executor(self, backward, runtime, model=self.module,
+                            graph_hooks=Zero3LiveGraphs(self) if zero3 else GraphHooks())
+        gathers = count_param_gathers() if zero3 else contextlib.nullcontext()
+        with hooks(self.module), gathers as gathered:
             stats = executor.run(batch.rank_plans[self._dp_rank()])
         self.step()
         self.set_gradient_accumulation_boundary(None)
-        loss, = all_reduce([stats.loss.item()], "sum", self.data_parallel_group, self.device)
+        loss, = all_reduce([stats.loss.item()], "sum", self.data_parallel_group, self.device)  # the step's one read
         peak_act, stats.peak_state_bytes, stats.mixer_state_bytes = all_reduce(
-            [executor.meter.peak, stats.peak_state_bytes, stats.mixer_state_bytes], "max", self.data_parallel_group,
+            [runtime.meter.peak, stats.peak_state_bytes, stats.mixer_state_bytes], "max", self.data_parallel_group,
             self.device)
         stats.offloaded_bytes, stats.state_bytes_moved, stats.num_recomputes = (int(x) for x in all_reduce(
             [stats.offloaded_bytes, stats.state_bytes_moved, stats.num_recomputes], "sum", self.data_parallel_group,
             self.device))
         metrics = step_metrics(batch, loss, time.perf_counter() - start, peak_rss_bytes(), stats, peak_act)
         if zero3:  # this rank's parameter all-gathers in the chunk forwards and backwards (not the step)
-            metrics.update(zero3_param_gathers=gathers.calls, zero3_param_gather_bytes=gathers.bytes)
+            metrics.update(zero3_param_gathers=gathered.calls, zero3_param_gather_bytes=gathered.bytes)
         self._write_metrics(metrics)
         return torch.tensor(loss)
 
@@ -256,16 +261,15 @@ class ChunkFlowEngine(ChunkFlowMixin, DeepSpeedEngine):
         self.module.eval()
         loss_sum, tokens = 0.0, 0
         try:
-            with use_chunkflow_attention(self.module.config), use_chunkflow_mixers(self.module):
+            with hooks(self.module):
                 for first in range(0, num_samples, batch_samples):
                     sequences = [data[i] for i in range(first, min(num_samples, first + batch_samples))]
                     tokens += count_loss_tokens(sequences)
                     batch = self._plan_agreed(sequences, world, self._cost_model(), group,
                                               sp_max_size=cf.sequence_parallel.max_size, evaluation=True)
-                    executor = Executor(self, no_backward, batch.sequences, 1, self.device,
-                                        cf.offload.kv_state_min_tokens, ActivationMeter.offload_only(),
-                                        pad_token_id=cf.pad_token_id, model=self.module, sp_groups=self.sp_groups,
-                                        loss_pieces=num_loss_pieces(cf.chunk_size, cf.loss_piece_tokens))
+                    runtime = ChunkRuntime.from_config(batch.sequences, cf, self.device,
+                                                       sp_process_groups=self.sp_process_groups)
+                    executor = Executor(self, no_backward, runtime, model=self.module)
                     loss_sum += executor.run(batch.rank_plans[self._dp_rank()]).loss.item()
         finally:
             self.module.train(was_training)

@@ -39,10 +39,10 @@ from typing import Callable
 import torch
 
 from ds_chunkflow.hf.model import OutputHead, base_model_of, final_hidden
-from ds_chunkflow.ops.attention import MissingChunkContext, use_chunkflow_attention
-from ds_chunkflow.ops.mixers import SUPPORTED, is_supported, supported_mixers, use_chunkflow_mixers
+from ds_chunkflow.ops.attention import MissingChunkContext
+from ds_chunkflow.ops.mixers import SUPPORTED, is_supported, supported_mixers
 from ds_chunkflow.plan.chunking import build_chunks
-from ds_chunkflow.runtime.chunk import ChunkRun
+from ds_chunkflow.runtime.chunk import ChunkRuntime, Mode, hooks
 
 PROBE_CHUNK = 8
 PROBE_LENGTHS = (5, 3, 19)  # a + b packed into one chunk; c split into 8 + 8 + 3
@@ -176,15 +176,21 @@ def _chunked_logits(forward_fn: Callable, model, sequences, device) -> list[torc
     """Per sequence, its logits as ChunkFlow computes them."""
     layout = build_chunks([int(s["input_ids"].numel()) for s in sequences], PROBE_CHUNK)
     pieces: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(sequences))}
-    run = ChunkRun(sequences, device)  # the same per-chunk core as training
+    runtime = ChunkRuntime(sequences, device, require_attention=False)  # the chunk runtime training uses
     head = OutputHead(model)
     chunks = [c for group in layout.groups for c in group] + list(layout.standalone)
-    with use_chunkflow_attention(model.config), use_chunkflow_mixers(model):
-        for chunk in chunks:
-            inputs, ctx = run.inputs(chunk), run.context(chunk)
+
+    def call(inputs):
+        def run(ctx):
             with final_hidden(model) as hidden:  # the loss's path: final hidden -> the model's head
                 forward_fn(input_ids=inputs.input_ids, position_ids=inputs.position_ids, use_cache=False,
                            chunkflow=ctx, logits_to_keep=1)
+            return ctx, hidden
+        return run
+
+    with hooks(model):
+        for chunk in chunks:
+            ctx, hidden = runtime.forward(chunk, call(runtime.inputs(chunk)), Mode.EVAL)
             if ctx.num_layer_calls == 0:
                 raise _refuse(model, "its layers never called the attention interface",
                               "Its attention bypasses transformers' AttentionInterface; train it without ChunkFlow")

@@ -459,8 +459,23 @@ def _adapter(name: str, original, module):
 
 
 @contextlib.contextmanager
-def use_chunkflow_mixers(model: torch.nn.Module):
-    """Routes every supported mixer of ``model`` through its ChunkFlow adapter for the block (re-entrant)."""
+def chunk_scope(ctx):
+    """The chunk the mixers see inside the block: set by the chunk runtime around every chunk forward, so
+    layers called directly (a pipeline stage's) get it without going through the model's forward."""
+    token = _CURRENT.set(ctx)
+    try:
+        yield
+    finally:
+        _CURRENT.reset(token)
+
+
+@contextlib.contextmanager
+def use_chunkflow_mixers(model: torch.nn.Module, from_forward_kwargs: bool = True):
+    """Routes every supported mixer of ``model`` through its ChunkFlow adapter for the block (re-entrant).
+
+    ``from_forward_kwargs``: each call of ``model`` sets the chunk from its ``chunkflow`` kwarg (a call
+    without one is the model's own plain forward). False for a module called without kwargs (a pipeline
+    stage): the mixers see the chunk of the enclosing :func:`chunk_scope`."""
     mixers = supported_mixers(model)
     if not mixers or getattr(model, _ACTIVE_ATTR, False):
         yield
@@ -473,8 +488,9 @@ def use_chunkflow_mixers(model: torch.nn.Module):
     def leave(module, args, kwargs, output):
         _CURRENT.reset(tokens.pop())
 
-    handles = [model.register_forward_pre_hook(enter, with_kwargs=True),
-               model.register_forward_hook(leave, with_kwargs=True, always_call=True)]
+    handles = [] if not from_forward_kwargs else [
+        model.register_forward_pre_hook(enter, with_kwargs=True),
+        model.register_forward_hook(leave, with_kwargs=True, always_call=True)]
     previous = [(m, vars(m).get("forward")) for _, m in mixers]  # an instance-level forward, if any
     # transformers' layer checkpointing recomputes a layer's forward inside the backward, outside the model's
     # forward; a layer that does not pass its kwargs to its mixer (Jamba) would leave the mixer without its chunk:

@@ -4,8 +4,10 @@ A group whose cost is more than one rank should carry (the cost model decides,
 :func:`ds_chunkflow.plan.chunking.assign_to_ranks`) is run by P ranks together. Every chunk of it is
 cut into P contiguous row shards (:class:`~ds_chunkflow.plan.chunking.Shard`); each rank runs the
 model on its shard, and only attention, the one place tokens meet, sees the whole chunk. Around
-it, one all-to-all over heads each way (DeepSpeed's differentiable all-to-all,
-``deepspeed.sequence.layer``, the one ``UlyssesSPAttentionHF`` uses)::
+it, one all-to-all over heads each way (a differentiable all-to-all over dim 0, given with the group:
+:class:`SequenceParallelGroup`; the engine gives DeepSpeed's, ``deepspeed.sequence.layer``, the one
+``UlyssesSPAttentionHF`` uses, through :func:`ds_chunkflow.deepspeed.deepspeed_adapter.all_to_all_dim0`;
+this module imports no DeepSpeed)::
 
     q, k, v  [1, H, T/P, d]  (all heads, my rows)     --all-to-all-->  [1, H/P, T, d]  (my heads, all rows)
     attention of the whole chunk on my heads, against my heads' share of the group's K/V state
@@ -28,28 +30,40 @@ and DeepSpeed's data-parallel average over all ranks sums them, as for any other
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Mapping
+from dataclasses import dataclass, replace
+from typing import Callable, Mapping
 
 import torch
 
 from ds_chunkflow.constants import IGNORE_INDEX
-from ds_chunkflow.deepspeed.deepspeed_adapter import all_to_all_dim0
 from ds_chunkflow.plan.chunking import Shard
-from ds_chunkflow.runtime.batch import ChunkInputs
+
+AllToAll = Callable[[object, torch.Tensor], torch.Tensor]
+"""``(group, x) -> y``: part j of ``x`` (dim 0) goes to rank j of ``group``; y's part j came from rank j;
+differentiable (its backward is the same exchange of the gradient)."""
 
 
 class SequenceParallelRefused(ValueError):
     """A model or config that sequence parallelism cannot run exactly; the message says why."""
 
 
+@dataclass(frozen=True)
+class SequenceParallelGroup:
+    """A process group a long sample's chunks are spread over, and the all-to-all to use on it."""
+
+    group: object
+    all_to_all: AllToAll
+
+
 @dataclass
 class UlyssesChunk:
-    """What the attention of one sequence-parallel chunk needs: the group, its size, the chunk's rows."""
+    """What the attention of one sequence-parallel chunk needs: the group, its size, the chunk's rows,
+    and the group's all-to-all."""
 
     group: object
     size: int
     num_tokens: int
+    all_to_all: AllToAll
 
     @property
     def rows_per_rank(self) -> int:
@@ -59,7 +73,7 @@ class UlyssesChunk:
         """``[1, H, T/P, d]`` (my rows, all heads) -> ``[1, H/P, T, d]`` (all rows, my heads)."""
         p, (b, h, s, d) = self.size, x.shape
         parts = x.reshape(b, p, h // p, s, d).transpose(0, 1)  # part j: head block j, for rank j
-        got = all_to_all_dim0(self.group, parts)                # part j: my head block, rank j's rows
+        got = self.all_to_all(self.group, parts)                # part j: my head block, rank j's rows
         return got.permute(1, 2, 0, 3, 4).reshape(b, h // p, p * s, d)[:, :, :self.num_tokens]
 
     def my_heads(self, per_head: torch.Tensor) -> torch.Tensor:
@@ -75,12 +89,13 @@ class UlyssesChunk:
         if p * s > t:
             x = torch.cat([x, x.new_zeros(b, h, p * s - t, d)], dim=2)
         parts = x.reshape(b, h, p, s, d).permute(2, 0, 1, 3, 4)  # part j: rank j's rows, my heads
-        got = all_to_all_dim0(self.group, parts)                 # part j: head block j, my rows
+        got = self.all_to_all(self.group, parts)                 # part j: head block j, my rows
         return got.transpose(0, 1).reshape(b, p * h, s, d)
 
 
-def shard_inputs(full: ChunkInputs, shard: Shard, pad_token_id: int) -> ChunkInputs:
-    """This rank's rows of a chunk, padded to ``ceil(T / P)`` rows (pad tokens, no targets)."""
+def shard_inputs(full, shard: Shard, pad_token_id: int):
+    """This rank's rows of a chunk (a :class:`~ds_chunkflow.runtime.batch.ChunkInputs`, returned as one),
+    padded to ``ceil(T / P)`` rows (pad tokens, no targets)."""
     t = full.input_ids.shape[1]
     lo, hi = shard.rows(t)
     pad = shard.rows_per_rank(t) - (hi - lo)
@@ -91,15 +106,17 @@ def shard_inputs(full: ChunkInputs, shard: Shard, pad_token_id: int) -> ChunkInp
 
     # pad positions: the chunk's first position, valid for any position embedding
     first = int(full.position_ids[0, 0])
-    return ChunkInputs(rows(full.input_ids, pad_token_id), rows(full.position_ids, first),
-                       rows(full.targets, IGNORE_INDEX),
-                       torch.tensor([0, hi - lo + pad], dtype=torch.int32, device=full.cu_seqlens.device))
+    targets = rows(full.targets, IGNORE_INDEX)
+    return replace(full, input_ids=rows(full.input_ids, pad_token_id), position_ids=rows(full.position_ids, first),
+                   targets=targets, target_rows=(targets[0] != IGNORE_INDEX).nonzero().squeeze(1))
 
 
-def ulysses_chunk(shard: Shard, num_tokens: int, groups: Mapping[tuple[int, ...], object]) -> UlyssesChunk:
+def ulysses_chunk(shard: Shard, num_tokens: int,
+                  groups: Mapping[tuple[int, ...], SequenceParallelGroup]) -> UlyssesChunk:
     if shard.ranks not in groups:
         raise RuntimeError(f"no sequence-parallel process group for data-parallel ranks {shard.ranks}")
-    return UlyssesChunk(groups[shard.ranks], shard.size, num_tokens)
+    group = groups[shard.ranks]
+    return UlyssesChunk(group.group, shard.size, num_tokens, group.all_to_all)
 
 
 def check_heads(config, max_size: int) -> None:

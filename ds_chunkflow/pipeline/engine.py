@@ -7,13 +7,17 @@ the extra instructions:
 
     LoadMicroBatch    chunk tensors into the buffer (first stage: ids/positions, last: targets)
     ForwardPass       forward with autograd; the last stage keeps one loss per buffer
+                      (``offload=True``: the saved tensors go to the CPU, activation offload)
     StateForwardPass  forward without a graph: only this stage's K/V state of the chunk
     RecomputeForwardPass  forward again from the RNG state of the StateForwardPass, with autograd
     BackwardPass      DeepSpeed's backward on the buffer; K/V gradients flow through the state
 
 Each instruction names its chunk (``micro_batch`` in its kwargs, the index into the chunk
-list); each stage keeps the K/V state of its own layers; the chunk being run reaches the
-layers through the module's :class:`~ds_chunkflow.pipeline.model.ChunkSlot`.
+list). Every chunk runs through the same :class:`~ds_chunkflow.runtime.chunk.ChunkRuntime` as in
+data parallelism (inputs, K/V and mixer state, RNG replay, offload, the chunked loss); each stage
+keeps the state of its own layers; the chunk being run reaches the attention layers through the
+module's :class:`~ds_chunkflow.pipeline.model.ChunkSlot` and the recurrent mixers through the
+runtime's chunk scope.
 
 Errors. Every rank plans the whole global batch; a planning error (a sample over
 ``max_seq_len``, an empty batch) is agreed over all ranks of the pipeline, and so is the
@@ -32,7 +36,6 @@ import os
 import sys
 import time
 import traceback
-import warnings
 from types import MethodType
 from typing import Sequence
 
@@ -44,10 +47,9 @@ from ds_chunkflow.deepspeed.distributed import all_reduce
 from ds_chunkflow.deepspeed.engine import ChunkFlowMixin
 from ds_chunkflow.deepspeed.monitor import step_metrics
 from ds_chunkflow.hf.model import enable_recompute
-from ds_chunkflow.ops.attention import use_chunkflow_attention
 from ds_chunkflow.pipeline.schedule import ChunkFlowTrainSchedule, RecomputeForwardPass, StateForwardPass
 from ds_chunkflow.runtime.batch import SequenceDict
-from ds_chunkflow.runtime.chunk import ChunkRun, num_loss_pieces
+from ds_chunkflow.runtime.chunk import ChunkRuntime, Mode, hooks
 from ds_chunkflow.runtime.executor import ExecStats
 from ds_chunkflow.runtime.memory import peak_rss_bytes
 
@@ -79,9 +81,6 @@ class ChunkFlowPipelineEngine(ChunkFlowMixin, PipelineEngine):
         self._slot = self.module.chunk_slot
         self.guard_report = self.module.guard_report
         self.num_recomputed_layers = enable_recompute(self.module, self.chunkflow_config.recompute_layers)
-        if self.chunkflow_config.offload.activations != "none":
-            warnings.warn("chunkflow.offload.activations has no effect in pipeline mode: chunks beyond keep_chunks "
-                          "are recomputed", stacklevel=2)
 
     # ------------------------------------------------------------------ step
     def train_batch(self, sequences: Sequence[SequenceDict] | None = None, data_iter=None) -> torch.Tensor:
@@ -96,27 +95,28 @@ class ChunkFlowPipelineEngine(ChunkFlowMixin, PipelineEngine):
         batch = self._plan_agreed(sequences, self.grid.get_data_parallel_world_size(), cost, group=None)
         share = batch.shares[self.grid.get_data_parallel_rank()]
         self._chunks = [c for g in share.groups for c in g] + share.standalone
-        self._run = ChunkRun(batch.sequences, self.device, cf.offload.kv_state_min_tokens)
+        self._runtime = ChunkRuntime.from_config(batch.sequences, cf, self.device, batch.num_loss_tokens,
+                                                 require_attention=False)  # a stage may hold no attention layer
         self._losses: dict[int, torch.Tensor] = {}
-        self._loss_sum = 0.0
-        self._slot.num_loss_tokens = batch.num_loss_tokens
-        self._slot.num_loss_pieces = num_loss_pieces(cf.chunk_size, cf.loss_piece_tokens)
-        self._slot.loss_scale = float(self.grid.get_data_parallel_world_size())  # DeepSpeed averages over replicas
+        self._loss_scale = float(self.grid.get_data_parallel_world_size())  # DeepSpeed averages over replicas
         sched = ChunkFlowTrainSchedule(self._chunks, stages=self.num_stages, stage_id=self.stage_id,
-                                       keep_chunks=cf.keep_chunks, costs=[cost.chunk_cost(c) for c in self._chunks])
+                                       keep_chunks=cf.keep_chunks, costs=[cost.chunk_cost(c) for c in self._chunks],
+                                       offload=cf.offload.activations == "far")
         self.module.train()
         self._run_schedule(sched)
-        mine = self._loss_sum if self.is_last_stage() else 0.0
+        mine = self._runtime.loss_sum.item() if self.is_last_stage() else 0.0  # the step's one read of the loss
         loss, = all_reduce([mine], "sum", None, self.device)  # sum over replicas' last stages
         self.agg_train_loss = torch.tensor(loss)
-        moved, = all_reduce([self._run.bytes_moved], "sum", None, self.device)
-        stats = ExecStats(loss=torch.tensor(loss), state_bytes_moved=int(moved))
+        moved, offloaded = all_reduce([self._runtime.bytes_moved, self._runtime.meter.offloaded], "sum", None,
+                                      self.device)
+        stats = ExecStats(loss=torch.tensor(loss), state_bytes_moved=int(moved), offloaded_bytes=int(offloaded),
+                          num_recomputes=self._runtime.num_recomputes)
         self._write_metrics(step_metrics(batch, loss, time.perf_counter() - start, peak_rss_bytes(), stats))
         return self.agg_train_loss
 
     def _run_schedule(self, sched: ChunkFlowTrainSchedule) -> None:
         try:
-            with use_chunkflow_attention(self.module.hf_config):
+            with hooks(self.module, self.module.hf_config, from_forward_kwargs=False):
                 self._exec_schedule(sched)
         except Exception:
             if self.world_size == 1:
@@ -135,45 +135,42 @@ class ChunkFlowPipelineEngine(ChunkFlowMixin, PipelineEngine):
 
     # ------------------------------------------------------------------ instructions
     def _exec_load_chunk(self, buffer_id, micro_batch):
-        inputs = self._run.inputs(self._chunks[micro_batch])
+        inputs = self._runtime.inputs(self._chunks[micro_batch])
         if self.is_first_stage():
             self.pipe_buffers["inputs"][buffer_id] = (inputs.input_ids, inputs.position_ids)
         if self.is_last_stage():
-            self.pipe_buffers["labels"][buffer_id] = inputs.targets
+            self.pipe_buffers["labels"][buffer_id] = inputs  # targets and their rows, for the chunk's loss
 
-    def _run_forward(self, buffer_id, micro_batch, grad: bool):
-        self._slot.ctx = self._run.context(self._chunks[micro_batch])
-        # a copy: the buffer itself is the leaf whose .grad SendGrad ships upstream
-        inputs = tuple(t.clone() for t in self.pipe_buffers["inputs"][buffer_id])
-        with torch.set_grad_enabled(grad):
+    def _run_forward(self, buffer_id, micro_batch, mode: Mode, offload: bool = False):
+        def call(ctx):
+            self._slot.ctx = ctx
+            # a copy: the buffer itself is the leaf whose .grad SendGrad ships upstream
+            inputs = tuple(t.clone() for t in self.pipe_buffers["inputs"][buffer_id])
             outputs = super(PipelineEngine, self).forward(inputs)
-        self.pipe_buffers["outputs"][buffer_id] = outputs
-        if grad and self.is_last_stage():
-            loss = self.module.loss_fn(outputs, self.pipe_buffers["labels"][buffer_id])
-            self._losses[buffer_id] = loss
-            self._loss_sum += loss.item() / self._slot.loss_scale
+            self.pipe_buffers["outputs"][buffer_id] = outputs
+            if mode.builds_graph and self.is_last_stage():
+                loss = self._runtime.loss(self._slot.head.logits, outputs, self.pipe_buffers["labels"][buffer_id])
+                self._losses[buffer_id] = loss * self._loss_scale
 
-    def _exec_chunk_forward(self, buffer_id, micro_batch):
-        if self._chunks[micro_batch].is_dependent:
-            self._run.remember_rng(micro_batch)
-        self._run_forward(buffer_id, micro_batch, grad=True)
+        self._runtime.forward(self._chunks[micro_batch], call, mode, offload)
+
+    def _exec_chunk_forward(self, buffer_id, micro_batch, offload=False):
+        self._run_forward(buffer_id, micro_batch, Mode.KEEP, offload)
 
     def _exec_state_forward(self, buffer_id, micro_batch):
-        self._run.remember_rng(micro_batch)
-        self._run_forward(buffer_id, micro_batch, grad=False)
+        self._run_forward(buffer_id, micro_batch, Mode.STATE)
 
     def _exec_recompute(self, buffer_id, micro_batch):
-        with self._run.replayed_rng(micro_batch):
-            self._run_forward(buffer_id, micro_batch, grad=True)
+        self._run_forward(buffer_id, micro_batch, Mode.RECOMPUTE)
 
     def _exec_chunk_backward(self, buffer_id, micro_batch):
         chunk = self._chunks[micro_batch]
         if self.is_last_stage():
             self.loss = self._losses.pop(buffer_id)
         super()._exec_backward_pass(buffer_id)
-        self._run.forget_rng(micro_batch)
+        self._runtime.backward_done(chunk)
         if chunk.is_dependent and chunk.index == 0:  # the group's last backward
-            self._run.release(chunk.group)
+            self._runtime.release(chunk.group)
 
     _INSTRUCTION_MAP = {
         **PipelineEngine._INSTRUCTION_MAP,

@@ -1,7 +1,7 @@
 """A transformers causal LM as a DeepSpeed ``PipelineModule``.
 
     stage 0                    ...               last stage
-    [Embed, Layer 0, ...]  ->  [Layer i, ...] -> [..., Layer L-1, Norm, Head] -> loss_fn
+    [Embed, Layer 0, ...]  ->  [Layer i, ...] -> [..., Layer L-1, Norm, Head] -> chunk loss
                                                                        (head + CE in pieces)
 
 Between stages flows ``(hidden_states, position_ids)``; position ids travel with the
@@ -49,7 +49,6 @@ from ds_chunkflow.hf.guard import PROBE_TOLERANCE, check_model
 from ds_chunkflow.hf.model import ForwardExtras, forward_extras
 from ds_chunkflow.ops.attention import use_chunkflow_attention
 from ds_chunkflow.ops.context import ChunkContext, SegmentSpec
-from ds_chunkflow.runtime.chunk import head_loss
 
 TIED_KEY = "embed_tokens"
 TIED_WEIGHT = "embed.embed_tokens.weight"  # inside TiedEmbeddingPipe
@@ -61,9 +60,6 @@ class ChunkSlot:
     """What the stage's layers need for the current call; set by the pipeline engine."""
 
     ctx: ChunkContext | None = None
-    num_loss_tokens: int = 1
-    num_loss_pieces: int = 1
-    loss_scale: float = 1.0
     head: "HeadPipe | None" = None  # the model's head (last stage): the loss computes logits through it
 
 
@@ -114,7 +110,7 @@ class NormPipe(nn.Module):
 class HeadPipe(nn.Module):
     """The model's head, last layer of the pipe: passes the normalised hidden states on unchanged.
 
-    The logits are computed by the loss, in pieces of target rows (:func:`chunk_loss_fn`, through
+    The logits are computed by the chunk runtime's loss, in pieces of target rows (through
     :meth:`logits`), so no stage ever holds a whole chunk's ``[tokens, vocab]`` logits.
     """
 
@@ -144,16 +140,6 @@ class TiedEmbeddingPipe(nn.Module):
 
 def _tied_head(module: TiedEmbeddingPipe, hidden):
     return module.head(hidden)
-
-
-def chunk_loss_fn(slot: ChunkSlot):
-    """``loss_fn(hidden, targets)`` of the last stage: the shared per-chunk loss, times the replica count."""
-
-    def loss_fn(hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        loss = head_loss(slot.head.logits, hidden, targets, slot.num_loss_tokens, slot.num_loss_pieces)
-        return loss * slot.loss_scale
-
-    return loss_fn
 
 
 # ---------------------------------------------------------------------------- wrapping
@@ -270,7 +256,7 @@ def self_check(model, layers: list, slot: ChunkSlot) -> float:
 
 
 def _checked_layers(model, slot: ChunkSlot) -> list:
-    check_model(model, allow_recurrent_mixers=False)  # the stages do not carry mixer state (ds_chunkflow.ops.mixers)
+    check_model(model)  # the stages carry K/V and mixer state like data parallelism (ds_chunkflow.runtime.chunk)
     layers = pipe_layers(model, slot)
     self_check(model, layers, slot)
     return layers
@@ -295,7 +281,7 @@ def pipeline_module(model, num_stages: int, partition_method: str = "type:Decode
     except Exception as e:  # re-raised by agree_on_errors, here and (as a RuntimeError) on every other rank
         error = e
     agree_on_errors(error, device=get_accelerator().current_device_name())
-    module = PipelineModule(layers=layers, num_stages=num_stages, loss_fn=chunk_loss_fn(slot),
+    module = PipelineModule(layers=layers, num_stages=num_stages, loss_fn=None,
                             partition_method=partition_method, dynamic_shape=True)
     module.chunk_slot = slot
     module.hf_config = model.config

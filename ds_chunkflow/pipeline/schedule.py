@@ -215,18 +215,22 @@ class ChunkFlowTrainSchedule(PipeSchedule):
         keep_chunks: K, chunks of a group whose activations are kept (the rest are recomputed).
         costs: per-chunk forward cost for planning (default :func:`default_costs`).
         strategy, search_iters: forward-sequence choice, see :func:`~ds_chunkflow.plan.planner.plan_stages`.
+        offload: activation offload (:func:`~ds_chunkflow.plan.planner.offload_pass`): chunks beyond
+            ``keep_chunks`` are forwarded once with their saved tensors on the CPU instead of recomputed.
 
     The data iterator must yield chunks in :attr:`load_order` (the order of ``LoadMicroBatch``
     on the first and the last stage), which may differ from the list order.
     """
 
     def __init__(self, micro_batches: Sequence, stages: int, stage_id: int, keep_chunks: int = 1,
-                 costs: Sequence[float] | None = None, strategy: str = "auto", search_iters: int = 0):
+                 costs: Sequence[float] | None = None, strategy: str = "auto", search_iters: int = 0,
+                 offload: bool = False):
         super().__init__(len(micro_batches), stages, stage_id)
         self.chunks = list(micro_batches)
         self.keep_chunks = keep_chunks
         costs = list(costs) if costs is not None else default_costs(self.chunks)
-        self.plan = plan_stages(self.chunks, stages, keep_chunks, costs, strategy, search_iters=search_iters)
+        self.plan = plan_stages(self.chunks, stages, keep_chunks, costs, strategy, search_iters=search_iters,
+                                offload=offload)
         self._steps, self._num_buffers = stage_steps(self.plan, stages, stage_id)
 
     @property

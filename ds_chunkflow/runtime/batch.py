@@ -64,17 +64,24 @@ class ChunkInputs:
     input_ids: torch.Tensor     # [1, T]
     position_ids: torch.Tensor  # [1, T]: restart per packed sequence, continue across dependent chunks
     targets: torch.Tensor       # [1, T]: next-token targets, -100 = no loss
-    cu_seqlens: torch.Tensor    # [S + 1] int32: segment borders inside the chunk
+    target_rows: torch.Tensor   # [n]: the rows with a target, found on the host (the loss reads no device value)
 
     @property
     def num_loss_tokens(self) -> int:
-        return int((self.targets != IGNORE_INDEX).sum().item())
+        return int(self.target_rows.numel())
+
+    def to(self, device: torch.device | str | None) -> "ChunkInputs":
+        """The same tensors on ``device`` (one copy each, non-blocking from pinned memory where possible)."""
+        if device is None or torch.device(device) == self.input_ids.device:
+            return self
+        return ChunkInputs(*(t.to(device, non_blocking=True) for t in
+                             (self.input_ids, self.position_ids, self.targets, self.target_rows)))
 
 
 def materialize(chunk: Chunk, sequences: Sequence[SequenceDict], targets: Sequence[torch.Tensor] | None = None,
                 device: torch.device | str | None = None) -> ChunkInputs:
     """Cuts ``chunk``'s segments out of ``sequences``. ``targets`` may be precomputed per sequence."""
-    ids, pos, tgt, borders = [], [], [], [0]
+    ids, pos, tgt = [], [], []
     for s in chunk.segments:
         seq = sequences[s.seq_index]
         t = targets[s.seq_index] if targets is not None else shifted_targets(seq["labels"])
@@ -82,10 +89,10 @@ def materialize(chunk: Chunk, sequences: Sequence[SequenceDict], targets: Sequen
         ids.append(seq["input_ids"][s.start:end])
         tgt.append(t[s.start:end])
         pos.append(torch.arange(s.start, end, dtype=torch.long))
-        borders.append(borders[-1] + s.length)
+    goals = torch.cat(tgt).cpu()
     return ChunkInputs(
-        input_ids=torch.cat(ids).unsqueeze(0).to(device),
-        position_ids=torch.cat(pos).unsqueeze(0).to(device),
-        targets=torch.cat(tgt).unsqueeze(0).to(device),
-        cu_seqlens=torch.tensor(borders, dtype=torch.int32, device=device),
-    )
+        input_ids=torch.cat(ids).unsqueeze(0),
+        position_ids=torch.cat(pos).unsqueeze(0),
+        targets=goals.unsqueeze(0),
+        target_rows=(goals != IGNORE_INDEX).nonzero().squeeze(1),
+    ).to(device)

@@ -1,14 +1,16 @@
-"""Runs a chunk plan (:mod:`ds_chunkflow.plan.schedule`) on a transformers causal LM.
+"""Runs a data-parallel rank's chunk plan (:mod:`ds_chunkflow.plan.schedule`) on a transformers causal LM.
 
 The executor knows nothing of DeepSpeed: it gets a ``forward_fn`` (the model, or a
-DeepSpeed engine) and a ``backward_fn(loss, is_boundary)``. Each instruction type
-maps to one method; an unknown instruction is an error.
+DeepSpeed engine) and a ``backward_fn(loss, is_boundary)``; what a chunk is and how it runs is the
+:class:`~ds_chunkflow.runtime.chunk.ChunkRuntime`'s. Each instruction type maps to one method;
+an unknown instruction is an error.
 
 Loss: every chunk contributes ``sum(CE over its targets) / num_loss_tokens``, where
 ``num_loss_tokens`` is the global batch's count, fixed before chunking. Summed over
 chunks (and ranks) this is exactly the unchunked loss, so the gradients are too. The
 model's forward computes no chunk logits (``logits_to_keep=1``): the loss runs on the final
 hidden states in ``loss_pieces`` pieces of target rows (:func:`~ds_chunkflow.runtime.chunk.head_loss`).
+The loss stays on the device; :attr:`ExecStats.loss` is the device sum, read once by the caller.
 
 ``graph_hooks`` hear of every graph kept for a later backward (``after_forward(key)``) and of
 its backward (``before_backward(key)``): ZeRO-3 needs them when several graphs are alive
@@ -19,19 +21,17 @@ from __future__ import annotations
 
 import collections
 from dataclasses import dataclass, field
-from typing import Callable, ClassVar, Sequence
+from typing import Callable, ClassVar
 
 import torch
 
 from ds_chunkflow.constants import IGNORE_INDEX
 from ds_chunkflow.hf.model import OutputHead, final_hidden
 from ds_chunkflow.ops.context import ChunkContext, SegmentSpec
-from ds_chunkflow.plan.chunking import Chunk
 from ds_chunkflow.plan.schedule import (
     Backward,
     EvalForward,
     Forward,
-    Instruction,
     PadBackward,
     PadEvalForward,
     PadForward,
@@ -41,11 +41,10 @@ from ds_chunkflow.plan.schedule import (
     Step,
     flatten,
 )
-from ds_chunkflow.runtime.batch import SequenceDict
-from ds_chunkflow.runtime.chunk import ChunkRun, head_loss
-from ds_chunkflow.runtime.memory import ActivationMeter, saved_tensor_hooks
+from ds_chunkflow.runtime.chunk import ChunkRuntime, Mode, head_loss
 
 BackwardFn = Callable[[torch.Tensor, bool], None]
+MODES = {Forward: Mode.KEEP, StateForward: Mode.STATE, Recompute: Mode.RECOMPUTE, EvalForward: Mode.EVAL}
 
 
 def no_backward(loss: torch.Tensor, boundary: bool) -> None:
@@ -58,6 +57,7 @@ class ExecStats:
     """What one plan run did; the engine turns these into metrics."""
 
     loss: torch.Tensor
+    """Sum of the chunk losses, float64 on the device."""
     num_forwards: int = 0
     num_backwards: int = 0
     num_recomputes: int = 0
@@ -81,68 +81,61 @@ class GraphHooks:
 class Executor:
     forward_fn: Callable
     backward_fn: BackwardFn
-    sequences: Sequence[SequenceDict]
-    num_loss_tokens: int
-    device: torch.device
-    state_offload_min_tokens: int | None = None
-    meter: ActivationMeter = field(default_factory=ActivationMeter)
-    pad_token_id: int = 0
+    runtime: ChunkRuntime
     model: torch.nn.Module | None = None
     """The transformers model ``forward_fn`` runs (default: ``forward_fn`` itself)."""
-    loss_pieces: int = 1
-    """Pieces of the chunked lm_head + CE per chunk (the same on every rank: ZeRO-3 gathers per call)."""
     graph_hooks: GraphHooks = field(default_factory=GraphHooks)
-    sp_groups: dict = field(default_factory=dict)
-    """Data-parallel ranks of each sequence-parallel block -> its process group (shards need them)."""
     _losses: dict = field(default_factory=dict)
     _pads: collections.deque = field(default_factory=collections.deque)
 
     def __post_init__(self) -> None:
-        self.run_state = ChunkRun(self.sequences, self.device, self.state_offload_min_tokens, self.sp_groups,
-                                  self.pad_token_id)
         if self.model is None:
             self.model = self.forward_fn
         self.head = OutputHead(self.model)
         self._num_pads = 0
+        self._pad_forwards = 0
 
     def run(self, plan: list[Step]) -> ExecStats:
         instructions = flatten(plan)
         backwards = [i for i, ins in enumerate(instructions) if isinstance(ins, (Backward, PadBackward))]
         self._last_backward = backwards[-1] if backwards else -1
-        self.stats = ExecStats(loss=torch.zeros((), dtype=torch.float64))
-        offloaded_before = self.meter.offloaded  # the meter may be shared across runs
+        rt = self.runtime
+        self.stats = ExecStats(loss=rt.loss_sum)
+        offloaded_before, forwards_before = rt.meter.offloaded, rt.num_forwards  # a runtime may serve several runs
+        recomputes_before = rt.num_recomputes
         for i, ins in enumerate(instructions):
             handler = self._HANDLERS.get(type(ins))
             if handler is None:
                 raise TypeError(f"executor has no handler for instruction {ins!r}")
             self._boundary = i == self._last_backward
             handler(self, ins)
-        assert not self._losses and not self._pads and not self.run_state.pending, "plan left work pending"
-        self.stats.offloaded_bytes = self.meter.offloaded - offloaded_before
-        self.stats.state_bytes_moved = self.run_state.bytes_moved
-        self.stats.mixer_state_bytes = self.run_state.mixer_bytes_per_boundary
+        assert not self._losses and not self._pads and not rt.pending, "plan left work pending"
+        self.stats.loss = rt.loss_sum
+        self.stats.num_forwards = rt.num_forwards - forwards_before + self._pad_forwards
+        self.stats.num_recomputes = rt.num_recomputes - recomputes_before
+        self.stats.peak_state_bytes = rt.peak_state_bytes
+        self.stats.offloaded_bytes = rt.meter.offloaded - offloaded_before
+        self.stats.state_bytes_moved = rt.bytes_moved
+        self.stats.mixer_state_bytes = rt.mixer_bytes_per_boundary
         return self.stats
 
     # ------------------------------------------------------------------ helpers
-    def _call(self, chunk: Chunk, with_loss: bool, offload: bool = False, hooks: bool = True) -> torch.Tensor | None:
-        inputs = self.run_state.inputs(chunk)
-        ctx = self.run_state.context(chunk)
-        with saved_tensor_hooks(self.meter, offload), final_hidden(self.model) as hidden:
-            self.forward_fn(input_ids=inputs.input_ids, position_ids=inputs.position_ids, use_cache=False,
-                            chunkflow=ctx, logits_to_keep=1)
-            if ctx.num_layer_calls == 0:
-                raise RuntimeError("the model's attention does not go through transformers' AttentionInterface; "
-                                   "ChunkFlow cannot train it exactly")
-            self.stats.num_forwards += 1
-            if chunk.is_dependent:
-                self.stats.peak_state_bytes = max(self.stats.peak_state_bytes, self.run_state.state(chunk).nbytes)
-            if not with_loss:
-                return None
-            loss = head_loss(self.head, hidden[0], inputs.targets, self.num_loss_tokens, self.loss_pieces)
-        self.stats.loss += loss.detach().double().cpu()
-        if hooks:  # a graph kept for a later backward (not an evaluation forward's)
-            self.graph_hooks.after_forward(chunk)
-        return loss
+    def _model_call(self, inputs, with_loss: bool):
+        """``call(context)`` for the runtime: the model's forward on the chunk, then its loss."""
+
+        def call(ctx: ChunkContext) -> torch.Tensor | None:
+            with final_hidden(self.model) as hidden:
+                self.forward_fn(input_ids=inputs.input_ids, position_ids=inputs.position_ids, use_cache=False,
+                                chunkflow=ctx, logits_to_keep=1)
+                return self.runtime.loss(self.head, hidden[0], inputs) if with_loss else None
+
+        return call
+
+    def _forward(self, ins) -> torch.Tensor | None:
+        mode = MODES[type(ins)]
+        inputs = self.runtime.inputs(ins.chunk)
+        return self.runtime.forward(ins.chunk, self._model_call(inputs, with_loss=mode is not Mode.STATE), mode,
+                                    offload=getattr(ins, "offload", False))
 
     def _backward(self, key, loss: torch.Tensor) -> None:
         self.graph_hooks.before_backward(key)
@@ -151,35 +144,32 @@ class Executor:
 
     # ------------------------------------------------------------------ instructions
     def _exec_state_forward(self, ins: StateForward) -> None:
-        self.run_state.remember_rng(ins.chunk)
-        with torch.no_grad():
-            self._call(ins.chunk, with_loss=False)
+        self._forward(ins)
 
-    def _exec_forward(self, ins: Forward) -> None:
-        if ins.chunk.is_dependent:
-            self.run_state.remember_rng(ins.chunk)
-        self._losses[ins.chunk] = self._call(ins.chunk, with_loss=True, offload=ins.offload)
-
-    def _exec_recompute(self, ins: Recompute) -> None:
-        self.stats.num_recomputes += 1
-        with self.run_state.replayed_rng(ins.chunk):
-            self._losses[ins.chunk] = self._call(ins.chunk, with_loss=True)
+    def _exec_forward(self, ins: Forward | Recompute) -> None:
+        self._losses[ins.chunk] = self._forward(ins)
+        self.graph_hooks.after_forward(ins.chunk)  # a graph kept for a later backward
 
     def _exec_backward(self, ins: Backward) -> None:
-        self.run_state.forget_rng(ins.chunk)
+        self.runtime.backward_done(ins.chunk)
         self._backward(ins.chunk, self._losses.pop(ins.chunk))
+
+    def _exec_eval_forward(self, ins: EvalForward) -> None:
+        self._forward(ins)
 
     def _pad_call(self, grad: bool, with_loss: bool) -> torch.Tensor | None:
         """The same module calls as a chunk (forward, then the loss pieces), with no targets: a zero loss."""
-        ids = torch.full((1, 1), self.pad_token_id, dtype=torch.long, device=self.device)
+        ids = torch.full((1, 1), self.runtime.pad_token_id, dtype=torch.long, device=self.runtime.device)
         ctx = ChunkContext([SegmentSpec(0, 1)])
         with torch.set_grad_enabled(grad and torch.is_grad_enabled()), final_hidden(self.model) as hidden:
             self.forward_fn(input_ids=ids, position_ids=torch.zeros_like(ids), use_cache=False, chunkflow=ctx,
                             logits_to_keep=1)
-            self.stats.num_forwards += 1
+            self._pad_forwards += 1
             if not with_loss:
                 return None
-            return head_loss(self.head, hidden[0], torch.full_like(ids, IGNORE_INDEX), 1, self.loss_pieces)
+            no_rows = torch.zeros(0, dtype=torch.long, device=ids.device)
+            return head_loss(self.head, hidden[0], torch.full_like(ids, IGNORE_INDEX), 1, self.runtime.loss_pieces,
+                             no_rows)
 
     def _exec_pad_forward(self, ins: PadForward) -> None:
         loss = self._pad_call(grad=ins.keep, with_loss=ins.keep)
@@ -193,20 +183,16 @@ class Executor:
     def _exec_pad_backward(self, ins: PadBackward) -> None:
         self._backward(*self._pads.popleft())
 
-    def _exec_eval_forward(self, ins: EvalForward) -> None:
-        with torch.no_grad():
-            self._call(ins.chunk, with_loss=True, hooks=False)
-
     def _exec_pad_eval_forward(self, ins: PadEvalForward) -> None:
         self._pad_call(grad=False, with_loss=True)
 
     def _exec_release(self, ins: ReleaseState) -> None:
-        self.run_state.release(ins.group)
+        self.runtime.release(ins.group)
 
-    _HANDLERS: ClassVar[dict[type[Instruction], Callable]] = {
+    _HANDLERS: ClassVar[dict[type, Callable]] = {
         StateForward: _exec_state_forward,
         Forward: _exec_forward,
-        Recompute: _exec_recompute,
+        Recompute: _exec_forward,
         Backward: _exec_backward,
         PadForward: _exec_pad_forward,
         PadBackward: _exec_pad_backward,
@@ -214,3 +200,4 @@ class Executor:
         EvalForward: _exec_eval_forward,
         PadEvalForward: _exec_pad_eval_forward,
     }
+

@@ -8,11 +8,9 @@ import torch
 
 from ds_chunkflow.config import ChunkFlowConfig
 from ds_chunkflow.hf.guard import check_model
-from ds_chunkflow.ops.attention import use_chunkflow_attention
-from ds_chunkflow.ops.mixers import use_chunkflow_mixers
-from ds_chunkflow.plan.batch_plan import plan_batch
 from ds_chunkflow.runtime.batch import SequenceDict, count_loss_tokens
-from ds_chunkflow.runtime.chunk import num_loss_pieces
+from ds_chunkflow.runtime.batch_plan import plan_batch
+from ds_chunkflow.runtime.chunk import ChunkRuntime, hooks, num_loss_pieces
 from ds_chunkflow.runtime.executor import ExecStats, Executor, no_backward
 from ds_chunkflow.runtime.memory import ActivationMeter
 
@@ -28,10 +26,11 @@ def chunked_step(model, sequences: Sequence[SequenceDict], *, chunk_size: int, k
     batch = plan_batch(sequences, chunk_size=chunk_size, keep_chunks=keep_chunks,
                        offload_activations=offload_activations, num_loss_tokens=num_loss_tokens)
     device = next(model.parameters()).device
-    executor = Executor(model, lambda loss, _boundary: loss.backward(), batch.sequences, batch.num_loss_tokens,
-                        device, state_offload_min_tokens, meter or ActivationMeter.offload_only(),
-                        loss_pieces=num_loss_pieces(chunk_size, loss_piece_tokens), model=model)
-    with use_chunkflow_attention(model.config), use_chunkflow_mixers(model):
+    runtime = ChunkRuntime(batch.sequences, device, batch.num_loss_tokens,
+                           num_loss_pieces(chunk_size, loss_piece_tokens), state_offload_min_tokens,
+                           meter=meter or ActivationMeter.offload_only())
+    executor = Executor(model, lambda loss, _boundary: loss.backward(), runtime, model=model)
+    with hooks(model):
         return executor.run(batch.rank_plans[0])
 
 
@@ -66,9 +65,8 @@ def chunked_evaluate(model, sequences: Sequence[SequenceDict], chunk_size: int,
         raise ValueError("chunked_evaluate: the sequences have no label tokens (every label is -100)")
     batch = plan_batch(sequences, chunk_size=chunk_size, keep_chunks=1, evaluation=True)
     device = next(model.parameters()).device
-    executor = Executor(model, no_backward, batch.sequences, 1, device, meter=ActivationMeter.offload_only(),
-                        loss_pieces=num_loss_pieces(chunk_size, loss_piece_tokens), model=model)
-    with use_chunkflow_attention(model.config), use_chunkflow_mixers(model):
-        total = executor.run(batch.rank_plans[0]).loss
+    runtime = ChunkRuntime(batch.sequences, device, 1, num_loss_pieces(chunk_size, loss_piece_tokens))
+    with hooks(model):
+        total = Executor(model, no_backward, runtime, model=model).run(batch.rank_plans[0]).loss
     dtype = next(model.parameters()).dtype
     return (total / num_loss_tokens).to(torch.float64 if dtype == torch.float64 else torch.float32)

@@ -22,6 +22,7 @@ PIPE_FAMILIES = {
     "cohere_tied": _exact("cohere", tie_word_embeddings=True),  # logits * logit_scale
     "gemma3_tied": _exact("gemma3_text", final_logit_softcapping=30.0),  # softcap, rope per layer type, sliding
     "qwen3": _exact("qwen3"),
+    "qwen3_next": _exact("qwen3_next"),  # a hybrid: gated delta nets carry their recurrent state per stage
 }
 TOY = "toy"  # ds_chunkflow.testing.models's Qwen2, float32
 
@@ -51,19 +52,20 @@ def _pipeline_engine(model, stage=0, **chunkflow):
     return engine
 
 
-def train_pipeline(rank, world, stage, steps, out_path, keep_chunks=1, families=(TOY,)):
-    """2 pipeline stages, per family; each rank saves the losses and its stage's parameters (HF names)."""
+def train_pipeline(rank, world, stage, steps, out_path, keep_chunks=1, families=(TOY,), offload="none"):
+    """2 pipeline stages, per family; each rank saves the losses, its stage's parameters (HF names) and the
+    last step's metrics. ``offload``: ``chunkflow.offload.activations``."""
     import ds_chunkflow
 
     ds_chunkflow.init_distributed()
     results = {}
     for family in families:
         model = build_model(family)
-        engine = _pipeline_engine(model, stage, keep_chunks=keep_chunks)
+        engine = _pipeline_engine(model, stage, keep_chunks=keep_chunks, offload={"activations": offload})
         losses = [engine.train_batch(global_batch(s, model.config.vocab_size)).item() for s in range(steps)]
         mine = {id(p) for p in engine.module.parameters()}
         state = {n: p.detach().clone() for n, p in model.named_parameters() if id(p) in mine}
-        results[family] = {"losses": losses, "state": state}
+        results[family] = {"losses": losses, "state": state, "metrics": dict(engine.last_metrics)}
     torch.save(results, f"{out_path}.{rank}")
 
 

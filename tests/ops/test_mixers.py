@@ -7,7 +7,7 @@ import torch
 import ds_chunkflow
 from ds_chunkflow.hf.guard import ModelRefused, check_model
 from ds_chunkflow.ops import mixers
-from ds_chunkflow.runtime.chunk import ChunkRun
+from ds_chunkflow.runtime.chunk import ChunkRuntime
 from ds_chunkflow.testing.families import build, exact_case
 from tests.helpers.exactness import chunked_errors
 from tests.helpers.reference import make_sequences
@@ -101,14 +101,14 @@ def test_mixer_state_per_boundary_is_constant_in_the_sample_length(monkeypatch):
     the sample; with K=1 every boundary is held until the recomputes reach it; all is freed by the last backward."""
     model, _ = _model("lfm2")
     seen = []
-    release = ChunkRun.release
+    release = ChunkRuntime.release
 
     def spy(self, group):
         states = self.states[group].mixers
         seen.append((states.bytes_per_boundary, states.peak_bytes, states.nbytes))
         release(self, group)
 
-    monkeypatch.setattr(ChunkRun, "release", spy)
+    monkeypatch.setattr(ChunkRuntime, "release", spy)
     for n in (3 * CHUNK, 6 * CHUNK):
         ds_chunkflow.chunked_forward_backward(model, make_sequences([n], model.config.vocab_size), chunk_size=CHUNK)
     convs = [m.conv for _, m in mixers.supported_mixers(model)]

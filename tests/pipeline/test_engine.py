@@ -56,9 +56,22 @@ def test_two_stages_match_reference(stage, keep, tmp_path):
     assert_matches_reference(parts, TOY, 3)
 
 
+def test_activation_offload_matches_reference(tmp_path):
+    """offload.activations: far in pipeline mode: the chunks beyond K are forwarded once with their saved
+    tensors on the CPU (bytes counted on both stages) and never recomputed; losses and parameters match."""
+    out = tmp_path / "pipe"
+    run_ranks(train_pipeline, 0, 2, str(out), 1, (TOY,), "far")
+    parts = load_parts(out)
+    assert_matches_reference(parts, TOY, 2)
+    for p in parts:
+        metrics = p[TOY]["metrics"]
+        assert metrics["offloaded_bytes"] > 0 and metrics["recomputed_chunks"] == 0, metrics
+
+
 def test_families_match_reference(tmp_path):
     """Llama, tied Qwen2, sliding Mistral, Granite (multipliers), tied Cohere (logit scale), tied Gemma 3
-    (final softcap, rotary per layer type, sliding) and Qwen3: losses and parameters after 2 steps match."""
+    (final softcap, rotary per layer type, sliding), Qwen3 and the hybrid Qwen3-Next (gated delta nets whose
+    recurrent state each stage carries across dependent chunks): losses and parameters after 2 steps match."""
     out = tmp_path / "pipe"
     run_ranks(train_pipeline, 0, 2, str(out), 1, tuple(PIPE_FAMILIES), timeout=400)
     parts = load_parts(out)

@@ -1,4 +1,4 @@
-"""One global batch -> every rank's aligned chunk plan (pure: no process group).
+"""One global batch of sequences -> every rank's aligned chunk plan (no process group: every rank computes it).
 
 Chunks are built from the whole global batch, which every data-parallel rank holds, so
 every rank computes the same layout and the same assignment without communicating and
