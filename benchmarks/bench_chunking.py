@@ -38,6 +38,7 @@ from ds_chunkflow.plan.chunking import (  # noqa: E402
     assign_to_ranks,
     build_chunks,
     imbalance,
+    plan_layout,
 )
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -121,15 +122,20 @@ def by_sample_count(lengths: list[int], num_ranks: int, cost: CostModel) -> dict
 
 def by_chunkflow(lengths: list[int], num_ranks: int, cost: CostModel, chunk_size: int, spread: bool,
                  sp_max_size: int = 1) -> dict:
-    """``assign_to_ranks``, dealing short sequences (``spread``) or the batch's packed chunks.
+    """``plan_layout`` (short sequences dealt, each rank packs its own; with sequence parallelism a short
+    sequence above ``split_size`` may become a group), or (not ``spread``) ``build_chunks`` and
+    ``assign_to_ranks`` dealing the batch's packed chunks, the assignment before issue 26.
 
     ``bound``: max(largest indivisible item, mean) / mean, the best any assignment of these items reaches
     (items: whole groups unless sequence parallelism may spread them; short sequences, or packed chunks).
     ``calls``: model calls (chunks) per rank. With sequence parallelism a spread group's per-rank cost
     includes its all-to-all term (``CostModel.group_cost``) and the mean is the compute-only mean, so the
     all-to-all shows as imbalance."""
-    layout = build_chunks(lengths, chunk_size)
-    shares = assign_to_ranks(layout, num_ranks, cost, sp_max_size, spread=spread)
+    if spread:
+        layout, shares = plan_layout(lengths, chunk_size, num_ranks, cost, sp_max_size)
+    else:
+        layout = build_chunks(lengths, chunk_size)
+        shares = assign_to_ranks(layout, num_ranks, cost, sp_max_size, spread=False)
     mean = cost.layout_cost(layout) / num_ranks
     items = [cost.chunk_cost(Chunk((s,))) for c in layout.standalone for s in c.segments] if spread else [
         cost.chunk_cost(c) for c in layout.standalone]

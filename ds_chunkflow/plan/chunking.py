@@ -182,24 +182,33 @@ def best_fit_decreasing(items: list[tuple[int, int]], capacity: int) -> list[lis
     return bins
 
 
-def build_chunks(lengths: Sequence[int], chunk_size: int) -> ChunkLayout:
+def build_chunks(lengths: Sequence[int], chunk_size: int, split_above: int | None = None) -> ChunkLayout:
     """Algorithm 1: split sequences longer than ``chunk_size``, pack the rest.
 
-    Deterministic: the result depends only on ``lengths`` and ``chunk_size``.
+    ``split_above`` (``<= chunk_size``; used by :func:`plan_layout` with sequence parallelism): a
+    sequence of ``split_above < n <= chunk_size`` tokens becomes a dependent group too, cut every
+    ``split_above`` tokens (a group may be spread over ranks, a packed sequence may not). Longer
+    sequences are cut every ``chunk_size`` tokens either way.
+
+    Deterministic: the result depends only on ``lengths``, ``chunk_size`` and ``split_above``.
     """
     if not isinstance(chunk_size, int) or chunk_size <= 0:
         raise ValueError(f"chunk_size must be an int > 0, got {chunk_size!r}")
+    split = chunk_size if split_above is None else split_above
+    if not isinstance(split, int) or not 0 < split <= chunk_size:
+        raise ValueError(f"split_above must be an int in [1, chunk_size={chunk_size}], got {split_above!r}")
     short: list[tuple[int, int]] = []
     groups: list[list[Chunk]] = []
     for i, n in enumerate(lengths):
         if not isinstance(n, int) or n <= 0:
             raise ValueError(f"sequence {i} has length {n!r}; every sequence needs a whole number >= 1 of tokens")
-        if n <= chunk_size:
+        if n <= split:
             short.append((n, i))
             continue
-        count = math.ceil(n / chunk_size)
+        size = chunk_size if n > chunk_size else split
+        count = math.ceil(n / size)
         groups.append([
-            Chunk((Segment(i, j * chunk_size, min(chunk_size, n - j * chunk_size)),), group=i, index=j, count=count)
+            Chunk((Segment(i, j * size, min(size, n - j * size)),), group=i, index=j, count=count)
             for j in range(count)
         ])
     return ChunkLayout(chunk_size, pack(short, chunk_size), groups, int(sum(lengths)))
@@ -390,12 +399,45 @@ def assign_to_ranks(layout: ChunkLayout, num_ranks: int, cost: CostModel | None 
     return best
 
 
+def split_size(lengths: Sequence[int], chunk_size: int, num_ranks: int) -> int | None:
+    """The largest ``chunk_size / 2^k`` (k >= 1, at least 2 tokens) within half a rank's fair share of
+    tokens, or None where that is ``chunk_size`` itself or no sequence is longer (nothing to split)::
+
+        512 samples, ~270K tokens, 64 ranks: ~4.2K tokens per rank; chunk_size 8192 -> 2048
+    """
+    half_share = sum(lengths) / num_ranks / 2
+    size = chunk_size
+    while size // 2 >= 2 and size > half_share:
+        size //= 2
+    if size == chunk_size or not any(size < n <= chunk_size for n in lengths):
+        return None
+    return size
+
+
+SPLIT_GAIN = 0.99
+"""A split layout is kept when its busiest rank costs below this fraction of the unsplit one's."""
+
+
 def plan_layout(lengths: Sequence[int], chunk_size: int, num_ranks: int, cost: CostModel | None = None,
                 sp_max_size: int = 1, spread: bool = True) -> tuple[ChunkLayout, list[RankShare]]:
     """:func:`build_chunks` then :func:`assign_to_ranks`; the layout returned lists, as its standalone
-    chunks, those the ranks run (rank 0's first), so its counts are the batch's model calls."""
+    chunks, those the ranks run (rank 0's first), so its counts are the batch's model calls.
+
+    With sequence parallelism a short sequence that costs more than a rank's fair share cannot be
+    balanced whole (512 samples on 64 ranks, 8K chunks: a rank's share is ~4K tokens, a packed
+    sequence up to 8K). So the layout whose sequences longer than :func:`split_size` are dependent
+    groups (which sequence parallelism may spread) is tried too, and kept when its busiest rank is
+    lighter by more than 1% (:data:`SPLIT_GAIN`); it costs model calls (smaller chunks).
+    """
+    cost = cost or CostModel()
     layout = build_chunks(lengths, chunk_size)
     shares = assign_to_ranks(layout, num_ranks, cost, sp_max_size, spread)
+    split = split_size(lengths, chunk_size, num_ranks) if sp_sizes(num_ranks, sp_max_size) else None
+    if split is not None:
+        split_layout = build_chunks(lengths, chunk_size, split)
+        split_shares = assign_to_ranks(split_layout, num_ranks, cost, sp_max_size, spread)
+        if max(s.cost for s in split_shares) < SPLIT_GAIN * max(s.cost for s in shares):
+            layout, shares = split_layout, split_shares
     return replace(layout, standalone=[c for s in shares for c in s.standalone]), shares
 
 
