@@ -3,8 +3,9 @@
 Save (:func:`save_checkpoint`, used by both ChunkFlow engines through ``ChunkFlowMixin``):
 
 1. rank 0 removes the tag's old manifest (a tag being rewritten is incomplete until it is done);
-2. DeepSpeed's own ``save_checkpoint(..., save_latest=False)`` writes its usual files, while every
-   ``checkpoint_engine.save`` call is recorded, so each rank knows the files it wrote;
+2. DeepSpeed's own ``save_checkpoint(..., save_latest=False)`` writes its usual files, while every file its
+   checkpoint writer saves is recorded (:func:`~ds_chunkflow.deepspeed.deepspeed_adapter.recording_checkpoint_saves`),
+   so each rank knows the files it wrote;
 3. every rank fsyncs its files and the directories they are in; the lists (path, size, rank) are
    gathered on rank 0 (a collective, hence also a barrier over all ranks);
 4. rank 0 writes ``<tag>/ds_chunkflow_complete.json`` (files, sizes, world size, global step) and then
@@ -49,6 +50,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from ds_chunkflow.deepspeed.deepspeed_adapter import checkpoint_writes_async, recording_checkpoint_saves
 from ds_chunkflow.deepspeed.distributed import all_reduce
 
 MANIFEST = "ds_chunkflow_complete.json"
@@ -107,28 +109,6 @@ def atomic_write_text(path: str, text: str) -> None:
     _fsync_path(directory)
 
 
-@contextlib.contextmanager
-def _recording_saves(checkpoint_engine):
-    """Records the path of every ``checkpoint_engine.save`` made inside the block (this rank's files)."""
-    paths: list[str] = []
-    original = checkpoint_engine.save
-    own = "save" in vars(checkpoint_engine)  # an instance attribute to put back, or the class's method
-
-    def save(state_dict, path, *args, **kwargs):
-        result = original(state_dict, path, *args, **kwargs)
-        paths.append(os.fspath(path))
-        return result
-
-    checkpoint_engine.save = save
-    try:
-        yield paths
-    finally:
-        if own:
-            checkpoint_engine.save = original
-        else:
-            del checkpoint_engine.save
-
-
 def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
@@ -146,7 +126,7 @@ def save_checkpoint(engine, ds_save, save_dir, tag=None, client_state=None, save
     """Crash-safe save around ``ds_save`` (DeepSpeed's ``save_checkpoint`` of ``engine``); see the module doc."""
     save_dir = os.fspath(save_dir)
     tag = str(tag) if tag is not None else f"global_step{engine.global_steps}"
-    if engine.checkpoint_engine.is_decoupled():  # asynchronous writers: files are not done when save returns
+    if checkpoint_writes_async(engine):  # asynchronous writers: files are not done when save returns
         warnings.warn("ds_chunkflow: a decoupled checkpoint engine is not made crash-safe; saving as DeepSpeed does")
         return ds_save(save_dir, tag=tag, client_state=client_state, save_latest=save_latest, **kwargs)
     rank, world = _rank(), _world()
@@ -157,7 +137,7 @@ def save_checkpoint(engine, ds_save, save_dir, tag=None, client_state=None, save
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(tag_dir, MANIFEST))
             _fsync_path(tag_dir)
-    with _recording_saves(engine.checkpoint_engine) as written:
+    with recording_checkpoint_saves(engine) as written:
         result = ds_save(save_dir, tag=tag, client_state=client_state, save_latest=False, **kwargs)
     mine = []
     for path in dict.fromkeys(written):

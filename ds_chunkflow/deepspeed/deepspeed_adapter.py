@@ -60,6 +60,31 @@ way.
    (``lr`` in the step metrics).
 4. ZeRO-3 parameter all-gathers are counted by wrapping ``partition_parameters._dist_allgather_fn``
    (every coalesced fetch goes through it, 0.19.8): :func:`count_param_gathers`.
+9. ZeRO-3 parameter attributes (deepspeed/runtime/zero/partition_parameters.py, 0.19.8): ``ds_id`` (the
+   parameter is partitioned), ``ds_tensor`` (this rank's partition), ``ds_numel`` / ``ds_shape`` (the full
+   parameter's size): :func:`is_zero3_param`, :func:`held_tensor`, :func:`full_numel`, :func:`full_shape`.
+10. The crash-safe save (:mod:`ds_chunkflow.deepspeed.checkpoint`) records every file DeepSpeed writes by
+    wrapping ``engine.checkpoint_engine.save`` (every state file of ``DeepSpeedEngine.save_checkpoint`` goes
+    through it), and asks ``checkpoint_engine.is_decoupled()`` (deepspeed/runtime/checkpoint_engine/, 0.19.8):
+    :func:`recording_checkpoint_saves`, :func:`checkpoint_writes_async`.
+11. ``engine.monitor`` (``MonitorMaster``, deepspeed/monitor/monitor.py, 0.19.8) writes one event list to
+    every writer at one step; wandb needs another step axis, so :mod:`ds_chunkflow.deepspeed.monitor` writes
+    to its ``tb_monitor`` / ``csv_monitor`` / ``comet_monitor`` / ``wandb_monitor`` one by one:
+    :func:`monitor_writers`.
+12. ``engine.basic_optimizer`` (deepspeed/runtime/engine.py, 0.19.8): the torch optimizer DeepSpeed wraps
+    (its type says how much state Adam-like optimizers keep, for ``chunk_size: auto``): :func:`client_optimizer`.
+13. The subclass bases, used by design where they are subclassed (not through this module):
+    ``deepspeed.runtime.engine.DeepSpeedEngine`` (:mod:`ds_chunkflow.deepspeed.engine`; touch point 8),
+    ``deepspeed.runtime.pipe.engine.PipelineEngine`` and :data:`PIPELINE_ENGINE_PRIVATE_NAMES`,
+    ``deepspeed.runtime.pipe.schedule`` (its instruction classes; :mod:`ds_chunkflow.pipeline.engine`,
+    :mod:`ds_chunkflow.pipeline.schedule`), ``deepspeed.runtime.pipe.module.TiedLayerSpec``
+    (:mod:`ds_chunkflow.pipeline.model`), all 0.19.8.
+
+:data:`INTERNALS` is the same list as data: each DeepSpeed name, the release it was read from, the
+non-public modules and attribute names it consists of, and the ds_chunkflow modules that touch it (this
+one, or a subclass file of touch point 13). ``tests/test_layering.py`` fails if another module imports one
+of those modules or touches one of those attributes, or imports any DeepSpeed module outside
+:data:`PUBLIC_API`.
 """
 
 from __future__ import annotations
@@ -67,11 +92,14 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import threading
 import warnings
 from dataclasses import dataclass
 from typing import Callable
 
 SKIP_SHM_ENV = "DS_CHUNKFLOW_SKIP_SHM_BUILD"
+READ_FROM = "0.19.8"
+ADAPTER = "ds_chunkflow/deepspeed/deepspeed_adapter.py"
 
 # Read from deepspeed/runtime/pipe/engine.py (0.19.8): what ChunkFlowPipelineEngine uses of
 # PipelineEngine beyond its public methods.
@@ -81,18 +109,97 @@ PIPELINE_ENGINE_PRIVATE_NAMES = ("_INSTRUCTION_MAP", "_exec_schedule", "_exec_ba
 ENGINE_GLOBALS = ("DeepSpeedEngine", "PipelineEngine")
 
 
+@dataclass(frozen=True)
+class Internal:
+    """One DeepSpeed name that is not public API: where it is read from and who may touch it."""
+
+    point: int  # the touch point above
+    name: str  # what it is in DeepSpeed
+    read_from: str
+    modules: tuple[str, ...] = ()  # non-public DeepSpeed modules it is imported from
+    attributes: tuple[str, ...] = ()  # attribute names it is reached by
+    touched_in: tuple[str, ...] = (ADAPTER,)  # the ds_chunkflow files that may touch it
+
+
+_PIPE = ("ds_chunkflow/pipeline/engine.py", "ds_chunkflow/pipeline/schedule.py", "ds_chunkflow/pipeline/model.py")
+INTERNALS: tuple[Internal, ...] = (
+    Internal(1, "deepspeed.DeepSpeedEngine / deepspeed.PipelineEngine, the globals deepspeed.initialize builds by",
+             READ_FROM),
+    Internal(2, "deepspeed.comm.torch.build_shm_op", READ_FROM, ("deepspeed.comm.torch", "deepspeed.comm.comm"),
+             ("build_shm_op",)),
+    Internal(3, "DeepSpeedZeroOptimizer_Stage3.clear_backward_seen_flag, module.ds_grads_remaining", READ_FROM,
+             ("deepspeed.runtime.zero.stage3",), ("clear_backward_seen_flag", "ds_grads_remaining")),
+    Internal(4, "deepspeed.runtime.zero.partition_parameters._dist_allgather_fn", READ_FROM,
+             ("deepspeed.runtime.zero", "deepspeed.runtime.zero.partition_parameters"), ("_dist_allgather_fn",)),
+    Internal(5, "deepspeed.utils.set_z3_leaf_modules", READ_FROM, (), ("set_z3_leaf_modules",)),
+    Internal(6, "deepspeed.sequence.layer._dim_zero_all_to_all, register_all_to_all_group", READ_FROM,
+             ("deepspeed.sequence", "deepspeed.sequence.layer"), ("_dim_zero_all_to_all", "register_all_to_all_group")),
+    Internal(8, "DeepSpeedEngine._take_model_step (overridden by both ChunkFlow engines)", READ_FROM,
+             (), ("_take_model_step",), (ADAPTER, "ds_chunkflow/deepspeed/engine.py")),
+    Internal(9, "ZeRO-3 parameter attributes ds_id, ds_tensor, ds_numel, ds_shape", READ_FROM,
+             (), ("ds_id", "ds_tensor", "ds_numel", "ds_shape")),
+    Internal(10, "engine.checkpoint_engine: save (wrapped), is_decoupled", READ_FROM,
+             ("deepspeed.runtime.checkpoint_engine",), ("checkpoint_engine", "is_decoupled")),
+    Internal(11, "MonitorMaster.tb_monitor / csv_monitor / comet_monitor / wandb_monitor", READ_FROM,
+             ("deepspeed.monitor", "deepspeed.monitor.monitor"),
+             ("tb_monitor", "csv_monitor", "comet_monitor", "wandb_monitor")),
+    Internal(12, "DeepSpeedEngine.basic_optimizer", READ_FROM, (), ("basic_optimizer",)),
+    Internal(13, "the engine subclass's base: deepspeed.runtime.engine.DeepSpeedEngine", READ_FROM,
+             ("deepspeed.runtime.engine",), (), (ADAPTER, "ds_chunkflow/deepspeed/engine.py")),
+    Internal(13, "the pipeline subclass's base: deepspeed.runtime.pipe.engine.PipelineEngine, its schedule "
+                 "instructions (deepspeed.runtime.pipe.schedule), TiedLayerSpec", READ_FROM,
+             ("deepspeed.runtime.pipe", "deepspeed.runtime.pipe.engine", "deepspeed.runtime.pipe.schedule",
+              "deepspeed.runtime.pipe.module"), PIPELINE_ENGINE_PRIVATE_NAMES, (ADAPTER,) + _PIPE),
+)
+# DeepSpeed modules (and, for deepspeed.utils, names) any ds_chunkflow module may import: the documented API.
+PUBLIC_API = {
+    "deepspeed": ("initialize", "init_distributed", "comm", "zero", "pipe", "accelerator", "utils", "__version__"),
+    "deepspeed.comm": None,  # None: every name
+    "deepspeed.accelerator": None,
+    "deepspeed.pipe": None,
+    "deepspeed.zero": None,
+    "deepspeed.utils": ("safe_get_full_fp32_param", "safe_get_full_grad", "safe_get_full_optimizer_state",
+                        "safe_set_full_fp32_param", "safe_get_local_fp32_param", "safe_get_local_grad",
+                        "zero_to_fp32"),
+    "deepspeed.utils.zero_to_fp32": None,
+}
+
+_swap_lock = threading.Lock()
+
+
 @contextlib.contextmanager
 def engine_classes(engine: Callable, pipeline_engine: Callable):
-    """Makes ``deepspeed.initialize`` construct ``engine`` / ``pipeline_engine`` inside the block."""
+    """Makes ``deepspeed.initialize`` construct ``engine`` / ``pipeline_engine`` inside the block (touch point 1).
+
+    DeepSpeed 0.19.8 has no argument for the engine class: ``initialize`` calls the module globals
+    ``DeepSpeedEngine`` / ``PipelineEngine`` by name, after config merging, optimizer flags and the
+    ``zero.Init`` context shutdown that would otherwise have to be copied. So they are swapped for the
+    block, under a lock (one swap at a time in a process), and put back in ``finally``.
+    """
     import deepspeed
 
-    saved = {name: getattr(deepspeed, name) for name in ENGINE_GLOBALS}
-    deepspeed.DeepSpeedEngine, deepspeed.PipelineEngine = engine, pipeline_engine
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            setattr(deepspeed, name, value)
+    with _swap_lock:
+        saved = {name: getattr(deepspeed, name) for name in ENGINE_GLOBALS}
+        deepspeed.DeepSpeedEngine, deepspeed.PipelineEngine = engine, pipeline_engine
+        try:
+            yield
+        finally:
+            for name, value in saved.items():
+                setattr(deepspeed, name, value)
+
+
+def initialize_with_engines(engine: Callable, pipeline_engine: Callable, expected: type, **kwargs):
+    """``deepspeed.initialize(**kwargs)`` building ``engine`` / ``pipeline_engine`` (:func:`engine_classes`);
+    refuses a result that is not an ``expected`` (a branch of ``initialize`` that builds another class:
+    ``hybrid_engine``, a ``DualPipeVModule``), rather than training without ChunkFlow."""
+    import deepspeed
+
+    with engine_classes(engine, pipeline_engine):
+        result = deepspeed.initialize(**kwargs)
+    if not isinstance(result[0], expected):
+        raise TypeError(f"deepspeed.initialize built a {type(result[0]).__name__}, not a ChunkFlow engine: this "
+                        "DeepSpeed branch (hybrid_engine, DualPipeV) does not build its engine by the swapped names")
+    return result
 
 
 _warned_shm = False
@@ -195,6 +302,71 @@ def all_to_all_dim0(group, x):
     return _dim_zero_all_to_all(group, x.contiguous())
 
 
+def is_zero3_param(p) -> bool:
+    """``p`` is partitioned by ZeRO-3 (touch point 9)."""
+    return hasattr(p, "ds_id")
+
+
+def held_tensor(p):
+    """What of ``p`` this rank allocates: its ZeRO-3 partition, else ``p`` (touch point 9)."""
+    held = getattr(p, "ds_tensor", None)
+    return held if held is not None else p
+
+
+def full_numel(p) -> int:
+    """The full parameter's element count, also when ZeRO-3 has partitioned it (touch point 9)."""
+    return int(getattr(p, "ds_numel", p.numel()))
+
+
+def full_shape(p):
+    """The full parameter's shape, also when ZeRO-3 has partitioned it (touch point 9)."""
+    return getattr(p, "ds_shape", None) or p.shape
+
+
+def checkpoint_writes_async(engine) -> bool:
+    """The engine's checkpoint writer returns before its files are written (touch point 10)."""
+    return bool(engine.checkpoint_engine.is_decoupled())
+
+
+@contextlib.contextmanager
+def recording_checkpoint_saves(engine):
+    """Records the path of every file ``engine``'s checkpoint writer saves inside the block (this rank's
+    files; touch point 10): ``checkpoint_engine.save`` wrapped, put back in ``finally``."""
+    checkpoint_engine = engine.checkpoint_engine
+    paths: list[str] = []
+    original = checkpoint_engine.save
+    own = "save" in vars(checkpoint_engine)  # an instance attribute to put back, or the class's method
+
+    def save(state_dict, path, *args, **kwargs):
+        result = original(state_dict, path, *args, **kwargs)
+        paths.append(os.fspath(path))
+        return result
+
+    checkpoint_engine.save = save
+    try:
+        yield paths
+    finally:
+        if own:
+            checkpoint_engine.save = original
+        else:
+            del checkpoint_engine.save
+
+
+MONITOR_WRITERS = ("tb_monitor", "csv_monitor", "comet_monitor")
+
+
+def monitor_writers(monitor) -> tuple[list, object | None]:
+    """``(writers on the optimizer-step axis, the wandb writer or None)`` of DeepSpeed's ``MonitorMaster``
+    (touch point 11): the enabled ones, each with ``write_events(list of (name, value, step))``."""
+    writers = [w for w in (getattr(monitor, name, None) for name in MONITOR_WRITERS) if w is not None]
+    return writers, getattr(monitor, "wandb_monitor", None)
+
+
+def client_optimizer(engine):
+    """The torch optimizer DeepSpeed wraps (``engine.basic_optimizer``; touch point 12), or None."""
+    return getattr(engine, "basic_optimizer", None)
+
+
 def missing_names() -> list[str]:
     """The touch points above that the installed DeepSpeed does not have (empty when all are there)."""
     import deepspeed
@@ -222,4 +394,18 @@ def missing_names() -> list[str]:
 
     missing += [f"deepspeed.sequence.layer.{n}" for n in ("_dim_zero_all_to_all", "register_all_to_all_group")
                 if not hasattr(layer, n)]
+    import inspect
+
+    from deepspeed.monitor.monitor import MonitorMaster
+    from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointEngine
+
+    missing += [f"CheckpointEngine.{n}" for n in ("save", "is_decoupled") if not hasattr(CheckpointEngine, n)]
+    engine_init = inspect.getsource(DeepSpeedEngine.__init__) + inspect.getsource(DeepSpeedEngine)
+    missing += [f"DeepSpeedEngine.{n}" for n in ("checkpoint_engine", "basic_optimizer")
+                if f"self.{n} =" not in engine_init]
+    monitor_init = inspect.getsource(MonitorMaster.__init__)
+    missing += [f"MonitorMaster.{n}" for n in MONITOR_WRITERS + ("wandb_monitor",) if f"self.{n} =" not in monitor_init]
+    init_source = inspect.getsource(partition_parameters)
+    missing += [f"partition_parameters: param.{n}" for n in ("ds_id", "ds_tensor", "ds_numel", "ds_shape")
+                if f".{n} =" not in init_source]
     return missing

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from ds_chunkflow.plan.batch_plan import BatchPlan
+from ds_chunkflow.deepspeed.deepspeed_adapter import monitor_writers
+from ds_chunkflow.runtime.batch_plan import BatchPlan
 from ds_chunkflow.runtime.executor import ExecStats
 
 
@@ -59,11 +60,9 @@ def write_events(monitor, metrics: dict[str, float], step: int, wandb_step: int,
     step as one more metric, ``optimizer_step``; csv / tensorboard / comet at the optimizer step.
     """
     events = [(f"{prefix}{k}", v, step) for k, v in metrics.items()]
-    wandb = getattr(monitor, "wandb_monitor", None)
-    for name in ("tb_monitor", "csv_monitor", "comet_monitor"):
-        sub = getattr(monitor, name, None)
-        if sub is not None:
-            sub.write_events(events)
+    writers, wandb = monitor_writers(monitor)
+    for writer in writers:
+        writer.write_events(events)
     if wandb is not None:
         wandb.write_events([(label, value, wandb_step) for label, value, _ in events]
                            + [(f"{prefix}optimizer_step", float(step), wandb_step)])

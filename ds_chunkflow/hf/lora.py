@@ -38,6 +38,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
+from ds_chunkflow.hf import transformers_adapter
 from ds_chunkflow.hf.guard import ModelRefused
 from ds_chunkflow.hf.model import base_model_of, is_peft_model
 
@@ -92,8 +93,7 @@ def check_peft(model: nn.Module) -> None:
 def decoder_linear_names(model: nn.Module) -> list[str]:
     """Qualified names of every ``nn.Linear`` inside a decoder block (transformers'
     ``GradientCheckpointingLayer``), so never the LM head or the embeddings."""
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
+    GradientCheckpointingLayer = transformers_adapter.gradient_checkpointing_layer()
     base = base_model_of(model)
     blocks = [n for n, m in base.named_modules() if isinstance(m, GradientCheckpointingLayer)]
     if not blocks:
@@ -155,7 +155,9 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     (``deepspeed.zero.GatheredParameters``), only them, never the frozen base."""
     module = getattr(model, "module", model)
     named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
-    partitioned = [p for _, p in named if hasattr(p, "ds_id")]
+    from ds_chunkflow.deepspeed.deepspeed_adapter import is_zero3_param
+
+    partitioned = [p for _, p in named if is_zero3_param(p)]
     if partitioned:
         import deepspeed
 

@@ -16,7 +16,7 @@ the range ``setup.cfg`` declares; ``.ci/constraints.txt`` and ``.ci/constraints-
    installed model module calls, so a release that adds another is caught by the test, not by a refusal.
 3. Functions swapped inside model modules for a packed chunk (:data:`SWAPPED_FUNCTIONS`, read in the
    modeling files of LFM2, LFM2-MoE, Qwen3-Next, Granite-4 hybrid, Bamba, NemotronH, Falcon-H1, Zamba, Zamba2,
-   Jamba, Mamba, Mamba2, FalconMamba): the causal conv and the
+   Jamba, Mamba, Mamba2, FalconMamba, RWKV): the causal conv and the
    scans, called by their module-global names. 5.25 moved each mixer's conv (and the Mamba2 scan) into a
    module function taking the cache (``causal_conv1d_forward``, ``mamba2_scan_forward``), which still calls
    ``causal_conv1d_fn`` / ``mamba2_chunk_scan`` by module-global name, and with the ``kernels`` package
@@ -75,6 +75,7 @@ SWAPPED_FUNCTIONS = {
     "transformers.models.zamba.modeling_zamba": ("causal_conv1d_fn", "mamba_selective_scan"),
     "transformers.models.mamba.modeling_mamba": ("causal_conv1d_fn", "mamba_selective_scan"),
     "transformers.models.falcon_mamba.modeling_falcon_mamba": ("causal_conv1d_fn", "mamba_selective_scan"),
+    "transformers.models.rwkv.modeling_rwkv": ("rwkv_linear_attention",),
 }
 
 # 8. Shared attention blocks (Zamba, Zamba2): one attention module per hybrid layer, tied weights, all built with the
@@ -206,3 +207,18 @@ def missing_names() -> list[str]:
         missing += [f"_StateCache.{n} (called in {module_name})" for n in sorted(mixer_cache_calls(module_name))
                     if n not in vars(_StateCache)]
     return missing
+
+
+# ----------------------------------------------------------------------------- the touch points as data
+# For tests/test_layering.py: every transformers name above that is not public API, the releases it was read
+# from, and the ds_chunkflow files that may touch it. Outside this module, a file may import transformers'
+# top-level names only (``from transformers import X``); submodules (``transformers.models.*``,
+# ``modeling_layers``, ``cache_utils``, ``integrations``, ``utils.*``) are reached through the functions above
+# (``ds_chunkflow.hf.lora`` too: :func:`gradient_checkpointing_layer`).
+TRANSFORMERS_ADAPTER = "ds_chunkflow/hf/transformers_adapter.py"
+PRIVATE_NAMES = {  # attribute -> (touch point, releases read from, files that touch it besides this one)
+    "_attn_implementation": (1, READ_FROM, ("ds_chunkflow/ops/attention.py",)),
+    "_supports_attention_backend": (1, READ_FROM, ("ds_chunkflow/hf/guard.py",)),
+    "_gradient_checkpointing_func": (5, READ_FROM, ("ds_chunkflow/hf/model.py", "ds_chunkflow/ops/mixers.py")),
+}
+PUBLIC_MODULES = ("transformers",)  # modules any ds_chunkflow file may import names from

@@ -95,7 +95,9 @@ def model_vocab_size(model) -> int:
     """Ids the model can embed: rows of its input embedding (the full shape under ZeRO-3, where the weight
     is partitioned: ``ds_shape``, else ``config.vocab_size``)."""
     weight = model.get_input_embeddings().weight
-    shape = getattr(weight, "ds_shape", None) or weight.shape
+    from ds_chunkflow.deepspeed.deepspeed_adapter import full_shape
+
+    shape = full_shape(weight)
     return int(shape[0]) if len(shape) == 2 and shape[0] > 0 else int(model.config.vocab_size)
 
 

@@ -122,6 +122,45 @@ def test_auto_needs_a_budget():
         split_config({"chunkflow": {"memory_budget_gib": 4}})
 
 
+def test_an_engine_config_is_assigned_only_in_the_engine_constructors():
+    """``auto`` is resolved before the engine is returned (ChunkFlowEngine's ``chunkflow_resolve``): nothing in
+    ds_chunkflow assigns ``<x>.chunkflow_config`` outside the two constructors, so a built engine's config never
+    changes. (AST scan of the package.)"""
+    import ast
+    from pathlib import Path
+
+    root = Path(at.__file__).parents[1]
+    allowed = {("deepspeed/engine.py", "__init__")}
+    found = []
+    for path in root.rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        for func in [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))] + [tree]:
+            name = getattr(func, "name", "<module>")
+            for node in ast.walk(func):
+                targets = node.targets if isinstance(node, ast.Assign) else [getattr(node, "target", None)]
+                for t in targets:
+                    for e in (t.elts if isinstance(t, ast.Tuple) else [t]):
+                        if isinstance(e, ast.Attribute) and e.attr == "chunkflow_config":
+                            found.append((path.relative_to(root).as_posix(), name))
+                if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "setattr" and any(
+                        isinstance(a, ast.Constant) and a.value == "chunkflow_config" for a in node.args):
+                    found.append((path.relative_to(root).as_posix(), name))
+    outside = {f for f in found if f[1] != "<module>"} - allowed
+    assert not outside, outside
+
+
+def test_auto_is_resolved_by_the_engine_constructor():
+    """initialize hands the data-parallel engine a resolver only when something is auto; the resolver returns
+    the config it was given with both values resolved (never reading or writing an engine's config)."""
+    from ds_chunkflow.deepspeed.initialize import _engine_factories
+
+    cf, _ = split_config({"chunkflow": {"chunk_size": "auto", "keep_chunks": 2, "memory_budget_gib": 4}})
+    engine, pipeline = _engine_factories(cf, None)
+    assert engine.keywords["chunkflow_resolve"].keywords["cf"] is cf and "chunkflow_resolve" not in pipeline.keywords
+    fixed, _ = split_config({"chunkflow": {"chunk_size": 64}})
+    assert "chunkflow_resolve" not in _engine_factories(fixed, None)[0].keywords
+
+
 # ----------------------------------------------------------------------------- a real run, one CPU rank
 def _status_bytes(key: str) -> int:
     with open("/proc/self/status") as f:
@@ -151,7 +190,21 @@ def train_under_budget(rank, world, budget_mib, longest, recompute, out_path):
                                        config={"gradient_clipping": 0.0, "zero_optimization": {"stage": 0},
                                                "chunkflow": chunkflow}, training_data=dataset)[0]
 
-    engine = engine_for(section)
+    from ds_chunkflow.deepspeed.engine import ChunkFlowEngine
+
+    built = []
+    init = ChunkFlowEngine.__init__
+
+    def record(self, *args, **kwargs):  # the config as the constructor leaves it
+        init(self, *args, **kwargs)
+        built.append(self.chunkflow_config)
+
+    ChunkFlowEngine.__init__ = record
+    try:
+        engine = engine_for(section)
+    finally:
+        ChunkFlowEngine.__init__ = init
+    resolved_at_build = built == [engine.chunkflow_config] and isinstance(built[0].chunk_size, int)
     baseline = _status_bytes("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:  # resets VmHWM to the current resident size (Linux >= 4.0)
         f.write("5")
@@ -163,6 +216,7 @@ def train_under_budget(rank, world, budget_mib, longest, recompute, out_path):
     fixed.train_batch(batch)
     same = all(torch.equal(a, b) for a, b in zip(engine.module.parameters(), fixed.module.parameters()))
     torch.save({"growth": growth, "chunk_size": engine.chunkflow_config.chunk_size, "choice": choice,
+                "resolved_at_build": resolved_at_build,
                 "params": choice.prediction.terms["parameters"], "same_as_fixed": same}, out_path)
 
 
@@ -188,5 +242,6 @@ def test_training_under_auto_stays_within_the_budget(tmp_path, monkeypatch, reco
     predicted = r["choice"].prediction.total * (1 + r["choice"].margin)  # the prediction bounds what was measured
     assert r["growth"] + r["params"] <= predicted, (r["growth"] / MIB, r["choice"].summary())
     assert r["chunk_size"] < longest and r["chunk_size"] == r["choice"].chunk_size, r["choice"].summary()
+    assert r["resolved_at_build"]  # the engine's config was final when its constructor returned
     assert r["same_as_fixed"]  # the start-up probe touched neither the parameters nor their gradients
     assert r["choice"].prediction.total * (1 + r["choice"].margin) <= budget_mib * MIB

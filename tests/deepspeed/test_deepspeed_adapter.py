@@ -28,6 +28,63 @@ def test_installed_versions_are_the_tested_ones():
         assert req.specifier.contains(installed, prereleases=True), (req, installed)
 
 
+def test_engine_swap_is_restored_and_a_foreign_engine_refused(monkeypatch):
+    """engine_classes puts DeepSpeed's globals back even when initialize raises; initialize_with_engines refuses
+    an engine of another class (a DeepSpeed branch that does not build by the swapped names)."""
+    import deepspeed
+
+    original = (deepspeed.DeepSpeedEngine, deepspeed.PipelineEngine)
+    seen = []
+
+    def failing(**kwargs):
+        seen.append((deepspeed.DeepSpeedEngine, deepspeed.PipelineEngine))
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(deepspeed, "initialize", failing)
+    with pytest.raises(RuntimeError, match="boom"):
+        deepspeed_adapter.initialize_with_engines(int, float, expected=int)
+    assert seen == [(int, float)] and (deepspeed.DeepSpeedEngine, deepspeed.PipelineEngine) == original
+    monkeypatch.setattr(deepspeed, "initialize", lambda **kwargs: ("not an engine", None, None, None))
+    with pytest.raises(TypeError, match="built a str, not a ChunkFlow engine"):
+        deepspeed_adapter.initialize_with_engines(int, float, expected=int)
+    assert (deepspeed.DeepSpeedEngine, deepspeed.PipelineEngine) == original
+
+
+def test_checkpoint_saves_are_recorded_and_the_writer_put_back(tmp_path):
+    """recording_checkpoint_saves lists every file the writer saves and restores the writer as it was
+    (an instance attribute stays one, a class method is not shadowed afterwards), also on an error."""
+    from types import SimpleNamespace
+
+    class Writer:
+        def save(self, state_dict, path):
+            torch.save(state_dict, path)
+
+        def is_decoupled(self):
+            return False
+
+    engine = SimpleNamespace(checkpoint_engine=Writer())
+    with deepspeed_adapter.recording_checkpoint_saves(engine) as paths:
+        engine.checkpoint_engine.save({}, tmp_path / "a.pt")
+        engine.checkpoint_engine.save({}, str(tmp_path / "b.pt"))
+    assert paths == [str(tmp_path / "a.pt"), str(tmp_path / "b.pt")] and "save" not in vars(engine.checkpoint_engine)
+    own = engine.checkpoint_engine.save = lambda state_dict, path: None
+    with pytest.raises(ValueError), deepspeed_adapter.recording_checkpoint_saves(engine):
+        raise ValueError
+    assert engine.checkpoint_engine.save is own and not deepspeed_adapter.checkpoint_writes_async(engine)
+
+
+def test_zero3_parameter_helpers_read_the_full_parameter():
+    """held_tensor / full_numel / full_shape / is_zero3_param: the partition and the full size under ZeRO-3,
+    the parameter itself otherwise."""
+    plain = torch.nn.Parameter(torch.zeros(3, 4))
+    assert deepspeed_adapter.held_tensor(plain) is plain and deepspeed_adapter.full_numel(plain) == 12
+    assert tuple(deepspeed_adapter.full_shape(plain)) == (3, 4) and not deepspeed_adapter.is_zero3_param(plain)
+    part = torch.nn.Parameter(torch.empty(0))
+    part.ds_id, part.ds_tensor, part.ds_numel, part.ds_shape = 7, torch.zeros(6), 12, torch.Size([3, 4])
+    assert deepspeed_adapter.held_tensor(part).numel() == 6 and deepspeed_adapter.full_numel(part) == 12
+    assert deepspeed_adapter.full_shape(part) == (3, 4) and deepspeed_adapter.is_zero3_param(part)
+
+
 def _initialize_through_deepspeed(rank, world, out_path):
     import deepspeed
 

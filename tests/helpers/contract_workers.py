@@ -13,6 +13,7 @@ def sp_varlen_attention(rank, world, num_tokens, out_path):
     import torch.distributed as dist
 
     import ds_chunkflow
+    from ds_chunkflow.deepspeed.deepspeed_adapter import all_to_all_dim0
     from ds_chunkflow.ops import varlen
     from ds_chunkflow.ops.attention import chunkflow_attention
     from ds_chunkflow.ops.context import ChunkContext, SegmentSpec
@@ -44,7 +45,7 @@ def sp_varlen_attention(rank, world, num_tokens, out_path):
         return row_shard(t, dim, rank, world, num_tokens)
 
     mine = [shard(t, 2).requires_grad_() for t in (q, k, v)]
-    sp = UlyssesChunk(dist.new_group([0, 1]), world, num_tokens)
+    sp = UlyssesChunk(dist.new_group([0, 1]), world, num_tokens, all_to_all_dim0)
     out, _ = chunkflow_attention(module, *mine, None, scaling=0.3, chunkflow=ChunkContext(segments(), sp=sp))
     out.backward(shard(dout, 1))
     n = hi - lo

@@ -27,6 +27,7 @@ def sp_sink_softcap_attention(rank, world, num_tokens, out_path):
     import torch.distributed as dist
 
     import ds_chunkflow
+    from ds_chunkflow.deepspeed.deepspeed_adapter import all_to_all_dim0
     from ds_chunkflow.ops.attention import chunkflow_attention
     from ds_chunkflow.ops.context import ChunkContext, SegmentSpec
     from ds_chunkflow.ops.sequence_parallel import UlyssesChunk
@@ -58,7 +59,7 @@ def sp_sink_softcap_attention(rank, world, num_tokens, out_path):
 
     mine = [shard(t, 2).requires_grad_() for t in (q, k, v)]
     my_sinks = sinks.clone().requires_grad_()
-    sp = UlyssesChunk(dist.new_group([0, 1]), world, num_tokens)
+    sp = UlyssesChunk(dist.new_group([0, 1]), world, num_tokens, all_to_all_dim0)
     out, _ = chunkflow_attention(module, *mine, None, s_aux=my_sinks, chunkflow=ChunkContext(segments(), sp=sp),
                                  **kwargs)
     out.backward(shard(dout, 1))

@@ -119,6 +119,29 @@ def test_shard_inputs_pad_the_last_rows_without_targets():
     assert b.position_ids.tolist() == [[18, 19]]
 
 
+def test_the_group_brings_its_all_to_all():
+    """ops/ imports no DeepSpeed: the exchange is the one the group was given (the engine gives DeepSpeed's),
+    called with that group, once each way; the shards come back as the runtime's ChunkInputs."""
+    from ds_chunkflow.ops.sequence_parallel import SequenceParallelGroup, ulysses_chunk
+    from ds_chunkflow.runtime.batch import ChunkInputs
+
+    calls = []
+
+    def exchange(group, x):  # a group of 2 whose parts all stay here: enough to see who is called with what
+        calls.append((group, tuple(x.shape)))
+        return x
+
+    sp = ulysses_chunk(Shard((0, 1), 0), 6, {(0, 1): SequenceParallelGroup("g01", exchange)})
+    x = torch.randn(1, 4, 3, 2)  # [1, H, T/P, d]
+    gathered = sp.gather_heads(x)
+    assert gathered.shape == (1, 2, 6, 2) and calls == [("g01", (2, 1, 2, 3, 2))]
+    assert sp.scatter_heads(gathered).shape == (1, 4, 3, 2) and calls[1][0] == "g01"
+    with pytest.raises(RuntimeError, match=r"no sequence-parallel process group"):
+        ulysses_chunk(Shard((2, 3), 0), 6, {(0, 1): SequenceParallelGroup("g01", exchange)})
+    seqs = [{"input_ids": torch.arange(10, 30), "labels": torch.arange(10, 30)}]
+    assert type(shard_inputs(materialize(build_chunks([20], 8).groups[0][0], seqs), Shard((0, 1), 1), 0)) is ChunkInputs
+
+
 def test_head_counts_the_size_does_not_divide_are_refused():
     from ds_chunkflow.testing.models import tiny_config
 
