@@ -29,13 +29,17 @@ class Subset:
 
 def holdout_split(data, fraction: float, seed: int) -> tuple[Subset, Subset]:
     """``(train, eval)``: ``round(fraction * len)`` samples (at least 1, at most all but 1) drawn by a
-    permutation seeded with ``seed``; both keep the parent's order. The same on every rank."""
+    permutation seeded with ``seed``; both keep the parent's order. The same on every rank. Samples of one
+    source line (a chat expanded per assistant turn: ``line_numbers``) are drawn together, as one."""
     if not 0 < fraction < 1:
         raise ValueError(f"--eval_split: a fraction in (0, 1), got {fraction}")
-    n = len(data)
+    lines = getattr(data, "line_numbers", None)
+    group = np.arange(len(data)) if lines is None else np.unique(np.asarray(lines), return_inverse=True)[1]
+    n = int(group.max()) + 1 if len(group) else 0
     if n < 2:
-        raise ValueError(f"--eval_split: the training data has {n} sample(s); nothing to hold out")
+        what = f"{n} sample(s)" if n == len(data) else f"{len(data)} samples from {n} line(s)"
+        raise ValueError(f"--eval_split: the training data has {what}; nothing to hold out")
     num_eval = min(n - 1, max(1, round(fraction * n)))
-    held = np.sort(np.random.default_rng(seed).permutation(n)[:num_eval])
-    keep = np.setdiff1d(np.arange(n), held)
+    held = np.flatnonzero(np.isin(group, np.random.default_rng(seed).permutation(n)[:num_eval]))
+    keep = np.setdiff1d(np.arange(len(data)), held)
     return Subset(data, keep), Subset(data, held)
