@@ -2,6 +2,8 @@
 
     OMP_NUM_THREADS=1 python benchmarks/bench_peers.py            # full (13.4 min measured, 2 shared cores)
     OMP_NUM_THREADS=1 python benchmarks/bench_peers.py --quick    # smoke run (5.4 min measured, 2 shared cores)
+    OMP_NUM_THREADS=1 python benchmarks/bench_peers.py --systems chunkflow,trl_padding_free,alst \
+        --out peers_alst.json                                     # the ALST run (9.5 min measured, load 7-10)
 
 One run, 2 gloo ranks (DeepSpeed's CPU accelerator, spawned by ``ds_chunkflow.testing.spawn``),
 ZeRO-2, fp32, AdamW (lr 1e-3, no weight decay, constant lr, no clipping), the same tiny random
