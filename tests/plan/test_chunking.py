@@ -570,6 +570,19 @@ def test_splitting_short_sequences_never_makes_the_busiest_rank_busier(batch, nu
     assert max(s.cost for s in shares) <= max(s.cost for s in plain)
 
 
+def test_a_split_that_does_not_pay_is_not_kept():
+    """A 6K-token sample among 511 short ones, 64 ranks, 8K chunks: its cost is ~1.5x a rank's share, so
+    cut into 2K pieces and spread over 2 ranks it balances (kept); with an all-to-all dearer than the
+    compute it saves the pieces would stay on one rank, as heavy as the whole sample: the packed layout
+    is kept (no extra model calls for nothing)."""
+    lengths = [530] * 511 + [6000]
+    layout, shares = plan_layout(lengths, 8192, 64, CostModel(), 64)
+    assert [len(g) for g in layout.groups] == [3] and sum(len(s.sp_groups) for s in shares) == 2
+    assert imbalance([s.cost for s in shares]) < 1.1
+    layout, shares = plan_layout(lengths, 8192, 64, CostModel(all_to_all=50.0), 64)
+    assert not layout.groups and not any(s.sp_groups for s in shares)
+
+
 def test_split_size_halves_the_chunk_size_to_half_a_rank_share():
     """512 samples of ~530 tokens on 64 ranks (~4.2K tokens each), 8K chunks: pieces of 2K; none where
     the share is above the chunk size or no sequence lies between the split and the chunk size."""
