@@ -25,7 +25,7 @@ from ds_chunkflow.config import ChunkFlowConfig
 from ds_chunkflow.deepspeed import checkpoint
 from ds_chunkflow.deepspeed.deepspeed_adapter import Zero3LiveGraphs, all_to_all_dim0, count_param_gathers
 from ds_chunkflow.deepspeed.distributed import agree_on_errors, all_reduce
-from ds_chunkflow.deepspeed.monitor import step_metrics, write_events
+from ds_chunkflow.deepspeed.monitor import step_metrics, time_breakdown, write_events
 from ds_chunkflow.hf.export import save_hf_metadata
 from ds_chunkflow.hf.guard import check_model
 from ds_chunkflow.hf.model import enable_recompute
@@ -226,18 +226,24 @@ class ChunkFlowEngine(ChunkFlowMixin, DeepSpeedEngine):
         executor = Executor(self, backward, runtime, model=self.module,
                             graph_hooks=Zero3LiveGraphs(self) if zero3 else GraphHooks())
         gathers = count_param_gathers() if zero3 else contextlib.nullcontext()
+        planned = time.perf_counter()
         with hooks(self.module), gathers as gathered:
             stats = executor.run(batch.rank_plans[self._dp_rank()])
+        ran = time.perf_counter()
         self.step()
         self.set_gradient_accumulation_boundary(None)
-        loss, = all_reduce([stats.loss.item()], "sum", self.data_parallel_group, self.device)  # the step's one read
+        stepped = time.perf_counter()
+        # the step's device reads: the loss, and the counters, in one sum and one max over the ranks
+        loss, stats.offloaded_bytes, stats.state_bytes_moved, stats.num_recomputes = all_reduce(
+            [stats.loss.item(), stats.offloaded_bytes, stats.state_bytes_moved, stats.num_recomputes], "sum",
+            self.data_parallel_group, self.device)
         peak_act, stats.peak_state_bytes, stats.mixer_state_bytes = all_reduce(
             [runtime.meter.peak, stats.peak_state_bytes, stats.mixer_state_bytes], "max", self.data_parallel_group,
             self.device)
-        stats.offloaded_bytes, stats.state_bytes_moved, stats.num_recomputes = (int(x) for x in all_reduce(
-            [stats.offloaded_bytes, stats.state_bytes_moved, stats.num_recomputes], "sum", self.data_parallel_group,
-            self.device))
-        metrics = step_metrics(batch, loss, time.perf_counter() - start, peak_rss_bytes(), stats, peak_act)
+        synced = time.perf_counter()
+        metrics = step_metrics(batch, loss, synced - start, peak_rss_bytes(), stats, peak_act)
+        metrics.update(time_breakdown(stats, plan=planned - start, executor=ran - planned, optimizer=stepped - ran,
+                                      metrics_sync=synced - stepped))
         if zero3:  # this rank's parameter all-gathers in the chunk forwards and backwards (not the step)
             metrics.update(zero3_param_gathers=gathered.calls, zero3_param_gather_bytes=gathered.bytes)
         self._write_metrics(metrics)

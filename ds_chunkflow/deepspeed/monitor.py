@@ -49,6 +49,19 @@ def step_metrics(batch: BatchPlan, loss: float, seconds: float, peak_rss: int, s
     return metrics
 
 
+def time_breakdown(stats, **phases: float) -> dict[str, float]:
+    """``time_<part>_s`` of one step on this rank: the engine's ``phases`` (planning, the executor, the
+    optimizer step, the end-of-step metric all-reduces with the step's one loss read) and, inside the
+    executor, its time per instruction kind (``stats.seconds``: forward, state_forward, recompute, backward
+    (gradient reduction included), lockstep_pad: the one-token calls that keep ranks in lock-step, other:
+    the executor's own Python), plus ``time_per_instruction_overhead_s``."""
+    out = {f"time_{name}_s": float(v) for name, v in phases.items()}
+    out.update({f"time_{name}_s": float(v) for name, v in stats.seconds.items()})
+    if stats.num_instructions:
+        out["time_per_instruction_overhead_s"] = stats.seconds.get("other", 0.0) / stats.num_instructions
+    return out
+
+
 def write_events(monitor, metrics: dict[str, float], step: int, wandb_step: int,
                  prefix: str = "Train/chunkflow/") -> None:
     """``<prefix><name>`` events (``Train/chunkflow/<name>``; ``eval/<name>`` for evaluations) through

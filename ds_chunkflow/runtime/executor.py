@@ -20,6 +20,7 @@ its backward (``before_backward(key)``): ZeRO-3 needs them when several graphs a
 from __future__ import annotations
 
 import collections
+import time
 from dataclasses import dataclass, field
 from typing import Callable, ClassVar
 
@@ -45,6 +46,11 @@ from ds_chunkflow.runtime.chunk import ChunkRuntime, Mode, head_loss
 
 BackwardFn = Callable[[torch.Tensor, bool], None]
 MODES = {Forward: Mode.KEEP, StateForward: Mode.STATE, Recompute: Mode.RECOMPUTE, EvalForward: Mode.EVAL}
+TIME_CATEGORY = {Forward: "forward", StateForward: "state_forward", Recompute: "recompute", Backward: "backward",
+                 EvalForward: "forward", PadForward: "lockstep_pad", PadBackward: "lockstep_pad",
+                 PadEvalForward: "lockstep_pad", ReleaseState: "other"}
+"""Where a step's time goes, per instruction: the backward includes DeepSpeed's gradient reduction hooks (and
+under ZeRO-3 the parameter gathers), a sequence-parallel chunk's forward and backward its all-to-alls."""
 
 
 def no_backward(loss: torch.Tensor, boundary: bool) -> None:
@@ -65,6 +71,10 @@ class ExecStats:
     state_bytes_moved: int = 0
     offloaded_bytes: int = 0
     mixer_state_bytes: int = 0  # a hybrid's recurrent state per sample and chunk boundary (0: no mixers)
+    seconds: dict[str, float] = field(default_factory=dict)
+    """Host wall time per kind of instruction (:data:`TIME_CATEGORY`), plus ``other``: the executor's own
+    Python between instructions. Exact on the CPU; on CUDA it is launch time unless a call waits for the device."""
+    num_instructions: int = 0
 
 
 class GraphHooks:
@@ -103,12 +113,19 @@ class Executor:
         self.stats = ExecStats(loss=rt.loss_sum)
         offloaded_before, forwards_before = rt.meter.offloaded, rt.num_forwards  # a runtime may serve several runs
         recomputes_before = rt.num_recomputes
+        seconds = collections.defaultdict(float)
+        start = time.perf_counter()
         for i, ins in enumerate(instructions):
             handler = self._HANDLERS.get(type(ins))
             if handler is None:
                 raise TypeError(f"executor has no handler for instruction {ins!r}")
             self._boundary = i == self._last_backward
+            t = time.perf_counter()
             handler(self, ins)
+            seconds[TIME_CATEGORY[type(ins)]] += time.perf_counter() - t
+        seconds["other"] += time.perf_counter() - start - sum(seconds.values())
+        self.stats.seconds = dict(seconds)
+        self.stats.num_instructions = len(instructions)
         assert not self._losses and not self._pads and not rt.pending, "plan left work pending"
         self.stats.loss = rt.loss_sum
         self.stats.num_forwards = rt.num_forwards - forwards_before + self._pad_forwards
