@@ -201,8 +201,9 @@ def print_tables(result: dict) -> None:
     for k, v in result["build_chunks_seconds"].items():
         print(f"  build_chunks wall time, {k}: {v * 1e3:.1f} ms (median of 3)")
     print("\n(b) data-parallel imbalance, max/mean per rank (mean and worst over batches)")
-    print("  (chunkflow: short sequences dealt to ranks, each rank packs its own; 'packed': the batch's packed")
-    print("   chunks dealt as items, the assignment before issue 26)")
+    print("  (chunkflow: plan_layout, short sequences dealt to ranks, each rank packs its own, and with SP a short")
+    print("   sequence above split_size may be cut into a group; 'packed': the batch's packed chunks dealt as items,")
+    print("   the assignment before issue 26)")
     print("  (bound: max(largest indivisible item, mean) / mean, the best any assignment of those items reaches;")
     print("   with SP a group is divisible, a short sequence or packed chunk is not)")
     print("  (chunkflow+SP: a group may be spread over up to all ranks, its all-to-all traffic counted at a2a x tokens;")
