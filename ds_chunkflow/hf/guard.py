@@ -53,18 +53,9 @@ _CACHE_ATTR = "_ds_chunkflow_guard"
 # and 5.25 sources) although the class does not declare ``_supports_attention_backend``; the probe checks them.
 INTERFACE_VERIFIED = ("BambaForCausalLM", "JambaForCausalLM", "NemotronHForCausalLM", "Qwen3NextForCausalLM",
                       "FalconH1ForCausalLM", "ZambaForCausalLM", "Zamba2ForCausalLM")
-# Models without attention (read in the same sources): their only token mixers are Mamba mixers, which
+# Models without attention (read in the same sources): their only token mixers are Mamba mixers / RWKV blocks, which
 # :mod:`ds_chunkflow.ops.mixers` carries; the static scan refuses any other mixer, the probe checks the rest.
-NO_ATTENTION = ("MambaForCausalLM", "Mamba2ForCausalLM", "FalconMambaForCausalLM")
-
-# Recurrent families that transformers can start from a carried state, but for which ds_chunkflow.ops.mixers has no
-# adapter (read in the 5.24 / 5.25 sources): refused by name, with what is missing.
-NO_ADAPTER = {
-    "RwkvForCausalLM": "its RWKV blocks carry a recurrent state from token to token (the WKV time-mix recurrence and "
-                       "the time-mix / channel-mix token shifts); transformers' code does take a start state (the "
-                       "model's state= argument), but ds_chunkflow has no adapter that carries it across chunks or "
-                       "restarts it per packed sequence, and the model has no attention to receive the chunk layout",
-}
+NO_ATTENTION = ("MambaForCausalLM", "Mamba2ForCausalLM", "FalconMambaForCausalLM", "RwkvForCausalLM")
 
 
 class ModelRefused(NotImplementedError):
@@ -132,8 +123,6 @@ def static_check(model: torch.nn.Module) -> None:
     if bad:
         raise _refuse(model, f"rope_type {sorted(bad)} depends on the longest position of each call",
                       "Use a static RoPE type (default, linear, llama3, yarn)")
-    if type(model).__name__ in NO_ADAPTER:
-        raise _refuse(model, NO_ADAPTER[type(model).__name__], "Train it without ChunkFlow (chunkflow.enabled: false)")
     mixers = unsupported_mixers(model)
     if mixers:
         listed = ", ".join(f"{n} ({c})" for n, c in mixers[:3]) + (f" and {len(mixers) - 3} more"

@@ -78,6 +78,10 @@ SWAPPED_FUNCTIONS = {
     "transformers.models.rwkv.modeling_rwkv": ("rwkv_linear_attention",),
 }
 
+# 3b. model module -> functions ds_chunkflow.ops.mixers calls there (not swapped): RWKV's torch WKV recurrence, run
+# instead of the CUDA kernel where a carried state needs its gradient (the kernel's backward returns none).
+CALLED_FUNCTIONS = {"transformers.models.rwkv.modeling_rwkv": ("rwkv_linear_attention_cpu",)}
+
 # 8. Shared attention blocks (Zamba, Zamba2): one attention module per hybrid layer, tied weights, all built with the
 # same ``layer_idx`` (None / -1; transformers passes the layer's index as a forward argument, which the attention
 # interface never sees). ChunkFlow keys its K/V state by ``module.layer_idx``, so for a chunked step each hybrid layer's
@@ -179,7 +183,7 @@ def cache_base():
 def missing_names() -> list[str]:
     """The touch points above that the installed transformers lacks (empty when all are there)."""
     missing = []
-    for module_name, names in {**IMPORTED_NAMES, **SWAPPED_FUNCTIONS}.items():
+    for module_name, names in [*IMPORTED_NAMES.items(), *SWAPPED_FUNCTIONS.items(), *CALLED_FUNCTIONS.items()]:
         try:
             module = importlib.import_module(module_name)
         except ImportError:

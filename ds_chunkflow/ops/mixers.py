@@ -1,4 +1,5 @@
-"""Recurrent sequence mixers under ChunkFlow: short convolutions, Mamba2 SSD, Mamba1 scans, gated delta nets.
+"""Recurrent sequence mixers under ChunkFlow: short convolutions, Mamba2 SSD, Mamba1 scans, gated delta nets, RG-LRU
+(RecurrentGemma) and RWKV blocks.
 
 A hybrid model mixes tokens in two ways: attention (whose K/V state :mod:`ds_chunkflow.ops.state`
 carries) and recurrent mixers whose state is constant in the sequence length: the last
@@ -24,7 +25,11 @@ scans (Jamba, Zamba, Mamba, FalconMamba) are the exception: neither transformers
 ``mamba_selective_scan`` nor mamba-ssm's kernel takes a start state, so a dependent chunk with a carried
 state runs transformers' torch recurrence from it (:func:`_selective_scan_from`; a token loop, also on GPU).
 
-A model without attention (Mamba, Mamba2, FalconMamba) is a model whose only state is its mixers': each
+RecurrentGemma's recurrent block and RWKV's block keep their state outside transformers' cache (a module attribute,
+the model's ``state`` list); their adapters run the block's own code from the carried state through a few
+submodules swapped for the call (:func:`_call_recurrent_gemma_block`, :func:`_call_rwkv_block`).
+
+A model without attention (Mamba, Mamba2, FalconMamba, RWKV) is a model whose only state is its mixers': each
 adapter call counts as a layer that received the chunk layout (``ChunkContext.num_layer_calls``).
 Zamba's shared attention blocks, one module per hybrid layer built with one ``layer_idx``, get their
 layer's index for the step, so their K/V states stay apart (``transformers_adapter.SHARED_ATTENTION_LAYERS``).
@@ -85,6 +90,7 @@ SUPPORTED = {
     "transformers.models.falcon_mamba.modeling_falcon_mamba.FalconMambaMixer": "Mamba1 selective scan (FalconMamba)",
     "transformers.models.recurrent_gemma.modeling_recurrent_gemma.RecurrentGemmaRecurrentBlock":
         "RG-LRU + short convolution (RecurrentGemma)",
+    "transformers.models.rwkv.modeling_rwkv.RwkvBlock": "WKV recurrence + token shifts (RWKV)",
 }
 
 _OUTSIDE, _PLAIN = "outside the model's forward", "a forward without the chunk layout"
@@ -261,6 +267,7 @@ _SEGMENTED_FUNCTIONS = {
     "mamba2_chunk_scan": {"hidden_states": 1, "dt": 1, "B": 1, "C": 1},
     "torch_chunk_gated_delta_rule": {"query": 1, "key": 1, "value": 1, "g": 1, "beta": 1},
     "mamba_selective_scan": {"hidden_states": -1, "dt": -1, "B": -1, "C": -1, "z": -1},  # Jamba: [B, C, T]
+    "rwkv_linear_attention": {"key": 1, "value": 1},
 }
 _SEGMENTS: contextvars.ContextVar[list[tuple[int, int]] | None] = contextvars.ContextVar("ds_chunkflow_segments",
                                                                                           default=None)
@@ -326,7 +333,7 @@ def _selective_scan_from(ssm_state, hidden_states, dt, A, B, C, D=None, z=None, 
     return (scan_output, ssm_state) if return_last_state else scan_output
 
 
-def _started(fn):
+def _started(fn, module=None):
     """The model's scan ``fn``, or where the call under way has a carried SSM state, the same scan from it.
 
     Zamba's mixer scans its heads one call each, in head order, and caches their final states stacked
@@ -345,7 +352,9 @@ def _started(fn):
 
 
 # name -> the wrapper that gives that model-module function the carried start state
-_STARTED_FUNCTIONS = {"mamba_selective_scan": _started}
+_STARTED_FUNCTIONS = {"mamba_selective_scan": _started,
+                      "rwkv_linear_attention": lambda fn, module: _state_copies(fn, module)}
+# (RWKV: the state copies and the torch path, :func:`_state_copies`)
 
 
 @contextlib.contextmanager
@@ -358,7 +367,7 @@ def _patched_functions(mixers: list[tuple[str, torch.nn.Module]]):
                 saved.append((mod, fname, getattr(mod, fname)))
                 fn = getattr(mod, fname)
                 if fname in _STARTED_FUNCTIONS:
-                    fn = _STARTED_FUNCTIONS[fname](fn)
+                    fn = _STARTED_FUNCTIONS[fname](fn, mod)
                 setattr(mod, fname, _segmented(fn, dims))
     try:
         yield
@@ -417,24 +426,102 @@ def _call_recurrent_gemma_block(block, original, kwargs, x, cache) -> torch.Tens
     return out
 
 
+# ---------------------------------------------------------------------------- RWKV's blocks
+# An RWKV block carries five states per layer in the model's ``state`` list (``[b, hidden, layers]`` each): the
+# channel-mix and time-mix token shifts (the previous token's input) and the WKV numerator, denominator and running
+# max. For one dependent piece its time mix and channel mix each run on a fresh five-tensor list holding only the
+# carried state (in the block's own layer column) and hand back that column; ``rwkv_linear_attention`` gets its state
+# as copies (:func:`_state_copies`), since the module writes the final state into the same list in place. A packed
+# chunk runs the block without a state: the WKV per segment (:data:`_SEGMENTED_FUNCTIONS`), each token shift per
+# segment. The block is itself transformers' checkpointing layer, so its checkpoint is taken here, around all of
+# this: a recompute in the backward runs with the same state and segments.
+def _call_rwkv_block(block, original, kwargs, x, cache) -> torch.Tensor:
+    raw = functools.partial(type(block).forward.__wrapped__, block)  # inside transformers' checkpoint wrapper
+    bounds, layer = _SEGMENTS.get(), block.layer_id
+    attention, feed_forward = block.attention, block.feed_forward
+    att_forward, ff_forward = attention.forward, feed_forward.forward
+
+    def fresh_state(like):
+        wkv_dtype = torch.promote_types(like.dtype, torch.float32)  # the WKV accumulates in float32 at least
+        width = attention.attention_hidden_size
+        state = [like.new_zeros(like.shape[0], like.shape[-1], layer + 1) for _ in range(2)]
+        state += [like.new_zeros(like.shape[0], width, layer + 1, dtype=wkv_dtype) for _ in range(3)]
+        state[4] -= 1e38  # the max over no token (rwkv_linear_attention_cpu's start without a state)
+        for i in range(5):
+            if f"recurrent{i}" in cache.initial:
+                state[i][:, :, layer] = cache.initial[f"recurrent{i}"]
+        return state
+
+    def time_mix(hidden, state=None, use_cache=False):
+        out, state = att_forward(hidden, state=fresh_state(hidden), use_cache=True)
+        for i in (1, 2, 3, 4):
+            cache.update_recurrent_state(state[i][:, :, layer], 0, state_idx=i)
+        return out, None
+
+    def channel_mix(hidden, state=None):
+        out, state = ff_forward(hidden, state=fresh_state(hidden))
+        cache.update_recurrent_state(state[0][:, :, layer], 0, state_idx=0)
+        return out, None
+
+    def run(x):
+        patched = [attention.time_shift, feed_forward.time_shift] if bounds is not None else [attention, feed_forward]
+        if bounds is not None:
+            for shift in patched:
+                shift.forward = functools.partial(_segment_shift, type(shift).forward.__get__(shift))
+        else:
+            attention.forward, feed_forward.forward = time_mix, channel_mix
+        token = _SEGMENTS.set(bounds)
+        try:
+            return raw(x, state=None, use_cache=False)[0]
+        finally:
+            _SEGMENTS.reset(token)
+            for module in patched:
+                del module.forward
+
+    if block.gradient_checkpointing and block.training and torch.is_grad_enabled():
+        return block._gradient_checkpointing_func(run, x)
+    return run(x)
+
+
+def _segment_shift(shift, hidden):
+    """``nn.ZeroPad2d((0, 0, 1, -1))`` (each token sees the one before) with a zero at every segment start."""
+    return torch.cat([shift(hidden[:, lo:hi]) for lo, hi in _SEGMENTS.get()], dim=1)
+
+
+def _state_copies(fn, module):
+    """``rwkv_linear_attention`` on copies of its state (the block overwrites the state it passed, in place). With a
+    state, transformers' torch recurrence (``rwkv_linear_attention_cpu``, also on GPU): the CUDA kernel's backward
+    returns no gradient for the start state, which a carried state needs."""
+    torch_path = module.rwkv_linear_attention_cpu  # transformers_adapter.CALLED_FUNCTIONS
+
+    def run(time_decay, time_first, key, value, state=None, return_state=False):
+        if state is None:
+            return fn(time_decay, time_first, key, value, state=None, return_state=return_state)
+        return torch_path(time_decay, time_first, key, value, state=[s.clone() for s in state],
+                          return_state=return_state)
+
+    run.__wrapped__ = fn
+    return run
+
+
 def _call_mixer(module, original, kwargs, x, cache) -> torch.Tensor:
     return original(x, cache=cache, attention_mask=None)
 
 
 # class path -> how its adapter calls it for one piece with a state cache, and whether the module returns (out, None)
 _CALLS = {"transformers.models.recurrent_gemma.modeling_recurrent_gemma.RecurrentGemmaRecurrentBlock":
-          (_call_recurrent_gemma_block, True)}
+          (_call_recurrent_gemma_block, lambda out, kwargs: (out, None)),
+          "transformers.models.rwkv.modeling_rwkv.RwkvBlock":  # (hidden, the model's state list, attentions)
+          (_call_rwkv_block, lambda out, kwargs: (out, kwargs.get("state"), None))}
 
 
 def _adapter(name: str, original, module):
-    run, returns_pair = _CALLS.get(class_path(module), (_call_mixer, False))
+    run, returns = _CALLS.get(class_path(module), (_call_mixer, None))
 
     def forward(hidden_states, *args, **kwargs):
         call = functools.partial(run, module, original, kwargs)
-        if returns_pair:
-            out = chunked(hidden_states, *args, call=call, **kwargs)
-            return out if isinstance(out, tuple) else (out, None)
-        return chunked(hidden_states, *args, call=call, **kwargs)
+        out = chunked(hidden_states, *args, call=call, **kwargs)
+        return out if returns is None or isinstance(out, tuple) else returns(out, kwargs)
 
     def chunked(hidden_states, *args, call, **kwargs):
         ctx = kwargs.get("chunkflow") or _CURRENT.get()

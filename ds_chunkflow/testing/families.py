@@ -119,12 +119,11 @@ EXACT = {
                FP32_INSIDE),
     "falcon_mamba": ("falcon_mamba", "pure SSM, Mamba1 + B/C/dt norms", dict(state_size=8, time_step_rank=8),
                      FP32_INSIDE),
+    "rwkv": ("rwkv", "RWKV: WKV recurrence + token shifts", dict(attention_hidden_size=64, context_length=512)),
 }
 
 # family -> (model_type, kind, overrides, reason substring)
 REFUSED = {
-    "rwkv": ("rwkv", "RWKV (no attention)", dict(attention_hidden_size=64, context_length=512),
-             "WKV time-mix recurrence"),
     "opt": ("opt", "LM head calls the decoder directly", dict(ffn_dim=128, word_embed_proj_dim=64),
             "never runs its base model OPTModel"),
     "falcon": ("falcon", "attention outside the interface", dict(num_kv_heads=2, new_decoder_architecture=True),

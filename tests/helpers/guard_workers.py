@@ -44,7 +44,7 @@ def refused_everywhere(rank, world, stage, out_path):
     import ds_chunkflow
     from ds_chunkflow.hf.guard import ModelRefused
 
-    model_type, _, overrides, _ = REFUSED["rwkv"]
+    model_type, _, overrides, _ = REFUSED["opt"]
     model = build(model_type, overrides, dtype=torch.float32)
     try:
         ds_chunkflow.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),

@@ -39,7 +39,6 @@ def test_probe_alone_catches_every_hybrid(family, monkeypatch):
     """With the static scan and the mixer adapters switched off, the numerical probe still refuses each hybrid
     family (float32): a mixer whose state is not carried is caught even if no static rule names it."""
     monkeypatch.setattr(guard, "sequence_mixers", lambda model: [])
-    monkeypatch.setattr(guard, "NO_ADAPTER", {})
     monkeypatch.setattr(mixers, "SUPPORTED", {})
     model_type, _, overrides = (REFUSED[family] if family in REFUSED else exact_case(family))[:3]
     model = build(model_type, overrides, dtype=torch.float32)
@@ -49,10 +48,10 @@ def test_probe_alone_catches_every_hybrid(family, monkeypatch):
         check_model(model)
 
 
-@pytest.mark.parametrize("family", ["mamba", "mamba2", "falcon_mamba"])
+@pytest.mark.parametrize("family", ["mamba", "mamba2", "falcon_mamba", "rwkv"])
 def test_model_without_attention_is_refused_by_its_mixers_not_its_attention(family, monkeypatch):
-    """A pure SSM (no attention at all) passes the guard with its mixers carried; without their adapters it is
-    refused because no layer received the chunk layout, not for an attention it does not have."""
+    """A pure SSM or RWKV (no attention at all) passes the guard with its mixers carried; without their adapters it
+    is refused because no layer received the chunk layout, not for an attention it does not have."""
     model_type, _, overrides, _ = exact_case(family)
     assert check_model(build(model_type, overrides, dtype=torch.float32)).max_error < 1e-4
     monkeypatch.setattr(guard, "sequence_mixers", lambda model: [])
@@ -97,7 +96,8 @@ def test_unknown_subclass_of_a_supported_mixer_is_refused():
 
 
 @pytest.mark.parametrize("family", ["lfm2", "qwen3_next", "granitemoehybrid", "bamba", "nemotron_h", "jamba",
-                                    "lfm2_moe", "falcon_h1", "zamba", "zamba2", "mamba", "mamba2", "falcon_mamba"])
+                                    "lfm2_moe", "falcon_h1", "zamba", "zamba2", "mamba", "mamba2", "falcon_mamba",
+                                    "recurrent_gemma", "rwkv"])
 def test_supported_hybrid_passes_scan_and_probe(family):
     """Every hybrid family with adapters passes the static scan and the probe (float32) with rounding error."""
     model_type, _, overrides, _ = exact_case(family)

@@ -13,7 +13,8 @@ from tests.helpers.exactness import chunked_errors
 from tests.helpers.reference import make_sequences
 
 HYBRIDS = ["lfm2", "qwen3_next", "granitemoehybrid", "bamba", "nemotron_h", "jamba",
-           "lfm2_moe", "falcon_h1", "zamba", "zamba2", "mamba", "mamba2", "falcon_mamba", "recurrent_gemma"]
+           "lfm2_moe", "falcon_h1", "zamba", "zamba2", "mamba", "mamba2", "falcon_mamba", "recurrent_gemma",
+           "rwkv"]
 CHUNK = 8
 
 
@@ -43,7 +44,7 @@ def test_split_sequence_carries_state_and_its_gradient(family, keep):
 
 
 @pytest.mark.parametrize("family", ["lfm2", "qwen3_next", "granitemoehybrid", "jamba", "lfm2_moe", "falcon_h1",
-                                    "zamba", "zamba2", "mamba", "mamba2", "falcon_mamba", "recurrent_gemma"])
+                                    "zamba", "zamba2", "mamba", "mamba2", "falcon_mamba", "recurrent_gemma", "rwkv"])
 def test_activation_offload_and_layer_recompute_stay_exact(family):
     """Far chunks offloaded to the CPU, and transformers' layer checkpointing recomputing a mixer inside its
     chunk's backward: the gradient still reaches the state of the chunk before (Jamba's layer calls its mixer
@@ -56,7 +57,7 @@ def test_activation_offload_and_layer_recompute_stay_exact(family):
 
 
 @pytest.mark.parametrize("family", ["lfm2", "qwen3_next", "granitemoehybrid", "jamba", "lfm2_moe", "falcon_h1",
-                                    "zamba", "zamba2", "mamba", "falcon_mamba", "recurrent_gemma"])
+                                    "zamba", "zamba2", "mamba", "falcon_mamba", "recurrent_gemma", "rwkv"])
 def test_a_lost_state_or_state_gradient_would_be_caught(family, monkeypatch):
     """The tests above are sensitive: starting every chunk from zero moves loss and gradients far beyond the
     tolerance (and the guard's probe refuses it), dropping the gradient the next chunk sends back moves the gradients
@@ -94,6 +95,23 @@ def test_shared_attention_keeps_one_state_per_hybrid_layer(family, monkeypatch):
     assert [a.layer_idx for a, _ in attns] == built_with
     monkeypatch.setattr(transformers_adapter, "shared_attention_indices", lambda model: [])
     assert max(_errors(model, seqs, keep_chunks=2)) > 1e3 * tol
+
+
+def test_rwkv_carried_state_never_goes_through_the_cuda_kernel(monkeypatch):
+    """RWKV's CUDA kernel returns no gradient for its start state: a piece with a state runs transformers' torch
+    recurrence instead. Here a stand-in kernel (the torch recurrence on a detached state) replaces the module's
+    dispatch; the split sequence still trains exactly."""
+    import transformers.models.rwkv.modeling_rwkv as rwkv
+
+    torch_path = rwkv.rwkv_linear_attention_cpu
+
+    def kernel(time_decay, time_first, key, value, state=None, return_state=False):
+        state = None if state is None else [s.detach() for s in state]
+        return torch_path(time_decay, time_first, key, value, state=state, return_state=return_state)
+
+    monkeypatch.setattr(rwkv, "rwkv_linear_attention", kernel)
+    model, tol = _model("rwkv")
+    assert max(_errors(model, make_sequences([37, 5, 3], model.config.vocab_size, seed=8), keep_chunks=2)) < tol
 
 
 def test_mixer_state_per_boundary_is_constant_in_the_sample_length(monkeypatch):
@@ -147,11 +165,12 @@ def test_mixer_outside_a_chunked_forward_is_an_error():
         conv(torch.zeros(1, 4, model.config.hidden_size, dtype=torch.float64))
 
 
-def test_pipeline_engine_refuses_hybrids():
-    """pipeline_module (whose stages do not carry mixer state) refuses a hybrid at wrap time, naming the mixer."""
+def test_pipeline_engine_refuses_a_hybrid_it_cannot_cut():
+    """pipeline_module refuses at wrap time a hybrid whose decoder lacks the layout its stages are cut from (LFM2:
+    no rotary_emb under model), naming what it needs (hybrids it can cut carry their mixer state: tests/pipeline)."""
     from ds_chunkflow.pipeline.model import pipeline_module
 
     model_type, _, overrides, _ = exact_case("lfm2")
     model = build(model_type, overrides, dtype=torch.float32)
-    with pytest.raises(NotImplementedError, match="Lfm2ShortConv.*pipeline engine does not carry"):
+    with pytest.raises(NotImplementedError, match="Lfm2ForCausalLM: pipeline mode needs a decoder-only model"):
         pipeline_module(model, num_stages=2)
