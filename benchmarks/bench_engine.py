@@ -333,7 +333,18 @@ def summarise(system, ranks, batches, cfg, world=2) -> dict:
         "losses": ranks[0]["losses"], "step_s": ranks[0]["step_s"], "cpu_s": cpu,
         "init_s": max(r["init_s"] for r in ranks), "per_rank_peak_rss_mib": [r["peak_rss"] / mib for r in ranks],
         "chunkflow_metrics": ranks[0]["chunkflow"], "profile": ranks[0].get("profile"),
+        "time_breakdown": time_breakdown(ranks),
     }
+
+
+def time_breakdown(ranks) -> dict[str, float] | None:
+    """A ChunkFlow system's mean seconds per timed step in each part (the engine's ``time_*_s`` step
+    metrics), per rank averaged over ranks; None for the baselines, which have no such metrics."""
+    steps = [m for r in ranks for m in r["chunkflow"]]
+    if not steps:
+        return None
+    keys = sorted({k for m in steps for k in m if k.startswith("time_") and k.endswith("_s")})
+    return {k[len("time_"):-len("_s")]: sum(m.get(k, 0.0) for m in steps) / len(steps) for k in keys}
 
 
 def data_stats(batches) -> dict:
@@ -432,6 +443,11 @@ def main():
     pairs = ratios(rows)
     if pairs:
         print(table(pairs))
+    breakdown = [dict(system=r["system"], **r["time_breakdown"]) for r in rows if r["time_breakdown"]]
+    if breakdown:
+        print("seconds per step and rank, by part (executor = forward + state_forward + recompute + backward + "
+              "lockstep_pad + other)")
+        print(table(breakdown))
     for r in rows:
         if r["profile"]:
             print(f"\n--- cProfile, rank 0, {r['system']} ---\n{r['profile']}")
