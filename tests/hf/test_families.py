@@ -34,8 +34,8 @@ def test_family_matches_full_sequence_training(family):
 
 @pytest.mark.parametrize("family", sorted(REFUSED))
 def test_family_is_refused_before_training(family):
-    """Models that mix tokens outside attention (or bypass the attention interface) are refused with a
-    message naming the class and the reason, and nothing reaches .grad."""
+    """Models ChunkFlow cannot train exactly (attention outside the attention interface, a forward that never runs
+    its base model) are refused with a message naming the class and the reason, and nothing reaches .grad."""
     model_type, _, overrides, reason = REFUSED[family]
     model = build(model_type, overrides, dtype=torch.float32)
     seqs = make_sequences([20, 5], model.config.vocab_size)
