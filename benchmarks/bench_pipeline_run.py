@@ -87,7 +87,7 @@ def padded_micro_batches(batch: list[dict], micro_batch: int, pad_id: int) -> li
 
 def chunkflow_chunks(batch: list[dict], cfg: dict) -> list:
     """The chunks the engine runs, in its order (1 pipeline replica: one share)."""
-    from ds_chunkflow.plan.batch_plan import plan_batch
+    from ds_chunkflow.runtime.batch_plan import plan_batch
 
     seqs = [{k: torch.tensor(v) for k, v in s.items()} for s in batch]
     share = plan_batch(seqs, chunk_size=cfg["chunk_size"], keep_chunks=cfg["keep_chunks"], num_ranks=1).shares[0]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ds_chunkflow.config import ChunkFlowConfig, ConfigError, load_config_file, split_config
-from ds_chunkflow.plan.batch_plan import plan_batch
+from ds_chunkflow.runtime.batch_plan import plan_batch
 from tests.helpers.reference import make_sequences
 
 CONFIGS = sorted((Path(__file__).parent.parent / "ds_configs").glob("*"))
