@@ -58,11 +58,7 @@ PACKAGE = ROOT / "ds_chunkflow"
 STDLIB = set(sys.stdlib_module_names) | {"__future__"}
 
 # (rule, file, imported module or touched name) -> why it is still there
-KNOWN = {
-    ("plan", "ds_chunkflow/plan/batch_plan.py", "ds_chunkflow.runtime.batch"):
-        "SequenceDict / count_loss_tokens / validate_sequences live in runtime/batch.py (torch tensors); the "
-        "planner should take lengths and label counts instead (plan/ is the lead's; not moved here)",
-}
+KNOWN: dict[tuple[str, str, str], str] = {}  # none left: plan_batch, which reads tensors, is runtime/batch_plan.py
 
 
 @dataclass(frozen=True)
