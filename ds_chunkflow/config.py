@@ -202,7 +202,11 @@ def check_deepspeed_keys(cf: ChunkFlowConfig, ds_config: dict[str, Any], pipelin
     stage = (ds_config.get("zero_optimization") or {}).get("stage", 0)
     if pipeline and cf.sequence_parallel.max_size > 1:
         raise ConfigError(f"chunkflow.sequence_parallel.max_size: {cf.sequence_parallel.max_size} is not supported "
-                          "with pipeline parallelism (a PipelineModule); use max_size: 1")
+                          "with pipeline parallelism (a PipelineModule): DeepSpeed's PipelineEngine sends one "
+                          "activation tensor per micro-batch between neighbouring stages and gives each data-parallel "
+                          "replica micro-batches of its own, so one chunk cannot be split over the replicas of a "
+                          "stage. Use max_size: 1 (long samples still fit: dependent chunks, keep_chunks, "
+                          "offload.activations: far)")
     if pipeline and stage > 1:
         raise ConfigError(f"zero_optimization.stage: {stage} is not possible with pipeline parallelism "
                           "(DeepSpeed's PipelineEngine supports ZeRO 0 or 1); use stage 0 or 1")

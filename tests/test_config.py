@@ -105,3 +105,11 @@ def test_deepspeed_keys_chunkflow_replaces_are_refused_not_dropped():
         split_config({"hybrid_engine": {"enabled": True}, "chunkflow": {}})
     _, ds = split_config({"zero_optimization": {"stage": 2}, "chunkflow": {}})
     assert ds["train_micro_batch_size_per_gpu"] == 1 and ds["gradient_accumulation_steps"] == 1
+
+
+def test_sequence_parallelism_in_pipeline_mode_is_refused_with_its_reason():
+    """A pipeline replica's chunk cannot be split over ranks: refused before any engine exists, saying why."""
+    config = {"zero_optimization": {"stage": 1}, "chunkflow": {"sequence_parallel": {"max_size": 2}}}
+    with pytest.raises(ConfigError, match="sequence_parallel.max_size: 2 .*one chunk cannot be split"):
+        split_config(config, pipeline=True)
+    assert split_config(config)[0].sequence_parallel.max_size == 2  # data parallelism takes it
