@@ -35,6 +35,12 @@ the range ``setup.cfg`` declares; ``.ci/constraints.txt`` and ``.ci/constraints-
    pipeline tests are in the distributed tier, which only the pinned environment runs).
 8. Zamba / Zamba2 shared attention blocks (:data:`SHARED_ATTENTION_LAYERS`): built with one ``layer_idx`` for
    every hybrid layer; :mod:`ds_chunkflow.ops.mixers` gives each its layer's index for a chunked step.
+9. Blocks whose state lives outside the cache (read in 5.24 and 5.25, same code): RecurrentGemma's
+   ``RecurrentGemmaRecurrentBlock`` (its ``conv_1d`` and ``rg_lru`` submodules, ``rg_lru.recurrent_states``,
+   reset where ``position_ids`` is 0) and RWKV's ``RwkvBlock`` (``attention`` / ``feed_forward`` with their
+   ``time_shift``, the five-tensor ``state`` list indexed by ``layer_id``, ``rwkv_linear_attention_cpu``:
+   :data:`CALLED_FUNCTIONS`; the raw forward behind ``GradientCheckpointingLayer``'s wrapper, ``forward.__wrapped__``).
+   Exercised by ``tests/ops/test_mixers.py``, not listed by :func:`missing_names`.
 
 Not touch points: a model's ``forward`` kwargs (``position_ids``, ``use_cache``, ``logits_to_keep``, and
 ``chunkflow``, threaded to attention as the ``AttentionInterface`` contract says), ``from_pretrained`` and
