@@ -45,7 +45,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE)]
-from _common import save_json, table  # noqa: E402
+from _common import RESULTS, save_json, table  # noqa: E402
 from bench_engine import MODEL, long_sample  # noqa: E402
 
 SYSTEMS = ("chunkflow", "chunkflow_sp", "alst", "trl_gc", "deepspeed_gc")
@@ -170,8 +170,8 @@ def search(system: str, budgets_gib: list[float], cfg: dict, deadline: float, lo
         misses = [n for n, t in trials.items() if not fits(t) and n > (lo or 0)]
         hi = min(misses, default=None)
         capped = ""
-        while hi is None and not capped:  # doubling
-            if time.perf_counter() > deadline:
+        while hi is None and not capped:  # doubling (the first trial runs even past the deadline)
+            if trials and time.perf_counter() > deadline:
                 capped = "search cap"
                 break
             n = 2 * lo if lo else cfg["start"]
@@ -205,6 +205,8 @@ def parse_args():
     p.add_argument("--trial_timeout", type=float, default=300, help="seconds per trial (killed past it)")
     p.add_argument("--search_cap", type=float, default=900, help="seconds for the whole search (split per system)")
     p.add_argument("--out", default="longest.json", help="JSON name in benchmarks/results")
+    p.add_argument("--append", action="store_true", help="keep the rows and trials of --out's other systems "
+                   "(a system rerun alone, e.g. one the search cap left without trials)")
     args = p.parse_args()
     if args.start % GRAIN:
         p.error(f"--start must be a multiple of {GRAIN}")
@@ -233,7 +235,11 @@ def main():
     if "chunkflow" in systems:
         profile = measure_profile(cfg)
         log("autotune profile measured")
-    rows, all_trials = [], {}
+    rows, all_trials, earlier = [], {}, {}
+    if args.append and (RESULTS / args.out).exists():
+        earlier = json.loads((RESULTS / args.out).read_text())
+        rows = [r for r in earlier["rows"] if r["system"] not in systems]
+        all_trials = {k: v for k, v in earlier["trials"].items() if k not in systems}
     for i, system in enumerate(systems):
         share = (args.search_cap - (time.perf_counter() - started)) / (len(systems) - i)
         res, all_trials[system] = search(system, budgets, cfg, time.perf_counter() + share, log)
@@ -258,9 +264,11 @@ def main():
                        "first_miss", "miss_rise_mib", "limited_by", "capped", "kib_per_token", "extrap_longest",
                        "extrap_vs_alst"]))
     shutil.rmtree(model_dir, ignore_errors=True)
+    runs = earlier.get("runs", [{k: earlier.get(k) for k in ("args", "elapsed_s", "environment")}] if earlier else [])
+    runs.append({"args": vars(args), "elapsed_s": time.perf_counter() - started, "load_avg_1min": os.getloadavg()[0]})
     path = save_json(args.out, {"config": cfg, "args": vars(args), "rows": rows, "trials": all_trials,
                                 "complete": True, "elapsed_s": time.perf_counter() - started,
-                                "load_avg_1min": os.getloadavg()[0]})
+                                "load_avg_1min": os.getloadavg()[0], "runs": runs})
     print(f"wrote {path}")
 
 
