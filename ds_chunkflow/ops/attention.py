@@ -184,7 +184,7 @@ def chunkflow_attention(module, query, key, value, attention_mask, scaling=None,
     chunkflow.num_layer_calls += 1
     sp = chunkflow.sp
     if sp is not None:  # my rows, all heads -> all rows, my heads (sequence_parallel.py)
-        query, key, value = sp.gather_heads(query), sp.gather_heads(key), sp.gather_heads(value)
+        query, key, value = sp.gather_heads_many(query, key, value)  # one all-to-all for the three
         s_aux = None if s_aux is None else sp.my_heads(s_aux)
     for seg in chunkflow.segments:
         if seg.state is not None:

@@ -10,6 +10,7 @@ it, one all-to-all over heads each way (a differentiable all-to-all over dim 0, 
 this module imports no DeepSpeed)::
 
     q, k, v  [1, H, T/P, d]  (all heads, my rows)     --all-to-all-->  [1, H/P, T, d]  (my heads, all rows)
+             (the three in one exchange: :meth:`UlyssesChunk.gather_heads_many`)
     attention of the whole chunk on my heads, against my heads' share of the group's K/V state
     out      [1, H/P, T, d]                            --all-to-all-->  [1, H, T/P, d]
 
@@ -75,6 +76,23 @@ class UlyssesChunk:
         parts = x.reshape(b, p, h // p, s, d).transpose(0, 1)  # part j: head block j, for rank j
         got = self.all_to_all(self.group, parts)                # part j: my head block, rank j's rows
         return got.permute(1, 2, 0, 3, 4).reshape(b, h // p, p * s, d)[:, :, :self.num_tokens]
+
+    def gather_heads_many(self, *xs: torch.Tensor) -> list[torch.Tensor]:
+        """:meth:`gather_heads` of several tensors (q, k, v: head counts and head dims may differ) in ONE
+        all-to-all: each tensor's parts are flattened per rank and laid side by side, exchanged once, and
+        cut apart again. The same bytes move as in one exchange per tensor, in a third of the calls."""
+        p = self.size
+        parts = [x.reshape(x.shape[0], p, x.shape[1] // p, *x.shape[2:]).transpose(0, 1) for x in xs]
+        flat = torch.cat([t.reshape(p, -1) for t in parts], dim=1)
+        got = self.all_to_all(self.group, flat)  # row j: my head blocks of every tensor, rank j's rows
+        out, start = [], 0
+        for t in parts:
+            n = t[0].numel()
+            g = got[:, start:start + n].reshape(t.shape)
+            start += n
+            b, h, s, d = g.shape[1], g.shape[2], g.shape[3], g.shape[4]
+            out.append(g.permute(1, 2, 0, 3, 4).reshape(b, h, p * s, d)[:, :, :self.num_tokens])
+        return out
 
     def my_heads(self, per_head: torch.Tensor) -> torch.Tensor:
         """``[H, ...]`` -> ``[H/P, ...]``: this rank's block of heads, as :meth:`gather_heads` assigns them

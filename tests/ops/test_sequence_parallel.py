@@ -178,3 +178,45 @@ def test_sinks_and_softcap_under_sequence_parallelism(tmp_path):
     assert all(r["sinks_grad"][2 - 2 * i:4 - 2 * i].abs().max() == 0 for i, r in enumerate(results))
     torch.testing.assert_close(results[0]["sinks_grad"] + results[1]["sinks_grad"], results[0]["ref_sinks_grad"],
                                rtol=0, atol=1e-12)
+
+
+def _simulated_gather(method, xs_per_rank, num_tokens):
+    """Runs ``method`` of a UlyssesChunk on every simulated rank of one group, in one process: a first
+    pass records what each rank sends, a second answers every all-to-all from the others' records."""
+    from ds_chunkflow.ops.sequence_parallel import UlyssesChunk
+
+    size = len(xs_per_rank)
+    sent: dict[tuple[int, int], torch.Tensor] = {}
+
+    def run(rank, answer):
+        calls = []
+
+        def all_to_all(group, x):
+            k = len(calls)
+            calls.append(k)
+            sent[(rank, k)] = x
+            if not answer:
+                return torch.zeros_like(x)
+            return torch.stack([sent[(j, k)][rank] for j in range(size)])
+
+        out = getattr(UlyssesChunk(None, size, num_tokens, all_to_all), method)(*xs_per_rank[rank])
+        return out, len(calls)
+
+    for r in range(size):
+        run(r, answer=False)
+    return [run(r, answer=True) for r in range(size)]
+
+
+def test_q_k_v_in_one_all_to_all_equal_three():
+    """gather_heads_many (one exchange) gives every rank what three gather_heads calls give; head counts
+    and head dims differ (GQA, MLA-like value dim), the last shard is ragged."""
+    gen = torch.Generator().manual_seed(0)
+    size, rows, num_tokens = 2, 5, 9
+    shapes = [(1, 4, rows, 8), (1, 2, rows, 8), (1, 2, rows, 6)]  # q, k, v
+    xs = [[torch.randn(s, generator=gen) for s in shapes] for _ in range(size)]
+    many = _simulated_gather("gather_heads_many", xs, num_tokens)
+    for r in range(size):
+        one_by_one = [_simulated_gather("gather_heads", [[x[i]] for x in xs], num_tokens)[r][0] for i in range(3)]
+        got, calls = many[r]
+        assert calls == 1
+        assert all(torch.equal(a, b) for a, b in zip(got, one_by_one, strict=True))
