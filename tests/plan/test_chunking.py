@@ -244,9 +244,9 @@ def _materialize_all(lengths, chunk_size, seed, mask_rate):
     return seqs, layout, [(c, materialize(c, seqs)) for c in all_chunks(layout)]
 
 
-def _segment_slices(chunk: Chunk, cu: torch.Tensor):
-    borders = cu.tolist()
-    assert len(borders) == len(chunk.segments) + 1
+def _segment_slices(chunk: Chunk):
+    """The rows of each segment: segments lie in order, back to back."""
+    borders = [0, *itertools.accumulate(s.length for s in chunk.segments)]
     return [(s, slice(borders[k], borders[k + 1])) for k, s in enumerate(chunk.segments)]
 
 
@@ -264,7 +264,7 @@ def test_every_target_appears_once_at_its_position(case):
     all_labels = [q["labels"].tolist() for q in seqs]
     seen = defaultdict(int)
     for chunk, x in inputs:
-        for s, sl in _segment_slices(chunk, x.cu_seqlens):
+        for s, sl in _segment_slices(chunk):
             labels = all_labels[s.seq_index]
             for k, target in enumerate(x.targets[0, sl].tolist()):
                 t = s.start + k
@@ -294,7 +294,7 @@ def test_packed_sequence_end_never_predicts_the_next_sequence(case):
     (lengths, chunk_size), seed, _ = case
     _, _, inputs = _materialize_all(lengths, chunk_size, seed, 0.0)
     for chunk, x in inputs:
-        for s, sl in _segment_slices(chunk, x.cu_seqlens):
+        for s, sl in _segment_slices(chunk):
             if s.start + s.length == lengths[s.seq_index]:
                 assert x.targets[0, sl][-1].item() == IGNORE_INDEX
 
@@ -319,21 +319,21 @@ def test_position_ids_restart_per_sequence_and_continue_across_chunks(case):
     (lengths, chunk_size), seed, _ = case
     _, _, inputs = _materialize_all(lengths, chunk_size, seed, 0.3)
     for chunk, x in inputs:
-        for s, sl in _segment_slices(chunk, x.cu_seqlens):
+        for s, sl in _segment_slices(chunk):
             start = chunk.index * chunk_size if chunk.is_dependent else 0
             assert x.position_ids[0, sl].tolist() == list(range(start, start + s.length))
 
 
 @MATERIALIZE
 @given(materialize_cases)
-def test_cu_seqlens_match_segment_borders(case):
-    """cu_seqlens is the int32 prefix sum of segment lengths, ending at the chunk's token count."""
-    (lengths, chunk_size), seed, _ = case
-    _, _, inputs = _materialize_all(lengths, chunk_size, seed, 0.3)
+def test_target_rows_are_the_rows_with_a_target(case):
+    """target_rows lists, in order, exactly the rows whose target is not -100; the tensors are [1, T]."""
+    (lengths, chunk_size), seed, mask_rate = case
+    _, _, inputs = _materialize_all(lengths, chunk_size, seed, mask_rate)
     for chunk, x in inputs:
-        assert x.cu_seqlens.dtype == torch.int32
-        assert x.cu_seqlens.tolist() == [0, *itertools.accumulate(s.length for s in chunk.segments)]
         assert x.input_ids.shape == x.position_ids.shape == x.targets.shape == (1, chunk.num_tokens)
+        assert x.target_rows.tolist() == [t for t, y in enumerate(x.targets[0].tolist()) if y != IGNORE_INDEX]
+        assert x.num_loss_tokens == len(x.target_rows)
 
 
 @MATERIALIZE
