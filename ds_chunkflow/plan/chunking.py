@@ -32,7 +32,9 @@ Data parallelism (:func:`assign_to_ranks`): every rank plans the whole global ba
 (no communication). Dependent groups (whole, or spread over a sequence-parallel block of ranks) and
 the short sequences are dealt to ranks longest-processing-time first by :class:`CostModel` cost;
 each rank packs its own short sequences with BFD. Dealing sequences rather than the batch's packed
-chunks keeps small global batches balanced, where a rank's share is about one chunk.
+chunks keeps small global batches balanced, where a rank's share is about one chunk. With sequence
+parallelism, :func:`plan_layout` may also cut a short sequence heavier than a rank's share into a
+dependent group, so that it can be spread (kept only where the busiest rank gets lighter).
 """
 
 from __future__ import annotations
