@@ -151,9 +151,11 @@ def line_fit(trials: list[dict]) -> tuple[float, float] | None:
 
 
 # ----------------------------------------------------------------------------- the search
-def search(system: str, budgets_gib: list[float], cfg: dict, deadline: float, log) -> tuple[list[dict], list[dict]]:
-    """Doubling then bisection per budget (smallest first), sharing trials; returns (results, trials)."""
-    trials: dict[int, dict] = {}
+def search(system: str, budgets_gib: list[float], cfg: dict, deadline: float, log,
+           known: list[dict] = ()) -> tuple[list[dict], list[dict]]:
+    """Doubling then bisection per budget (smallest first), sharing trials (``known``: an earlier run's, reused);
+    returns (results, trials)."""
+    trials: dict[int, dict] = {t["length"]: t for t in known}
 
     def trial(n: int) -> dict:
         if n not in trials:
@@ -205,8 +207,8 @@ def parse_args():
     p.add_argument("--trial_timeout", type=float, default=300, help="seconds per trial (killed past it)")
     p.add_argument("--search_cap", type=float, default=900, help="seconds for the whole search (split per system)")
     p.add_argument("--out", default="longest.json", help="JSON name in benchmarks/results")
-    p.add_argument("--append", action="store_true", help="keep the rows and trials of --out's other systems "
-                   "(a system rerun alone, e.g. one the search cap left without trials)")
+    p.add_argument("--append", action="store_true", help="keep --out's rows of other systems / budgets and reuse its "
+                   "trials (e.g. a finer bisection at one budget: only the new lengths run)")
     args = p.parse_args()
     if args.start % GRAIN:
         p.error(f"--start must be a multiple of {GRAIN}")
@@ -238,22 +240,24 @@ def main():
     rows, all_trials, earlier = [], {}, {}
     if args.append and (RESULTS / args.out).exists():
         earlier = json.loads((RESULTS / args.out).read_text())
-        rows = [r for r in earlier["rows"] if r["system"] not in systems]
-        all_trials = {k: v for k, v in earlier["trials"].items() if k not in systems}
+        rows = [r for r in earlier["rows"] if r["system"] not in systems or r["budget_gib"] not in budgets]
+        all_trials = dict(earlier["trials"])
     for i, system in enumerate(systems):
         share = (args.search_cap - (time.perf_counter() - started)) / (len(systems) - i)
-        res, all_trials[system] = search(system, budgets, cfg, time.perf_counter() + share, log)
+        res, all_trials[system] = search(system, budgets, cfg, time.perf_counter() + share, log,
+                                         all_trials.get(system, []))
         for r in res:
             if system == "chunkflow" and profile is not None:
                 r["pred_mib"] = predicted_rise(profile, r["longest"], args.chunk_size) / MIB if r["longest"] else None
                 r["pred_longest"] = predicted_longest(profile, int(r["budget_gib"] * 2**30), args.chunk_size)
-        fit = line_fit(all_trials[system])
-        for r in res:
-            r["kib_per_token"] = fit[1] * 1024 if fit else None
-            r["extrap_longest"] = int((r["budget_gib"] * 1024 - fit[0]) / fit[1]) if fit and fit[1] > 0 else None
         rows += res
         save_json(args.out, {"config": cfg, "args": vars(args), "rows": rows, "trials": all_trials,
                              "complete": False, "elapsed_s": time.perf_counter() - started})
+    rows.sort(key=lambda r: (SYSTEMS.index(r["system"]) if r["system"] in SYSTEMS else 99, r["budget_gib"]))
+    for r in rows:
+        fit = line_fit(all_trials[r["system"]])
+        r["kib_per_token"] = fit[1] * 1024 if fit else None
+        r["extrap_longest"] = int((r["budget_gib"] * 1024 - fit[0]) / fit[1]) if fit and fit[1] > 0 else None
     alst = {r["budget_gib"]: r["longest"] for r in rows if r["system"] == "alst"}
     for r in rows:
         r["vs_alst"] = r["longest"] / alst[r["budget_gib"]] if alst.get(r["budget_gib"]) else None
