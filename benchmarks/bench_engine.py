@@ -28,7 +28,10 @@ because ZeRO-2 reduces gradients at every backward and ranks must issue the same
 Each system runs in fresh processes (peak RSS is per process). One warm-up step (on short
 samples), then ``--steps`` timed steps with a barrier before and after each.
 
-Columns: ``tokens_per_s`` real (non-pad) tokens over the timed wall clock;
+Columns: ``tokens_per_s`` real (non-pad) tokens over the timed wall clock; ``tokens_per_core_s`` over
+the CPU seconds of all ranks together (the per-core rate); ``machine_limit_ratio`` tokens_per_s over
+the best per-core rate of the run times the 2 ranks (what the machine could do if every core ran at
+that rate all the time);
 ``tokens_per_cpu_s`` the same over the sum of each step's slowest rank's CPU time (gloo
 waits block, so this is the critical path of own work; it holds when other jobs share
 the cores); ``peak_rss_mib`` max over ranks, ``train_rss_mib`` its rise above the RSS
@@ -320,6 +323,7 @@ def summarise(system, ranks, batches, cfg, world=2) -> dict:
         "dominant_step_tokens_per_s": sum(len(s["input_ids"]) for s in batches[dominant]) / ranks[0]["step_s"][dominant],
         "tokens_per_s": tokens / wall,
         "tokens_per_cpu_s": tokens / sum(max(c) for c in cpu),
+        "tokens_per_core_s": tokens / sum(sum(c) for c in cpu),  # per CPU-second of all ranks' own work
         "s_per_step": wall / len(batches),
         "peak_rss_mib": max(r["peak_rss"] for r in ranks) / mib,
         "load_rss_mib": max(r["rss_after_load"] for r in ranks) / mib,
@@ -436,7 +440,12 @@ def main():
               f"{[round(x, 2) for x in rows[-1]['step_s']]} s", flush=True)
     for r in rows:  # same init, data and objective: every system's losses must match
         r["max_loss_diff"] = max(abs(a - b) for a, b in zip(r["losses"], rows[0]["losses"]))
-    columns = ["system", "tokens_per_s", "tokens_per_cpu_s", "dominant_step_tokens_per_s", "s_per_step", "load_rss_mib", "peak_rss_mib",
+    # the machine's limit in this run: the best per-core rate any system reached, on every core (rank) at once
+    limit = max(r["tokens_per_core_s"] for r in rows) * 2
+    for r in rows:
+        r["machine_limit_ratio"] = r["tokens_per_s"] / limit
+    columns = ["system", "tokens_per_s", "tokens_per_cpu_s", "tokens_per_core_s", "machine_limit_ratio",
+               "dominant_step_tokens_per_s", "s_per_step", "load_rss_mib", "peak_rss_mib",
                "train_rss_mib", "gathers_per_step", "gather_mib_per_step", "imb_cpu", "imb_tokens", "imb_cost",
                "computed_per_real", "max_loss_diff"]
     print(table(rows, columns))
