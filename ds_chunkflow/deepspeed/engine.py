@@ -83,7 +83,8 @@ class ChunkFlowMixin:
             batch = plan_batch(sequences, chunk_size=cf.chunk_size, keep_chunks=cf.keep_chunks, num_ranks=num_ranks,
                                offload_activations=cf.offload.activations == "far", cost=cost,
                                max_seq_len=None if evaluation else cf.max_seq_len, on_overlong=cf.on_overlong,
-                               sp_max_size=sp_max_size, evaluation=evaluation)
+                               sp_max_size=sp_max_size, evaluation=evaluation,
+                               forwards_collective=self.zero_optimization_stage() == 3)
         except (ValueError, TypeError) as e:
             error = e
         agree_on_errors(error, group=group, device=self.device)

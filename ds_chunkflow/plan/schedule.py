@@ -107,8 +107,25 @@ def build_plan(share: RankShare, keep_chunks: int, offload_activations: bool = F
     return as_steps(rank_order(chunks, keep_chunks, offload_activations))
 
 
-def align(plans: list[list[Step]]) -> list[list[Step]]:
-    """Pads every rank's plan so step s has the same (pre, fwd) counts on all ranks."""
+def align(plans: list[list[Step]], lockstep: bool = True) -> list[list[Step]]:
+    """Pads the ranks' plans so that they issue the same collectives.
+
+    ``lockstep`` (forwards are collective: ZeRO-3 gathers parameters, a sequence-parallel chunk
+    exchanges heads): step s gets the same (pre, fwd) counts on every rank. Otherwise (ZeRO-0/1/2,
+    where only a backward reduces gradients collectively, and reduces every parameter's whatever its
+    chunk) only the number of backwards must agree: each rank is topped up at the END with
+    ``[PadForward | PadBackward]`` steps, so no rank waits inside the plan and the pads are the fewest
+    possible (the per-step padding pads every step to the busiest rank's shape)::
+
+        lockstep   rank 0  [F F | B B] [F | B]          rank 1  [F p | P B] [F | B]
+        counts     rank 0  [F F | B B] [F | B]          rank 1  [F | B] [F | B]   (3 backwards each:
+                                                                  rank 1 adds one [p | P] at the end)
+    """
+    if not lockstep:
+        most = max((sum(len(step.bwd) for step in plan) for plan in plans), default=0)
+        return [[Step(p.pre[:], p.fwd[:], p.bwd[:], p.post[:]) for p in plan]
+                + [Step(fwd=[PadForward(keep=True)], bwd=[PadBackward()])
+                   for _ in range(most - sum(len(step.bwd) for step in plan))] for plan in plans]
     num_steps = max((len(p) for p in plans), default=0)
     out = []
     for plan in plans:

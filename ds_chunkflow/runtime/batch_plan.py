@@ -61,7 +61,7 @@ def guard_lengths(sequences: Sequence[SequenceDict], max_seq_len: int | None, on
 def plan_batch(sequences: Sequence[SequenceDict], *, chunk_size: int, keep_chunks: int, num_ranks: int = 1,
                offload_activations: bool = False, cost: CostModel | None = None, max_seq_len: int | None = None,
                on_overlong: str = "error", num_loss_tokens: int | None = None, sp_max_size: int = 1,
-               evaluation: bool = False) -> BatchPlan:
+               evaluation: bool = False, forwards_collective: bool = True) -> BatchPlan:
     """``evaluation``: forward-only plans (:func:`~ds_chunkflow.plan.schedule.build_eval_plan`) whose losses are
     sums of cross-entropy (``num_loss_tokens`` is 1); a batch without targets is allowed then."""
     kept, skipped = guard_lengths(sequences, max_seq_len, on_overlong)
@@ -76,5 +76,8 @@ def plan_batch(sequences: Sequence[SequenceDict], *, chunk_size: int, keep_chunk
     if num_loss_tokens <= 0:
         raise ValueError("num_loss_tokens must be > 0: the batch has no label to predict (all labels are -100)")
     layout, shares = plan_layout(lengths, chunk_size, num_ranks, cost, sp_max_size)
-    plans = align([build_plan(s, keep_chunks, offload_activations) for s in shares])
+    # ranks in lock-step where a forward is collective (ZeRO-3, or a sequence-parallel chunk in this batch);
+    # otherwise only the number of backwards must agree (plan.schedule.align)
+    lockstep = forwards_collective or any(share.sp_groups for share in shares)
+    plans = align([build_plan(s, keep_chunks, offload_activations) for s in shares], lockstep)
     return BatchPlan(kept, layout, shares, plans, num_loss_tokens, skipped)

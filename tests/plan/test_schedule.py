@@ -269,3 +269,21 @@ def test_build_plan_rejects_keep_below_one(keep):
 def test_empty_inputs_give_empty_plans():
     """No chunks: an empty plan; aligning no ranks or empty ranks gives empty plans."""
     assert build_plan(RankShare(0), 1) == [] and align([]) == [] and align([[], []]) == [[], []]
+
+
+@SETTINGS
+@given(plans())
+def test_count_alignment_matches_backwards_with_the_fewest_pads(case):
+    """Without collective forwards (ZeRO-0/1/2) ranks only need the same number of backwards: the plans
+    are left as built and topped up at the end with [PadForward | PadBackward] steps, never more pads
+    than the lock-step alignment."""
+    shares, keep, offload = case
+    built = rank_plans(shares, keep, offload)
+    counted = align(built, lockstep=False)
+    backwards = {sum(isinstance(i, (Backward, PadBackward)) for i in flatten(p)) for p in counted}
+    assert len(backwards) == 1
+    for plan, got in zip(built, counted):
+        assert got[:len(plan)] == plan  # nothing inside the plan moves
+        assert all(s.fwd == [PadForward(keep=True)] and s.bwd == [PadBackward()] for s in got[len(plan):])
+    pads = sum(isinstance(i, PADS) for p in counted for i in flatten(p))
+    assert pads <= sum(isinstance(i, PADS) for p in align(built) for i in flatten(p))
