@@ -119,6 +119,34 @@ weights (`eval_relative_difference`)."""),
 Every family of the test matrix in float64, chunked against the plain full-sequence reference
 (max relative error of loss and gradients, per `K`), or the guard's refusal. See
 [the families page](../docs/families.md).""", command="python scripts/family_matrix.py"),
+    Spec("longest.json", "The longest sample per memory budget", """
+For each system, the longest single sample that trains one step on two gloo ranks (`ZeRO-2`, the
+`bench_peers.py` model) with the peak RSS rise over start-up within the budget: doubling, then
+bisection, each trial a fresh pair of processes, killed at `trial_timeout`. **chunkflow** (`K = 1`),
+**chunkflow_sp** (`sequence_parallel.max_size: 2`), **alst** (DeepSpeed's Ulysses SP for HF + TiledMLP
++ tiled logits and loss, `benchmarks/peer_alst.py`), **trl_gc** (TRL padding-free with gradient
+checkpointing), **deepspeed_gc** (plain DeepSpeed with gradient checkpointing). `pred_*`: the
+autotuner's prediction for ChunkFlow; `extrap_*`: a straight-line extrapolation (memory per token) to
+the budgets the search could not reach in time (`capped`). See [the note](../docs/longest.md).""",
+         command="python benchmarks/bench_longest.py --systems alst,chunkflow,chunkflow_sp,deepspeed_gc,trl_gc "
+                 "--budgets_gib 0.125,1,2 --start 8192 --bisect 1 --trial_timeout 150 --search_cap 900, then "
+                 "--append --systems alst,chunkflow,chunkflow_sp --budgets_gib 0.125 --bisect 2 --search_cap 750",
+         omit=("trials",)),
+    Spec("peers_alst.json", "DeepSpeed ALST as a peer", """
+`bench_peers.py` with DeepSpeed's long-sequence recipe (Ulysses sequence parallelism over both ranks,
+TiledMLP, tiled logits + loss), checked against a plain reference by `peer_alst.py --check`, beside
+ChunkFlow and TRL padding-free on the same data, model, optimizer and loss normalisation.""",
+         command="python benchmarks/bench_peers.py --systems chunkflow,trl_padding_free,alst --out peers_alst.json"),
+    Spec("syncs.json", "Device reads per training step", """
+The calls that make the host wait for the device on a GPU (`item`, `tolist`, `cpu`, `nonzero`,
+`bool/int/float(tensor)`) inside one `train_batch` on the first rank (two ranks, `ZeRO-2`, sequence
+parallelism, a packed batch and a long sample), by caller; `device_reads` leaves out the callers that
+read host tensors by design (`host_callers`).""", command="python benchmarks/count_syncs.py"),
+    Spec("syncs_before.json", "Device reads per training step, before the chunk runtime (c8c88ed)", """
+The same count for the checkout before the chunk runtime kept the loss on the device (one loss read and
+one `nonzero` per chunk).""",
+         command="python benchmarks/count_syncs.py --repo <checkout of c8c88ed> --name before "
+                 "--host_callers batch.py:num_targets"),
     Spec("kill_stress.json", "Kill and resume", """
 The example (two ranks, `ZeRO-3`) killed at seeded random moments and resumed; `bitwise`: the final
 loss is identical to the uninterrupted run's.""",

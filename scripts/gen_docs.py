@@ -199,6 +199,34 @@ FIGURES = [
       "ratios::pair=chunkflow / padded::tokens_per_s|.2f", "rows::system=chunkflow::gathers_per_step|.0f",
       "rows::system=padded::gathers_per_step|.0f"],
      None),
+    ("**The longest sample in a memory budget** (one training step on two ranks, peak RSS at most {0} GiB over "
+     "start-up): {1} tokens with ChunkFlow, {2} with its sequence parallelism, {3} with DeepSpeed's ALST "
+     "(Ulysses + TiledMLP + tiled loss); TRL padding-free and plain DeepSpeed with checkpointing fail at {4}.",
+     "longest.json",
+     ["rows::system=chunkflow&budget_gib=0.125::budget_gib|g", "rows::system=chunkflow&budget_gib=0.125::longest|,d",
+      "rows::system=chunkflow_sp&budget_gib=0.125::longest|,d", "rows::system=alst&budget_gib=0.125::longest|,d",
+      "rows::system=trl_gc&budget_gib=0.125::first_miss|,d"],
+     None),
+    ("**Where a step goes** (the engine on heavy-tailed chats with sequence parallelism, per rank and step): "
+     "{0} s backward (gradient reduction included), {1} s forward, {2} s state-only forwards and {3} s "
+     "recomputes, {4} s lock-step padding; {5} of the machine's limit (the run's best per-core rate on both "
+     "cores).",
+     "engine.json",
+     ["rows::system=chunkflow_sp::time_breakdown::backward|.2f",
+      "rows::system=chunkflow_sp::time_breakdown::forward|.2f",
+      "rows::system=chunkflow_sp::time_breakdown::state_forward|.2f",
+      "rows::system=chunkflow_sp::time_breakdown::recompute|.2f",
+      "rows::system=chunkflow_sp::time_breakdown::lockstep_pad|.2f",
+      "rows::system=chunkflow_sp::machine_limit_ratio|.2f"],
+     "python benchmarks/bench_engine.py"),
+    ("**Balance at small global batches**: {0} samples on {1} ranks, sequence parallelism on, max / mean rank "
+     "cost {2} (was {3} when whole packed chunks were dealt).",
+     "chunking.json",
+     ["balance::method=chunkflow+SP C=4096 a2a=0.1&batch=512&ranks=64::batch|d",
+      "balance::method=chunkflow+SP C=4096 a2a=0.1&batch=512&ranks=64::ranks|d",
+      "balance::method=chunkflow+SP C=4096 a2a=0.1&batch=512&ranks=64::cost_mean|.3f",
+      "balance::method=chunkflow+SP C=4096 a2a=0.1 packed&batch=512&ranks=64::cost_mean|.3f"],
+     "python benchmarks/bench_chunking.py"),
     ("**Pipeline parallelism**: {0}x the tokens/s of DeepSpeed's own `1F1B` over padded micro-batches on "
      "{1} stages; simulated bubble {2} against {3}.",
      "pipeline_run.json",
