@@ -147,6 +147,15 @@ The same count for the checkout before the chunk runtime kept the loss on the de
 one `nonzero` per chunk).""",
          command="python benchmarks/count_syncs.py --repo <checkout of c8c88ed> --name before "
                  "--host_callers batch.py:num_targets"),
+    Spec("engine_before.json", "The engine before the one-runtime redesign (c8c88ed), for comparison", """
+`bench_engine.py` with the ChunkFlow systems only, run in a checkout of the commit before the
+redesign, back to back with the next section on the same idle machine.""",
+         command="python benchmarks/bench_engine.py --systems chunkflow,chunkflow_sp --out engine_before.json "
+                 "(in a checkout of c8c88ed)", omit=("model_dir",)),
+    Spec("engine_after.json", "The engine after the one-runtime redesign, for comparison", """
+The same command in this checkout, right after the previous section's run.""",
+         command="python benchmarks/bench_engine.py --systems chunkflow,chunkflow_sp --out engine_after.json",
+         omit=("model_dir",)),
     Spec("kill_stress.json", "Kill and resume", """
 The example (two ranks, `ZeRO-3`) killed at seeded random moments and resumed; `bitwise`: the final
 loss is identical to the uninterrupted run's.""",
