@@ -36,7 +36,6 @@ MOVED = {
     "guard": "hf.guard",
     "loading": "hf.loading",
     "lora": "hf.lora",
-    "export": "hf.export",
     "engine": "deepspeed.engine",
     "initialization": "deepspeed.initialize",
     "deepspeed_adapter": "deepspeed.deepspeed_adapter",
