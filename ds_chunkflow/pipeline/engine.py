@@ -105,10 +105,10 @@ class ChunkFlowPipelineEngine(ChunkFlowMixin, PipelineEngine):
         self.module.train()
         self._run_schedule(sched)
         mine = self._runtime.loss_sum.item() if self.is_last_stage() else 0.0  # the step's one read of the loss
-        loss, = all_reduce([mine], "sum", None, self.device)  # sum over replicas' last stages
+        # the loss summed over the replicas' last stages, the counters over every rank: one all-reduce
+        loss, moved, offloaded = all_reduce([mine, self._runtime.bytes_moved, self._runtime.meter.offloaded], "sum",
+                                            None, self.device)
         self.agg_train_loss = torch.tensor(loss)
-        moved, offloaded = all_reduce([self._runtime.bytes_moved, self._runtime.meter.offloaded], "sum", None,
-                                      self.device)
         stats = ExecStats(loss=torch.tensor(loss), state_bytes_moved=int(moved), offloaded_bytes=int(offloaded),
                           num_recomputes=self._runtime.num_recomputes)
         self._write_metrics(step_metrics(batch, loss, time.perf_counter() - start, peak_rss_bytes(), stats))
