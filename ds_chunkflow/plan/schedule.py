@@ -22,10 +22,11 @@ A standalone chunk is ``[F | B]``. With activation offload, the chunks that woul
 recomputed are instead forwarded once with their saved tensors moved to the CPU.
 
 Model calls are collective under ZeRO-2/3 (parameter gathers, gradient reduction), so
-every data-parallel rank must issue the same sequence of forwards and backwards.
-:func:`align` pads the plans step by step with one-token ``PadForward``/``PadBackward``
-calls until every rank has the same shape; only then is the last backward of the
-step the same call on every rank (the gradient-accumulation boundary).
+every data-parallel rank must issue the same sequence of collective calls.
+:func:`align` pads the plans with one-token ``PadForward``/``PadBackward`` calls: step by step
+until every rank has the same shape where forwards are collective (ZeRO-3, sequence parallelism),
+else only at the end, until every rank has the same number of backwards; either way the last
+backward is the same call on every rank (the gradient-accumulation boundary).
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ from ds_chunkflow.plan.planner import backward_sequence, given_sequence, offload
 
 __all__ = ["Backward", "EvalForward", "Forward", "Instruction", "PadBackward", "PadEvalForward", "PadForward",
            "PlanStats", "Recompute", "ReleaseState", "StateForward", "Step", "align", "align_eval", "build_eval_plan",
-           "build_plan", "flatten", "group_steps", "plan_stats", "rank_order"]
+           "build_plan", "flatten", "group_steps", "plan_stats", "rank_groups", "rank_order"]
 
 
 @dataclass
@@ -97,13 +98,18 @@ def group_steps(chunks: list[Chunk], keep_chunks: int, offload: bool = False) ->
     return as_steps(rank_order(chunks, keep_chunks, offload))
 
 
+def rank_groups(share: RankShare) -> list[list[Chunk]]:
+    """A rank's dependent groups in plan order: its sequence-parallel groups (in the share's order, which
+    the other ranks of each group share), then its own groups, longest first."""
+    return share.sp_groups + sorted(share.groups, key=lambda g: (-len(g), g[0].group))
+
+
 def build_plan(share: RankShare, keep_chunks: int, offload_activations: bool = False) -> list[Step]:
     """All steps of one rank: its sequence-parallel groups (in the share's order, which the other
     ranks of each group share), dependent groups (longest first), then standalone chunks."""
     if keep_chunks < 1:
         raise ValueError(f"keep_chunks must be >= 1, got {keep_chunks}")
-    groups = share.sp_groups + sorted(share.groups, key=lambda g: (-len(g), g[0].group))
-    chunks = [c for g in groups for c in g] + list(share.standalone)
+    chunks = [c for g in rank_groups(share) for c in g] + list(share.standalone)
     return as_steps(rank_order(chunks, keep_chunks, offload_activations))
 
 
@@ -152,7 +158,7 @@ def build_eval_plan(share: RankShare) -> list[Step]:
         group g (3 chunks): [E g0] [E g1] [E g2 | release g]     standalone c: [E c]
     """
     steps: list[Step] = []
-    for g in share.sp_groups + sorted(share.groups, key=lambda g: (-len(g), g[0].group)):
+    for g in rank_groups(share):
         steps += [Step(fwd=[EvalForward(c)]) for c in g]
         steps[-1].post.append(ReleaseState(g[0].group))
     steps += [Step(fwd=[EvalForward(c)]) for c in share.standalone]
