@@ -57,6 +57,11 @@ class SequenceParallelConfig(_Section):
     """Cost of sending one token's attention inputs and output to another rank, relative to computing
     the token: ~0.1 within an NVLink node, ~1 across nodes; the cost model spreads a sample only where
     its compute saved outweighs this."""
+    longer_chunks: bool = True
+    """A sample spread over p ranks is cut into chunks of p x chunk_size tokens, so each rank computes
+    chunk_size rows per call, as for an unspread chunk: p times fewer calls, all-to-alls, gradient
+    reductions and recomputed chunks. false: chunks of chunk_size, each rank computing chunk_size / p
+    rows per call (about 1/p of the activation memory per call, for the longest samples)."""
 
     @model_validator(mode="after")
     def _power_of_two(self):
@@ -90,7 +95,8 @@ class ChunkFlowConfig(_Section):
     ``auto``: the largest that fits ``memory_budget_gib``, chosen at engine start
     (:mod:`ds_chunkflow.deepspeed.autotune`)."""
     keep_chunks: Annotated[int, Field(ge=1)] | Literal["auto"] = 1
-    """K: dependent chunks of one sequence that keep activations; the rest are recomputed (or offloaded).
+    """K: chunks that keep activations at once: of one long sequence (the rest are recomputed or offloaded),
+    or standalone chunks that share one backward call (ZeRO-0/1/2: one gradient reduction per K chunks).
     ``auto``: the largest that fits ``memory_budget_gib`` (after chunk_size)."""
     memory_budget_gib: float | None = Field(None, gt=0)
     """Per-rank memory budget (GiB) that ``chunk_size: auto`` / ``keep_chunks: auto`` must fit; required by them."""

@@ -119,7 +119,9 @@ class Choice:
 def predict(profile: MemoryProfile, work: Workload, chunk_size: int, keep_chunks: int) -> Prediction:
     """The predicted per-rank peak of ``(chunk_size, keep_chunks)`` term by term."""
     num_chunks = max(1, -(-work.longest // chunk_size))
-    held = num_chunks if work.offload_in_same_memory else min(keep_chunks, num_chunks)
+    # K chunks hold activations: K of a long sample's, or K standalone chunks sharing one backward
+    # (plan.schedule.join_backwards) however short the samples are
+    held = num_chunks if work.offload_in_same_memory else keep_chunks
     dependent = work.longest > chunk_size and work.kv_on_device
     terms = dict(profile.static_terms) if profile.static_terms else {"static": profile.static_bytes}
     terms["activations"] = held * profile.activations(chunk_size)

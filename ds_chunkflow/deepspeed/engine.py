@@ -84,7 +84,8 @@ class ChunkFlowMixin:
                                offload_activations=cf.offload.activations == "far", cost=cost,
                                max_seq_len=None if evaluation else cf.max_seq_len, on_overlong=cf.on_overlong,
                                sp_max_size=sp_max_size, evaluation=evaluation,
-                               forwards_collective=self.zero_optimization_stage() == 3)
+                               forwards_collective=self.zero_optimization_stage() == 3,
+                               sp_longer_chunks=cf.sequence_parallel.longer_chunks)
         except (ValueError, TypeError) as e:
             error = e
         agree_on_errors(error, group=group, device=self.device)
@@ -95,13 +96,16 @@ class ChunkFlowMixin:
                                "sequences on every rank (every data-parallel rank and every pipeline stage)")
         return batch
 
-    def _cost_model(self) -> CostModel:
+    def _cost_model(self, evaluation: bool = False) -> CostModel:
         weight = self.chunkflow_config.balance.attention_cost_weight
         if weight is None:
             config = getattr(self.module, "hf_config", None) or self.module.config
             weight = 1.0 / (6 * getattr(config, "hidden_size", 4096))
-        return CostModel(linear=1.0, attention=weight,
-                         all_to_all=self.chunkflow_config.sequence_parallel.all_to_all_cost_weight)
+        cf = self.chunkflow_config
+        # evaluation and far offload forward nothing twice
+        recomputes = not evaluation and cf.offload.activations != "far" and isinstance(cf.keep_chunks, int)
+        return CostModel(linear=1.0, attention=weight, all_to_all=cf.sequence_parallel.all_to_all_cost_weight,
+                         keep_chunks=cf.keep_chunks if recomputes else None)
 
     def _write_metrics(self, metrics: dict[str, float]) -> None:
         stats = getattr(self.chunkflow_dataset, "stats", None)  # what the data loader skipped or cut (opt-in)
@@ -272,7 +276,7 @@ class ChunkFlowEngine(ChunkFlowMixin, DeepSpeedEngine):
                 for first in range(0, num_samples, batch_samples):
                     sequences = [data[i] for i in range(first, min(num_samples, first + batch_samples))]
                     tokens += count_loss_tokens(sequences)
-                    batch = self._plan_agreed(sequences, world, self._cost_model(), group,
+                    batch = self._plan_agreed(sequences, world, self._cost_model(evaluation=True), group,
                                               sp_max_size=cf.sequence_parallel.max_size, evaluation=True)
                     runtime = ChunkRuntime.from_config(batch.sequences, cf, self.device,
                                                        sp_process_groups=self.sp_process_groups)

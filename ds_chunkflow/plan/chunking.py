@@ -233,11 +233,20 @@ class CostModel:
     in attention, so ``attention / linear`` ~ 1 / (6 h). The default is h = 4096.
     ``all_to_all``: the cost of sending one token's attention inputs and output to another rank
     (sequence parallelism), relative to computing it (``linear``).
+
+    ``keep_chunks``: the plan's K, so a dependent group's recompute is counted: with N > K chunks its
+    first N - K are forwarded twice (once for the state, once for the graph), each extra forward
+    costing ``forward_share`` of the chunk (forward + backward: about 1/3). None: not counted (the
+    recompute is offloaded away, or the caller plans without K)::
+
+        5 chunks, K = 2, each costing c:   5 c + (5 - 2) x c / 3
     """
 
     linear: float = 1.0
     attention: float = 1.0 / (6 * 4096)
     all_to_all: float = 0.1
+    keep_chunks: int | None = None
+    forward_share: float = 1.0 / 3
 
     def chunk_cost(self, chunk: Chunk) -> float:
         pairs = 0.0
@@ -249,10 +258,16 @@ class CostModel:
     def group_cost(self, chunks: Sequence[Chunk], sp_size: int = 1) -> float:
         """Per-rank cost of a dependent group run by ``sp_size`` ranks: its compute / P plus the
         all-to-all traffic each rank sends, ``(tokens / P) x (P - 1) / P``."""
-        compute = sum(self.chunk_cost(c) for c in chunks)
+        compute = sum(self.chunk_cost(c) for c in chunks) + self.recompute_cost(chunks)
         tokens = sum(c.num_tokens for c in chunks)
         p = sp_size
         return compute / p + self.all_to_all * (tokens / p) * (p - 1) / p
+
+    def recompute_cost(self, chunks: Sequence[Chunk]) -> float:
+        """The extra forwards of a dependent group's chunks that run twice (see ``keep_chunks``)."""
+        if self.keep_chunks is None:
+            return 0.0
+        return self.forward_share * sum(self.chunk_cost(c) for c in chunks[:max(0, len(chunks) - self.keep_chunks)])
 
     def layout_cost(self, layout: "ChunkLayout") -> float:
         """Compute cost of a whole batch (no all-to-all): every group and standalone chunk."""
@@ -317,13 +332,28 @@ def choose_sp_sizes(layout: ChunkLayout, num_ranks: int, cost: CostModel, max_si
     return chosen
 
 
-def _assign(layout: ChunkLayout, num_ranks: int, cost: CostModel, sp: dict[int, int], spread: bool) -> list[RankShare]:
+def rechunk(group: list[Chunk], size: int) -> list[Chunk]:
+    """A dependent group's sequence cut every ``size`` tokens instead::
+
+        10 chunks of 1024 (10,000 tokens), size 2048  ->  5 chunks: 4 x 2048 + 1808
+    """
+    seq, n = group[0].segments[0].seq_index, sum(c.num_tokens for c in group)
+    count = math.ceil(n / size)
+    return [Chunk((Segment(seq, j * size, min(size, n - j * size)),), group=group[0].group, index=j, count=count)
+            for j in range(count)]
+
+
+def _assign(layout: ChunkLayout, num_ranks: int, cost: CostModel, sp: dict[int, int], spread: bool,
+            longer: bool = True) -> list[RankShare]:
     shares = [RankShare(r) for r in range(num_ranks)]
     # Sequence-parallel groups first, largest size first, each on the aligned block of its size with
     # the lowest load. Blocks nest, so the ranks of one group share every earlier group: their plans
-    # reach it at the same step.
+    # reach it at the same step. With ``longer``, a group spread over p ranks is cut into chunks p times
+    # longer: each rank computes one chunk's worth of rows per call, in p times fewer calls, all-to-alls,
+    # gradient reductions and recomputed chunks.
     for k in sorted(sp, key=lambda k: (-sp[k], -cost.group_cost(layout.groups[k]), k)):
-        p, g = sp[k], layout.groups[k]
+        p = sp[k]
+        g = rechunk(layout.groups[k], p * layout.groups[k][0].num_tokens) if longer else layout.groups[k]
         start = min(range(0, num_ranks, p), key=lambda b: (max(shares[r].cost for r in range(b, b + p)), b))
         ranks = tuple(range(start, start + p))
         for j, r in enumerate(ranks):
@@ -357,7 +387,7 @@ def _assign(layout: ChunkLayout, num_ranks: int, cost: CostModel, sp: dict[int, 
 
 
 def assign_to_ranks(layout: ChunkLayout, num_ranks: int, cost: CostModel | None = None,
-                    sp_max_size: int = 1, spread: bool = True) -> list[RankShare]:
+                    sp_max_size: int = 1, spread: bool = True, sp_longer_chunks: bool = True) -> list[RankShare]:
     """Longest-processing-time-first assignment of groups and packed sequences to ranks.
 
     The items are the dependent groups and, with ``spread`` (the default), the short sequences
@@ -377,12 +407,14 @@ def assign_to_ranks(layout: ChunkLayout, num_ranks: int, cost: CostModel | None 
 
     A dependent group is one item (its K/V state lives on one rank), unless ``sp_max_size`` > 1
     lets the cost model spread it over a sequence-parallel group of ranks (each holding a share of
-    every chunk's tokens and of the K/V state's heads). Items go, most expensive first, to the rank
-    with the lowest cost so far (ties: fewest chunks, then lowest rank), which keeps max/mean cost
-    within 4/3 of optimal for the whole items. With sequence parallelism, every cap in
-    :data:`SP_THRESHOLDS` is tried (:func:`choose_sp_sizes`) and the assignment with the lowest
-    maximum cost wins (ties: fewer spread groups). Ranks may end with different chunk counts; the
-    executor pads them to equal steps. Deterministic: a function of the layout and the arguments.
+    every chunk's tokens and of the K/V state's heads; with ``sp_longer_chunks`` the group is first
+    cut into chunks p times longer, :func:`rechunk`, so each rank's share is one chunk's worth).
+    Items go, most expensive first, to the rank with the lowest cost so far (ties: fewest chunks,
+    then lowest rank), which keeps max/mean cost within 4/3 of optimal for the whole items. With
+    sequence parallelism, every cap in :data:`SP_THRESHOLDS` is tried (:func:`choose_sp_sizes`) and
+    the assignment with the lowest maximum cost wins (ties: fewer spread groups). Ranks may end with
+    different chunk counts; the executor pads them to equal steps. Deterministic: a function of the
+    layout and the arguments.
     """
     if num_ranks <= 0:
         raise ValueError(f"num_ranks must be > 0, got {num_ranks}")
@@ -394,7 +426,7 @@ def assign_to_ranks(layout: ChunkLayout, num_ranks: int, cost: CostModel | None 
             sp = choose_sp_sizes(layout, num_ranks, cost, sp_max_size, cap)
             if not sp:
                 continue
-            shares = _assign(layout, num_ranks, cost, sp, spread)
+            shares = _assign(layout, num_ranks, cost, sp, spread, sp_longer_chunks)
             key = (max(s.cost for s in shares), len(sp))
             if key < best_key:
                 best, best_key = shares, key
@@ -421,7 +453,8 @@ SPLIT_GAIN = 0.99
 
 
 def plan_layout(lengths: Sequence[int], chunk_size: int, num_ranks: int, cost: CostModel | None = None,
-                sp_max_size: int = 1, spread: bool = True) -> tuple[ChunkLayout, list[RankShare]]:
+                sp_max_size: int = 1, spread: bool = True,
+                sp_longer_chunks: bool = True) -> tuple[ChunkLayout, list[RankShare]]:
     """:func:`build_chunks` then :func:`assign_to_ranks`; the layout returned lists, as its standalone
     chunks, those the ranks run (rank 0's first), so its counts are the batch's model calls.
 
@@ -433,14 +466,16 @@ def plan_layout(lengths: Sequence[int], chunk_size: int, num_ranks: int, cost: C
     """
     cost = cost or CostModel()
     layout = build_chunks(lengths, chunk_size)
-    shares = assign_to_ranks(layout, num_ranks, cost, sp_max_size, spread)
+    shares = assign_to_ranks(layout, num_ranks, cost, sp_max_size, spread, sp_longer_chunks)
     split = split_size(lengths, chunk_size, num_ranks) if sp_sizes(num_ranks, sp_max_size) else None
     if split is not None:
         split_layout = build_chunks(lengths, chunk_size, split)
-        split_shares = assign_to_ranks(split_layout, num_ranks, cost, sp_max_size, spread)
+        split_shares = assign_to_ranks(split_layout, num_ranks, cost, sp_max_size, spread, sp_longer_chunks)
         if max(s.cost for s in split_shares) < SPLIT_GAIN * max(s.cost for s in shares):
             layout, shares = split_layout, split_shares
-    return replace(layout, standalone=[c for s in shares for c in s.standalone]), shares
+    as_run = {g[0].group: [replace(c, shard=None) for c in g] for s in shares for g in s.sp_groups}
+    groups = [as_run.get(g[0].group, g) for g in layout.groups]  # spread groups as cut for their ranks
+    return replace(layout, standalone=[c for s in shares for c in s.standalone], groups=groups), shares
 
 
 def imbalance(costs: Sequence[float]) -> float:

@@ -10,6 +10,7 @@ instructions, generated from a planned timeline in :mod:`ds_chunkflow.pipeline.s
     F       Forward          forward + chunk loss                    yes (on the CPU with offload=True)
     R       Recompute        forward again from the first one's RNG  yes
     B       Backward         backward of the chunk's loss            -
+    J       JointBackward    one backward of standalone chunks' losses -
     E       EvalForward      forward + loss sum, fills K/V state     no
     p/P/e   PadForward, PadBackward, PadEvalForward: one-token calls that keep ranks in lock-step
     -       ReleaseState     frees a dependent group's state         (no call)
@@ -67,6 +68,17 @@ class Backward:
 
 
 @dataclass(frozen=True)
+class JointBackward:
+    """One backward of the summed losses of standalone chunks (independent graphs, so the sum's gradient
+    is each chunk's): one gradient reduction under ZeRO-2 for all of them instead of one per chunk.
+
+    Roughly: ``backward(loss.pop(c1) + ... + loss.pop(ck))``.
+    """
+
+    chunks: tuple[Chunk, ...]
+
+
+@dataclass(frozen=True)
 class EvalForward:
     """Forward a chunk with no graph and add its summed loss (evaluation: no backward follows).
 
@@ -114,13 +126,13 @@ class ReleaseState:
     group: int
 
 
-Instruction = (StateForward | Forward | Recompute | Backward | EvalForward | PadForward | PadBackward
-               | PadEvalForward | ReleaseState)
+Instruction = (StateForward | Forward | Recompute | Backward | JointBackward | EvalForward | PadForward
+               | PadBackward | PadEvalForward | ReleaseState)
 COMPUTE = (StateForward, Forward, Recompute, Backward)
 """The instructions of a chunk that a pipeline stage runs (each between its sends and receives)."""
 
-_LETTERS = {StateForward: "S", Forward: "F", Recompute: "R", Backward: "B", EvalForward: "E", PadForward: "p",
-            PadBackward: "P", PadEvalForward: "e", ReleaseState: "-"}
+_LETTERS = {StateForward: "S", Forward: "F", Recompute: "R", Backward: "B", JointBackward: "J", EvalForward: "E",
+            PadForward: "p", PadBackward: "P", PadEvalForward: "e", ReleaseState: "-"}
 
 
 def letter(ins: Instruction) -> str:

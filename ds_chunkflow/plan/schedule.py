@@ -24,7 +24,7 @@ recomputed are instead forwarded once with their saved tensors moved to the CPU.
 Model calls are collective under ZeRO-2/3 (parameter gathers, gradient reduction), so
 every data-parallel rank must issue the same sequence of collective calls.
 :func:`align` pads the plans with one-token ``PadForward``/``PadBackward`` calls: step by step
-until every rank has the same shape where forwards are collective (ZeRO-3, sequence parallelism),
+until every rank has the same shape where forwards are collective (ZeRO-3),
 else only at the end, until every rank has the same number of backwards; either way the last
 backward is the same call on every rank (the gradient-accumulation boundary).
 """
@@ -39,6 +39,7 @@ from ds_chunkflow.plan.instructions import (
     EvalForward,
     Forward,
     Instruction,
+    JointBackward,
     PadBackward,
     PadEvalForward,
     PadForward,
@@ -48,9 +49,10 @@ from ds_chunkflow.plan.instructions import (
 )
 from ds_chunkflow.plan.planner import backward_sequence, given_sequence, offload_pass, stage_order
 
-__all__ = ["Backward", "EvalForward", "Forward", "Instruction", "PadBackward", "PadEvalForward", "PadForward",
-           "PlanStats", "Recompute", "ReleaseState", "StateForward", "Step", "align", "align_eval", "build_eval_plan",
-           "build_plan", "flatten", "group_steps", "plan_stats", "rank_groups", "rank_order"]
+__all__ = ["Backward", "EvalForward", "Forward", "Instruction", "JointBackward", "PadBackward", "PadEvalForward",
+           "PadForward", "PlanStats", "Recompute", "ReleaseState", "StateForward", "Step", "align", "align_eval",
+           "build_eval_plan", "build_plan", "flatten", "group_steps", "join_backwards", "plan_stats", "rank_groups",
+           "rank_order"]
 
 
 @dataclass
@@ -113,15 +115,51 @@ def build_plan(share: RankShare, keep_chunks: int, offload_activations: bool = F
     return as_steps(rank_order(chunks, keep_chunks, offload_activations))
 
 
+def join_backwards(plan: list[Step], keep_chunks: int) -> list[Step]:
+    """Runs of standalone ``[F | B]`` steps become steps of up to ``keep_chunks`` forwards and one
+    :class:`JointBackward`: one backward call, so one gradient reduction under ZeRO-2, per K chunks
+    instead of per chunk. At most K chunks hold activations, as everywhere else in the plan::
+
+        K = 3:   [F a | B a] [F b | B b] [F c | B c] [F d | B d]   ->   [F a F b F c | J(c b a)] [F d | B d]
+
+    Dependent chunks keep their own backwards (they run in descending order, one call each, for the K/V
+    gradient), and so does a pass left with one chunk.
+    """
+    out: list[Step] = []
+    run: list[Step] = []
+
+    def flush():
+        if len(run) == 1:
+            out.append(run[0])
+        elif run:
+            chunks = [s.fwd[0].chunk for s in run]
+            out.append(Step(fwd=[s.fwd[0] for s in run], bwd=[JointBackward(tuple(reversed(chunks)))]))
+        run.clear()
+
+    for step in plan:
+        standalone = (not step.pre and not step.post and len(step.fwd) == 1 and isinstance(step.fwd[0], Forward)
+                      and not step.fwd[0].chunk.is_dependent and step.bwd == [Backward(step.fwd[0].chunk)])
+        if not standalone:
+            flush()
+            out.append(step)
+            continue
+        run.append(step)
+        if len(run) == keep_chunks:
+            flush()
+    flush()
+    return out
+
+
 def align(plans: list[list[Step]], lockstep: bool = True) -> list[list[Step]]:
     """Pads the ranks' plans so that they issue the same collectives.
 
-    ``lockstep`` (forwards are collective: ZeRO-3 gathers parameters, a sequence-parallel chunk
-    exchanges heads): step s gets the same (pre, fwd) counts on every rank. Otherwise (ZeRO-0/1/2,
-    where only a backward reduces gradients collectively, and reduces every parameter's whatever its
-    chunk) only the number of backwards must agree: each rank is topped up at the END with
-    ``[PadForward | PadBackward]`` steps, so no rank waits inside the plan and the pads are the fewest
-    possible (the per-step padding pads every step to the busiest rank's shape)::
+    ``lockstep`` (every forward is collective: ZeRO-3 gathers parameters): step s gets the same
+    (pre, fwd) counts on every rank. Otherwise (ZeRO-0/1/2, where a backward reduces gradients
+    collectively, every parameter's whatever its chunk, and a sequence-parallel chunk's all-to-alls
+    meet at the same instruction on the ranks of its block, whose plans begin alike: see
+    :mod:`ds_chunkflow.runtime.batch_plan`) only the number of backwards must agree: each rank is
+    topped up at the END with ``[PadForward | PadBackward]`` steps, so no rank waits inside the plan
+    and the pads are the fewest possible (the per-step padding pads every step to the busiest rank's shape)::
 
         lockstep   rank 0  [F F | B B] [F | B]          rank 1  [F p | P B] [F | B]
         counts     rank 0  [F F | B B] [F | B]          rank 1  [F | B] [F | B]   (3 backwards each:

@@ -3,6 +3,16 @@
 Chunks are built from the whole global batch, which every data-parallel rank holds, so
 every rank computes the same layout and the same assignment without communicating and
 then runs only its own plan.
+
+Which calls must meet: under ZeRO-3 every forward and backward gathers parameters from every rank, so the
+plans are aligned step by step (``align(lockstep=True)``). Under ZeRO-0/1/2 only two kinds of call meet:
+a backward (ZeRO-2 reduces the gradients in each, ZeRO-0/1 at the boundary: the i-th backward of every
+rank meets) and a sequence-parallel chunk's all-to-alls (between the ranks of its block). Count alignment
+(pads at the end) is enough for both, with no deadlock: every rank runs its sequence-parallel groups
+first, in the assignment's order, and the blocks nest (:func:`~ds_chunkflow.plan.chunking.assign_to_ranks`),
+so the ranks of a block run the same instructions up to and including the block's group. A rank waiting
+in a block's all-to-all waits for a rank of the block that is at an earlier instruction of that same
+prefix, and so has nothing to wait for that the first has not already passed.
 """
 
 from __future__ import annotations
@@ -12,7 +22,15 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from ds_chunkflow.plan.chunking import ChunkLayout, CostModel, RankShare, imbalance, plan_layout
-from ds_chunkflow.plan.schedule import Step, align, align_eval, build_eval_plan, build_plan, plan_stats
+from ds_chunkflow.plan.schedule import (
+    Step,
+    align,
+    align_eval,
+    build_eval_plan,
+    build_plan,
+    join_backwards,
+    plan_stats,
+)
 from ds_chunkflow.runtime.batch import SequenceDict, count_loss_tokens, validate_sequences
 
 logger = logging.getLogger(__name__)
@@ -61,7 +79,7 @@ def guard_lengths(sequences: Sequence[SequenceDict], max_seq_len: int | None, on
 def plan_batch(sequences: Sequence[SequenceDict], *, chunk_size: int, keep_chunks: int, num_ranks: int = 1,
                offload_activations: bool = False, cost: CostModel | None = None, max_seq_len: int | None = None,
                on_overlong: str = "error", num_loss_tokens: int | None = None, sp_max_size: int = 1,
-               evaluation: bool = False, forwards_collective: bool = True) -> BatchPlan:
+               evaluation: bool = False, forwards_collective: bool = True, sp_longer_chunks: bool = True) -> BatchPlan:
     """``evaluation``: forward-only plans (:func:`~ds_chunkflow.plan.schedule.build_eval_plan`) whose losses are
     sums of cross-entropy (``num_loss_tokens`` is 1); a batch without targets is allowed then."""
     kept, skipped = guard_lengths(sequences, max_seq_len, on_overlong)
@@ -69,15 +87,19 @@ def plan_batch(sequences: Sequence[SequenceDict], *, chunk_size: int, keep_chunk
         raise ValueError("the global batch is empty (after the max_seq_len guard)")
     lengths = [int(s["input_ids"].numel()) for s in kept]
     if evaluation:
-        layout, shares = plan_layout(lengths, chunk_size, num_ranks, cost, sp_max_size)
+        layout, shares = plan_layout(lengths, chunk_size, num_ranks, cost, sp_max_size,
+                                     sp_longer_chunks=sp_longer_chunks)
         return BatchPlan(kept, layout, shares, align_eval([build_eval_plan(s) for s in shares]), 1, skipped)
     if num_loss_tokens is None:
         num_loss_tokens = count_loss_tokens(kept)
     if num_loss_tokens <= 0:
         raise ValueError("num_loss_tokens must be > 0: the batch has no label to predict (all labels are -100)")
-    layout, shares = plan_layout(lengths, chunk_size, num_ranks, cost, sp_max_size)
-    # ranks in lock-step where a forward is collective (ZeRO-3, or a sequence-parallel chunk in this batch);
-    # otherwise only the number of backwards must agree (plan.schedule.align)
-    lockstep = forwards_collective or any(share.sp_groups for share in shares)
-    plans = align([build_plan(s, keep_chunks, offload_activations) for s in shares], lockstep)
+    layout, shares = plan_layout(lengths, chunk_size, num_ranks, cost, sp_max_size,
+                                 sp_longer_chunks=sp_longer_chunks)
+    # ranks in lock-step where every forward is collective (ZeRO-3); otherwise only the number of backwards must
+    # agree (plan.schedule.align). A sequence-parallel chunk's all-to-alls need no alignment: see the module doc.
+    plans = [build_plan(s, keep_chunks, offload_activations) for s in shares]
+    if not forwards_collective:  # one backward (one ZeRO-2 gradient reduction) per K standalone chunks
+        plans = [join_backwards(p, keep_chunks) for p in plans]
+    plans = align(plans, lockstep=forwards_collective)
     return BatchPlan(kept, layout, shares, plans, num_loss_tokens, skipped)

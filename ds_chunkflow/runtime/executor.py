@@ -33,6 +33,7 @@ from ds_chunkflow.plan.schedule import (
     Backward,
     EvalForward,
     Forward,
+    JointBackward,
     PadBackward,
     PadEvalForward,
     PadForward,
@@ -47,8 +48,8 @@ from ds_chunkflow.runtime.chunk import ChunkRuntime, Mode, head_loss
 BackwardFn = Callable[[torch.Tensor, bool], None]
 MODES = {Forward: Mode.KEEP, StateForward: Mode.STATE, Recompute: Mode.RECOMPUTE, EvalForward: Mode.EVAL}
 TIME_CATEGORY = {Forward: "forward", StateForward: "state_forward", Recompute: "recompute", Backward: "backward",
-                 EvalForward: "forward", PadForward: "lockstep_pad", PadBackward: "lockstep_pad",
-                 PadEvalForward: "lockstep_pad", ReleaseState: "other"}
+                 JointBackward: "backward", EvalForward: "forward", PadForward: "lockstep_pad",
+                 PadBackward: "lockstep_pad", PadEvalForward: "lockstep_pad", ReleaseState: "other"}
 """Where a step's time goes, per instruction: the backward includes DeepSpeed's gradient reduction hooks (and
 under ZeRO-3 the parameter gathers), a sequence-parallel chunk's forward and backward its all-to-alls."""
 
@@ -107,7 +108,7 @@ class Executor:
 
     def run(self, plan: list[Step]) -> ExecStats:
         instructions = flatten(plan)
-        backwards = [i for i, ins in enumerate(instructions) if isinstance(ins, (Backward, PadBackward))]
+        backwards = [i for i, ins in enumerate(instructions) if isinstance(ins, (Backward, JointBackward, PadBackward))]
         self._last_backward = backwards[-1] if backwards else -1
         rt = self.runtime
         self.stats = ExecStats(loss=rt.loss_sum)
@@ -154,8 +155,10 @@ class Executor:
         return self.runtime.forward(ins.chunk, self._model_call(inputs, with_loss=mode is not Mode.STATE), mode,
                                     offload=getattr(ins, "offload", False))
 
-    def _backward(self, key, loss: torch.Tensor) -> None:
-        self.graph_hooks.before_backward(key)
+    def _backward(self, keys, loss: torch.Tensor) -> None:
+        """One backward call of ``loss``, the sum of the losses of the graphs kept under ``keys``."""
+        for key in keys:
+            self.graph_hooks.before_backward(key)
         self.backward_fn(loss, self._boundary)
         self.stats.num_backwards += 1
 
@@ -169,7 +172,18 @@ class Executor:
 
     def _exec_backward(self, ins: Backward) -> None:
         self.runtime.backward_done(ins.chunk)
-        self._backward(ins.chunk, self._losses.pop(ins.chunk))
+        self._backward([ins.chunk], self._losses.pop(ins.chunk))
+
+    def _exec_joint_backward(self, ins: JointBackward) -> None:
+        """One backward call for standalone chunks (planned only where forwards are not collective: the
+        ZeRO-3 graph hooks count one graph per backward)."""
+        for chunk in ins.chunks:
+            self.runtime.backward_done(chunk)
+        losses = [self._losses.pop(c) for c in ins.chunks]
+        loss = losses[0]
+        for more in losses[1:]:
+            loss = loss + more
+        self._backward(ins.chunks, loss)
 
     def _exec_eval_forward(self, ins: EvalForward) -> None:
         self._forward(ins)
@@ -198,7 +212,8 @@ class Executor:
         self.graph_hooks.after_forward(key)
 
     def _exec_pad_backward(self, ins: PadBackward) -> None:
-        self._backward(*self._pads.popleft())
+        key, loss = self._pads.popleft()
+        self._backward([key], loss)
 
     def _exec_pad_eval_forward(self, ins: PadEvalForward) -> None:
         self._pad_call(grad=False, with_loss=True)
@@ -211,6 +226,7 @@ class Executor:
         Forward: _exec_forward,
         Recompute: _exec_forward,
         Backward: _exec_backward,
+        JointBackward: _exec_joint_backward,
         PadForward: _exec_pad_forward,
         PadBackward: _exec_pad_backward,
         ReleaseState: _exec_release,

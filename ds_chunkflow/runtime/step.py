@@ -23,8 +23,9 @@ def chunked_step(model, sequences: Sequence[SequenceDict], *, chunk_size: int, k
                  loss_piece_tokens: int = LOSS_PIECE_TOKENS) -> ExecStats:
     """Like :func:`chunked_forward_backward`, returning the run's statistics too."""
     check_model(model)  # refuses, before anything reaches .grad, what would not be exact (cached)
-    batch = plan_batch(sequences, chunk_size=chunk_size, keep_chunks=keep_chunks,
-                       offload_activations=offload_activations, num_loss_tokens=num_loss_tokens)
+    batch = plan_batch(sequences, chunk_size=chunk_size, keep_chunks=keep_chunks,  # one process: nothing collective
+                       offload_activations=offload_activations, num_loss_tokens=num_loss_tokens,
+                       forwards_collective=False)
     device = next(model.parameters()).device
     runtime = ChunkRuntime(batch.sequences, device, batch.num_loss_tokens,
                            num_loss_pieces(chunk_size, loss_piece_tokens), state_offload_min_tokens,

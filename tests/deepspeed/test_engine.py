@@ -22,11 +22,11 @@ def _initial_state():
     return {n: p.detach().clone() for n, p in build_tiny_model("qwen2", seed=0).named_parameters()}
 
 
-def _train(tmp_path, stage, steps, chunkflow=None, extra=None, long_len=None):
-    """Runs ``train_steps`` on 2 ranks; returns the per-rank results."""
+def _train(tmp_path, stage, steps, chunkflow=None, extra=None, long_len=None, world=2):
+    """Runs ``train_steps`` on ``world`` ranks; returns the per-rank results."""
     out = tmp_path / "result.pt"
-    run_ranks(train_steps, stage, steps, str(out), chunkflow, extra, None, long_len)
-    return [torch.load(f"{out}.{r}") for r in range(2)]
+    run_ranks(train_steps, stage, steps, str(out), chunkflow, extra, None, long_len, world=world, timeout=300)
+    return [torch.load(f"{out}.{r}") for r in range(world)]
 
 
 def update_errors(result, ref_after):
@@ -53,7 +53,8 @@ def assert_matches_reference(results, long_len=None, steps=3):
     for r in results:
         for a, b in zip(r["losses"], ref_losses):
             assert abs(a - b) / abs(b) < 1e-5, (r["losses"], ref_losses)
-    assert all(torch.equal(results[0]["after"][n], results[1]["after"][n]) for n in ref_after), "ranks diverged"
+    assert all(torch.equal(results[0]["after"][n], r["after"][n]) for r in results[1:] for n in ref_after), \
+        "ranks diverged"
     per_param, _ = update_errors(results[0], ref_after)
     worst = max(per_param, key=per_param.get)
     assert per_param[worst] < 2e-5, (worst, per_param[worst])
@@ -161,19 +162,22 @@ def test_skipped_data_lines_are_counted_in_the_metrics(tmp_path):
     assert metrics["data_skipped_malformed_json"] == 1 and metrics["data_skipped_out_of_vocab"] == 1, metrics
 
 
-SP_LONG = 9 * 16 + 5  # 10 chunks of 16; the last one's 5 rows split 3 + 2 (+1 pad row)
+SP_LONG = 9 * 16 + 5  # spread over 2 ranks: 5 chunks of 32 (16 rows each), the last one's 21 rows split 11 + 10;
+# longer_chunks false: 10 chunks of 16 (8 rows each), the last one's 5 rows split 3 + 2 (+1 pad row)
 
 
-@pytest.mark.parametrize("stage, keep", [(2, 1), (2, 2), (3, 1), (3, 2)])
-def test_sequence_parallel_matches_reference(tmp_path, stage, keep):
+@pytest.mark.parametrize("stage, keep, longer", [(2, 1, True), (2, 2, True), (3, 1, True), (3, 2, True), (2, 1, False)])
+def test_sequence_parallel_matches_reference(tmp_path, stage, keep, longer):
     """A dominant sample (149 tokens, most of the batch's cost) is spread over both ranks (Ulysses:
     every chunk's rows split, an all-to-all over heads around each attention), beside a split sample
     and packed chunks run data-parallel: 3 SGD-momentum steps match the plain reference (losses to
-    1e-5, every parameter's update to 2e-5 of its size) under ZeRO-2 and 3, K = 1 and 2. The largest
+    1e-5, every parameter's update to 2e-5 of its size) under ZeRO-2 and 3, K = 1 and 2, with the spread
+    sample cut into chunks of 2 x chunk_size (``longer_chunks``, the default) or of chunk_size. The largest
     K/V state on a rank is exactly half the dominant sample's (each rank holds half its KV heads)."""
     from ds_chunkflow.testing.models import tiny_config
 
-    results = _train(tmp_path, stage, 3, {"keep_chunks": keep, "sequence_parallel": {"max_size": 2}},
+    results = _train(tmp_path, stage, 3, {"keep_chunks": keep,
+                                          "sequence_parallel": {"max_size": 2, "longer_chunks": longer}},
                      long_len=SP_LONG)
     assert all(r["metrics"]["sequence_parallel_groups"] == 1 for r in results), results[0]["metrics"]
     assert_matches_reference(results, long_len=SP_LONG)
@@ -182,3 +186,16 @@ def test_sequence_parallel_matches_reference(tmp_path, stage, keep):
     # per layer: K and V of Hkv heads x tokens x head_dim in fp32, and their fp32 gradient buffers
     full_state = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * SP_LONG * head_dim * 4 * 2
     assert results[0]["metrics"]["peak_kv_state_bytes"] == full_state // 2, results[0]["metrics"]
+
+
+def test_sequence_parallel_two_blocks_on_four_ranks(tmp_path):
+    """Two dominant samples on 4 ranks under ZeRO-2: each is spread over its own block of 2 ranks
+    ({0, 1} and {2, 3}), and the plans are aligned by backward counts only (no lock-step pads: the
+    all-to-alls of a block meet because its ranks run the same instructions first). 2 steps match the
+    plain reference, and no rank waits for ever (a plan order where the blocks' all-to-alls and the
+    gradient reductions cross would hang here until the timeout)."""
+    long_len = (SP_LONG, SP_LONG - 16)
+    results = _train(tmp_path, 2, 2, {"keep_chunks": 2, "sequence_parallel": {"max_size": 2}}, long_len=long_len,
+                     world=4)
+    assert all(r["metrics"]["sequence_parallel_groups"] == 2 for r in results), results[0]["metrics"]
+    assert_matches_reference(results, long_len=long_len, steps=2)

@@ -8,13 +8,15 @@ CHUNK = 16
 LR = 0.5  # train_steps / reference_steps SGD-momentum: large, so the updates stand far above bf16 noise
 
 
-def global_batch(step: int, vocab_size: int, long_len: int | None = None):
+def global_batch(step: int, vocab_size: int, long_len: int | tuple[int, int] | None = None):
     """7 short sequences and two split ones; ``long_len``: the first split one has that many tokens
-    (a dominant sample, which the cost model spreads over ranks when sequence parallelism is on)."""
+    (a dominant sample, which the cost model spreads over ranks when sequence parallelism is on), or
+    a pair: both split ones' lengths."""
     from tests.helpers.reference import make_sequences
 
     g = torch.Generator().manual_seed(100 + step)
-    lengths = [int(x) for x in torch.randint(1, 24, (7,), generator=g)] + [long_len or CHUNK * 5 + 3, CHUNK * 2 + 1]
+    split = tuple(long_len) if isinstance(long_len, (tuple, list)) else (long_len or CHUNK * 5 + 3, CHUNK * 2 + 1)
+    lengths = [int(x) for x in torch.randint(1, 24, (7,), generator=g)] + list(split)
     return make_sequences(lengths, vocab_size, seed=step)
 
 

@@ -34,6 +34,7 @@ from ds_chunkflow.plan.chunking import (
     build_chunks,
     imbalance,
     plan_layout,
+    rechunk,
     split_size,
 )
 from ds_chunkflow.runtime.batch import (
@@ -139,10 +140,11 @@ def test_split_above_outside_one_to_chunk_size_is_rejected(split):
         build_chunks([3, 9], 4, split)
 
 
-def assert_tiles(layout, lengths, chunk_size, split=None):
+def assert_tiles(layout, lengths, chunk_size, split=None, spread=None):
     """Standalone chunks hold whole sequences of <= split tokens; group chunk i of a sequence of L tokens
-    holds [i*S, min((i+1)*S, L)), S = chunk_size if L > chunk_size else split; each token once."""
-    split = split or chunk_size
+    holds [i*S, min((i+1)*S, L)), S = chunk_size if L > chunk_size else split (times p for a group spread
+    over p ranks, ``spread``: sequence -> p); each token once."""
+    split, spread = split or chunk_size, spread or {}
     pieces = defaultdict(list)
     for c in layout.standalone:
         assert not c.is_dependent
@@ -152,7 +154,7 @@ def assert_tiles(layout, lengths, chunk_size, split=None):
     for g in layout.groups:
         seq = g[0].group
         assert lengths[seq] > split
-        size = chunk_size if lengths[seq] > chunk_size else split
+        size = (chunk_size if lengths[seq] > chunk_size else split) * spread.get(seq, 1)
         for i, c in enumerate(g):
             (s,) = c.segments
             assert (c.group, c.index, c.count, s.seq_index) == (seq, i, len(g), seq)
@@ -527,19 +529,30 @@ def test_four_equal_chunks_on_three_ranks_is_optimal_at_imbalance_one_and_a_half
 
 
 @SETTINGS
-@given(batches(), st.integers(1, 64), cost_models, st.sampled_from([1, 2, 8, 64]))
-def test_spread_deals_each_short_sequence_whole_to_one_rank(batch, num_ranks, cost, sp_max_size):
+@given(batches(), st.integers(1, 64), cost_models, st.sampled_from([1, 2, 8, 64]), st.booleans())
+def test_spread_deals_each_short_sequence_whole_to_one_rank(batch, num_ranks, cost, sp_max_size, longer):
     """Spreading (the default): every short sequence lies whole in exactly one standalone chunk of
     exactly one rank, every group is whole on one rank or on one sequence-parallel block, no chunk
-    exceeds chunk_size, every token is counted once; each rank's chunks are a BFD packing of its own
-    sequences; ``plan_layout``'s layout lists exactly the chunks the ranks run, and its groups are
-    ``build_chunks``', with or (sequence parallelism only) without ``split_above = split_size``."""
+    exceeds chunk_size on a rank, every token is counted once; each rank's chunks are a BFD packing of its
+    own sequences; ``plan_layout``'s layout lists exactly the chunks the ranks run, and its groups are
+    ``build_chunks``', with or (sequence parallelism only) without ``split_above = split_size``, a group
+    spread over p ranks cut into chunks p times longer with ``sp_longer_chunks`` (each rank computes one
+    chunk's worth of each), else left as built (each rank computes 1/p of each)."""
     lengths, chunk_size = batch
-    layout, shares = plan_layout(lengths, chunk_size, num_ranks, cost, sp_max_size)
+    layout, shares = plan_layout(lengths, chunk_size, num_ranks, cost, sp_max_size, sp_longer_chunks=longer)
     split = split_size(lengths, chunk_size, num_ranks)
     candidates = [None] + ([split] if split and sp_max_size > 1 and num_ranks > 1 else [])
-    assert layout.groups in [build_chunks(lengths, chunk_size, s).groups for s in candidates]
-    assert_tiles(layout, lengths, chunk_size, split if layout.groups != build_chunks(lengths, chunk_size).groups else None)
+    spread_over = {g[0].group: g[0].shard.size for s in shares for g in s.sp_groups} if longer else {}
+
+    def as_run(groups):
+        return [rechunk(g, spread_over[g[0].group] * g[0].num_tokens) if g[0].group in spread_over else g
+                for g in groups]
+
+    built = [as_run(build_chunks(lengths, chunk_size, s).groups) for s in candidates]
+    assert layout.groups in built
+    assert_tiles(layout, lengths, chunk_size, split if layout.groups != built[0] else None, spread_over)
+    assert all(c.local_tokens <= (chunk_size if longer else -(-chunk_size // c.shard.size))
+               for s in shares for g in s.sp_groups for c in g)
     short = set(range(len(lengths))) - {g[0].group for g in layout.groups}
     seen = []
     for share in shares:
@@ -572,12 +585,13 @@ def test_splitting_short_sequences_never_makes_the_busiest_rank_busier(batch, nu
 
 def test_a_split_that_does_not_pay_is_not_kept():
     """A 6K-token sample among 511 short ones, 64 ranks, 8K chunks: its cost is ~1.5x a rank's share, so
-    cut into 2K pieces and spread over 2 ranks it balances (kept); with an all-to-all dearer than the
-    compute it saves the pieces would stay on one rank, as heavy as the whole sample: the packed layout
-    is kept (no extra model calls for nothing)."""
+    cut into 2K pieces and spread over 2 ranks it balances (kept; as run, 4K chunks of which each rank
+    computes 2K); with an all-to-all dearer than the compute it saves the pieces would stay on one rank,
+    as heavy as the whole sample: the packed layout is kept (no extra model calls for nothing)."""
     lengths = [530] * 511 + [6000]
     layout, shares = plan_layout(lengths, 8192, 64, CostModel(), 64)
-    assert [len(g) for g in layout.groups] == [3] and sum(len(s.sp_groups) for s in shares) == 2
+    assert [len(g) for g in layout.groups] == [2] and sum(len(s.sp_groups) for s in shares) == 2
+    assert max(c.local_tokens for s in shares for g in s.sp_groups for c in g) == 2048
     assert imbalance([s.cost for s in shares]) < 1.1
     layout, shares = plan_layout(lengths, 8192, 64, CostModel(all_to_all=50.0), 64)
     assert not layout.groups and not any(s.sp_groups for s in shares)
@@ -648,6 +662,31 @@ def test_splitting_keeps_attention_pairs(length, chunk_size, cost):
     layout = build_chunks([length], chunk_size)
     whole = cost.chunk_cost(Chunk((Segment(0, 0, length),)))
     assert sum(item_costs(layout, cost)) == pytest.approx(whole, rel=1e-12)
+
+
+@pytest.mark.parametrize("keep, redone", [(1, 4), (2, 3), (5, 0), (9, 0)])
+def test_recompute_counts_the_chunks_forwarded_twice(keep, redone):
+    """With K = keep_chunks a dependent group of N chunks forwards its first N - K twice: each adds a
+    forward's share of its cost to the group's; standalone chunks and K = None add nothing."""
+    g = build_chunks([5 * 8], 8).groups[0]
+    flat = CostModel(attention=0.0)
+    recomputing = CostModel(attention=0.0, keep_chunks=keep, forward_share=0.25)
+    assert flat.group_cost(g) == 40
+    assert recomputing.group_cost(g) == 40 + redone * 8 * 0.25
+    assert recomputing.group_cost(g, 2) == pytest.approx(flat.group_cost(g, 2) + redone * 8 * 0.25 / 2)
+
+
+def test_recompute_cost_moves_work_off_the_rank_that_recomputes():
+    """Two ranks, one 4-chunk group and short sequences: counting the group's recompute (K = 1) gives
+    its rank fewer short sequences than a cost model that ignores it."""
+    lengths = [64] + [8] * 24
+    plain = assign_to_ranks(build_chunks(lengths, 16), 2, CostModel(attention=0.0))
+    aware = assign_to_ranks(build_chunks(lengths, 16), 2, CostModel(attention=0.0, keep_chunks=1))
+
+    def short_tokens_beside_the_group(shares):
+        return next(s.num_tokens - 64 for s in shares if s.groups)
+
+    assert short_tokens_beside_the_group(aware) < short_tokens_beside_the_group(plain)
 
 
 def test_packed_attention_is_block_diagonal():

@@ -9,6 +9,7 @@ from ds_chunkflow.plan.instructions import (
     Backward,
     EvalForward,
     Forward,
+    JointBackward,
     PadBackward,
     PadEvalForward,
     PadForward,
@@ -19,7 +20,8 @@ from ds_chunkflow.plan.instructions import (
     letter,
 )
 
-ALL = [StateForward, Forward, Recompute, Backward, EvalForward, PadForward, PadBackward, PadEvalForward, ReleaseState]
+ALL = [StateForward, Forward, Recompute, Backward, JointBackward, EvalForward, PadForward, PadBackward, PadEvalForward,
+       ReleaseState]
 
 
 def test_equal_by_fields_hashable_and_frozen():

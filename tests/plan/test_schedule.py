@@ -9,6 +9,8 @@ instruction. One group of N = 4 chunks at K = 1 reads::
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -17,6 +19,7 @@ from ds_chunkflow.plan.chunking import RankShare, assign_to_ranks, build_chunks
 from ds_chunkflow.plan.schedule import (
     Backward,
     Forward,
+    JointBackward,
     PadBackward,
     PadForward,
     Recompute,
@@ -26,6 +29,7 @@ from ds_chunkflow.plan.schedule import (
     build_plan,
     flatten,
     group_steps,
+    join_backwards,
     plan_stats,
 )
 
@@ -287,3 +291,31 @@ def test_count_alignment_matches_backwards_with_the_fewest_pads(case):
         assert all(s.fwd == [PadForward(keep=True)] and s.bwd == [PadBackward()] for s in got[len(plan):])
     pads = sum(isinstance(i, PADS) for p in counted for i in flatten(p))
     assert pads <= sum(isinstance(i, PADS) for p in align(built) for i in flatten(p))
+
+
+@SETTINGS
+@given(plans())
+def test_joined_backwards_cover_k_standalone_chunks_each(case):
+    """join_backwards leaves every forward where it was and every dependent chunk's backward as it was;
+    each JointBackward is one step's standalone chunks (2..K of them) in reverse forward order; a plan
+    of n standalone runs makes sum(ceil(run / K)) backward calls for them; K = 1 changes nothing."""
+    shares, keep, offload = case
+    for plan in rank_plans(shares, keep, offload):
+        joined = join_backwards(plan, keep)
+        flat, before = flatten(joined), flatten(plan)
+        assert [i for i in flat if not isinstance(i, (Backward, JointBackward))] == \
+            [i for i in before if not isinstance(i, Backward)]
+        assert [i for i in flat if isinstance(i, Backward) and i.chunk.is_dependent] == \
+            [i for i in before if isinstance(i, Backward) and i.chunk.is_dependent]
+        for step in joined:
+            for ins in step.bwd:
+                if isinstance(ins, JointBackward):
+                    assert 2 <= len(ins.chunks) <= keep and step.bwd == [ins] and not step.pre
+                    assert [f.chunk for f in step.fwd] == list(reversed(ins.chunks))
+                    assert not any(c.is_dependent for c in ins.chunks)
+        runs = [len(list(g)) for alone, g in itertools.groupby(plan, key=lambda st: not st.fwd[0].chunk.is_dependent)
+                if alone]
+        calls = sum(len(s.bwd) for s in joined if s.fwd and not s.fwd[0].chunk.is_dependent)
+        assert calls == sum(-(-r // keep) for r in runs), (runs, keep)
+        if keep == 1:
+            assert joined == plan
