@@ -12,7 +12,7 @@ Every system trains on the same global batches (``--global_batch`` chat samples 
 * ``chunkflow``      ``ds_chunkflow.initialize`` + ``engine.train_batch(sequences)``
                      (``--keep_chunks``; ``chunkflow_k4``: the same with keep_chunks 4;
                      ``chunkflow_sp``: with ``sequence_parallel.max_size: 2``, so the cost model
-                     may spread a dominant sample over both ranks);
+                     may spread a dominant sample over both ranks; ``chunkflow_sp_k4``: both);
 * ``padded``         (a) plain ``deepspeed.initialize``; each rank takes every W-th sample
                      (DistributedSampler), micro-batches of ``--micro_batch`` samples padded
                      to their longest, attention_mask for the padding;
@@ -51,6 +51,7 @@ import random
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -61,7 +62,7 @@ sys.path[:0] = [str(REPO), str(HERE)]
 from _common import load_samples, num_loss_tokens, rss_bytes, save_json, table, targets_of  # noqa: E402
 
 MODEL = {"family": "qwen2", "vocab_size": 512, "hidden_size": 128, "num_layers": 4}  # --hidden/--layers/--vocab
-SYSTEMS = ("chunkflow", "chunkflow_k4", "chunkflow_sp", "padded", "packed", "packed_varlen")
+SYSTEMS = ("chunkflow", "chunkflow_k4", "chunkflow_sp", "chunkflow_sp_k4", "padded", "packed", "packed_varlen")
 SP_SIZE = 2  # chunkflow_sp: sequence_parallel.max_size (both ranks)
 BASELINES = ("padded", "packed", "packed_varlen")
 VARLEN = "bench_varlen"
@@ -138,6 +139,12 @@ def micro_batches(system, batch, rank, world, cfg):
     return mbs[rank] + [filler] * (n - len(mbs[rank]))  # equal backward calls on every rank (ZeRO-2)
 
 
+def chunkflow_options(system: str, cfg) -> tuple[int, int]:
+    """(keep_chunks, sequence_parallel.max_size) of a ChunkFlow system: ``chunkflow[_sp][_k<K>]``."""
+    keep = int(system.rsplit("_k", 1)[1]) if "_k" in system else cfg["keep_chunks"]
+    return keep, SP_SIZE if "_sp" in system else 1
+
+
 def work_per_rank(system, batch, world, cfg) -> list[dict]:
     """Real tokens, computed token slots and modelled cost (ChunkFlow's CostModel) per rank."""
     from ds_chunkflow.plan.chunking import CostModel
@@ -145,10 +152,10 @@ def work_per_rank(system, batch, world, cfg) -> list[dict]:
 
     cost = CostModel(attention=1.0 / (6 * cfg["model"]["hidden_size"]))  # the engine's default weight
     if system.startswith("chunkflow"):
+        keep, sp = chunkflow_options(system, cfg)
         seqs = [{k: torch.tensor(v) for k, v in s.items()} for s in batch]
-        plan = plan_batch(seqs, chunk_size=cfg["chunk_size"], keep_chunks=cfg["keep_chunks"], num_ranks=world,
-                          cost=cost, sp_max_size=SP_SIZE if system == "chunkflow_sp" else 1)
-        # (the assignment does not depend on keep_chunks)
+        plan = plan_batch(seqs, chunk_size=cfg["chunk_size"], keep_chunks=keep, num_ranks=world,
+                          cost=replace(cost, keep_chunks=keep), sp_max_size=sp)  # the engine's assignment
         return [{"real": s.num_tokens, "computed": s.num_tokens, "cost": s.cost} for s in plan.shares]
     out = []
     for r in range(world):
@@ -188,11 +195,12 @@ def _engine(system, cfg):
               "zero_allow_untested_optimizer": True, "zero_optimization": {"stage": cfg["zero_stage"]},
               "steps_per_print": 10**9}
     if system.startswith("chunkflow"):
-        keep = int(system[len("chunkflow_k"):]) if system.startswith("chunkflow_k") else cfg["keep_chunks"]
+        keep, sp = chunkflow_options(system, cfg)
         config["chunkflow"] = {"chunk_size": cfg["chunk_size"], "keep_chunks": keep,
                                "pad_token_id": cfg["pad_id"], "recompute_layers": cfg["recompute_layers"]}
-        if system == "chunkflow_sp":
-            config["chunkflow"]["sequence_parallel"] = {"max_size": SP_SIZE}
+        if sp > 1:
+            config["chunkflow"]["sequence_parallel"] = {"max_size": sp,
+                                                        "longer_chunks": cfg.get("sp_longer_chunks", True)}
     from ds_chunkflow.deepspeed.deepspeed_adapter import decide_shm_comm_build
 
     decide_shm_comm_build()
@@ -370,7 +378,7 @@ def parse_args():
     p.add_argument("--zero_stage", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--systems", default=None, help=f"comma-separated, default {','.join(SYSTEMS)} "
-                   "(--quick: without chunkflow_k4)")
+                   "(--quick: without the K = 4 systems)")
     p.add_argument("--out", default=None, help="JSON name in benchmarks/results (default engine[_quick].json)")
     p.add_argument("--profile", action="store_true", help="cProfile rank 0 of every system's timed steps")
     p.add_argument("--hidden", type=int, default=MODEL["hidden_size"])
@@ -387,7 +395,7 @@ def parse_args():
     if args.quick:  # the quick data is short: a small chunk_size still splits some samples
         args.steps, args.global_batch, args.chunk_size = 2, 16, 256
     if args.systems is None:
-        args.systems = ",".join(s for s in SYSTEMS if not (args.quick and s == "chunkflow_k4"))
+        args.systems = ",".join(s for s in SYSTEMS if not (args.quick and s.endswith("_k4")))
     return args
 
 
@@ -395,8 +403,9 @@ def ratios(rows) -> list[dict]:
     """ChunkFlow variant / baseline: throughput (wall, CPU) and peak RSS."""
     by = {r["system"]: r for r in rows}
     pairs = [(c, b) for c in by if c.startswith("chunkflow") for b in BASELINES if b in by]
-    if "chunkflow_sp" in by and "chunkflow" in by:
-        pairs.append(("chunkflow_sp", "chunkflow"))  # sequence parallelism: after / before
+    for sp, plain in (("chunkflow_sp", "chunkflow"), ("chunkflow_sp_k4", "chunkflow_k4")):
+        if sp in by and plain in by:
+            pairs.append((sp, plain))  # sequence parallelism: after / before
     return [{"pair": f"{c} / {b}", "tokens_per_s": by[c]["tokens_per_s"] / by[b]["tokens_per_s"],
              "tokens_per_cpu_s": by[c]["tokens_per_cpu_s"] / by[b]["tokens_per_cpu_s"],
              "dominant_step_tokens_per_s": by[c]["dominant_step_tokens_per_s"] / by[b]["dominant_step_tokens_per_s"],

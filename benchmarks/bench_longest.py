@@ -12,7 +12,10 @@ after start-up (model loaded, engine / trainer built, before any step), max over
 fits a budget when it trains and that rise is <= the budget. Systems:
 
 * ``chunkflow``       ChunkFlow, ``--chunk_size``, keep_chunks 1 (one rank trains the sample);
-* ``chunkflow_sp``    the same with ``sequence_parallel.max_size: 2`` (the sample over both ranks);
+* ``chunkflow_sp``    the same with ``sequence_parallel.max_size: 2`` (the sample over both ranks) and
+                      ``longer_chunks: false`` (memory first: each rank computes chunk_size / 2 rows per
+                      call; the engine's default, true, computes chunk_size rows per call, for speed:
+                      ``--sp_longer_chunks``);
 * ``alst``            DeepSpeed ALST, SP 2 (``peer_alst.py``: Ulysses, TiledMLP, checkpointing, tiled loss);
 * ``trl_gc``          TRL ``SFTTrainer(padding_free=True)`` with its default gradient checkpointing
                       (accelerate repeats the one-sample dataset on the second rank);
@@ -209,6 +212,8 @@ def parse_args():
     p.add_argument("--out", default="longest.json", help="JSON name in benchmarks/results")
     p.add_argument("--append", action="store_true", help="keep --out's rows of other systems / budgets and reuse its "
                    "trials (e.g. a finer bisection at one budget: only the new lengths run)")
+    p.add_argument("--sp_longer_chunks", action="store_true", help="chunkflow_sp with sequence_parallel.longer_chunks "
+                   "true (the engine's default: chunk_size rows per rank per call) instead of false")
     args = p.parse_args()
     if args.start % GRAIN:
         p.error(f"--start must be a multiple of {GRAIN}")
@@ -230,7 +235,7 @@ def main():
     cfg = {"model_dir": model_dir, "model": spec, "zero_stage": 2, "lr": 1e-3, "seed": 0, "keep_chunks": 1,
            "chunk_size": args.chunk_size, "pad_id": build_tokenizer().pad_token_id, "recompute_layers": "none",
            "profile": False, "micro_batch": 1, "trial_timeout": args.trial_timeout, "timeout": args.trial_timeout,
-           "start": args.start, "bisect": args.bisect}
+           "start": args.start, "bisect": args.bisect, "sp_longer_chunks": args.sp_longer_chunks}
     started = time.perf_counter()
     log = lambda s: print(f"[{time.perf_counter() - started:6.0f} s] {s}", flush=True)  # noqa: E731
     profile = None

@@ -17,6 +17,7 @@ exactly those samples, in that order, pre-tokenised (``input_ids`` + ``labels``)
 * ``chunkflow``         ``ds_chunkflow.initialize`` + ``engine.train_batch(batch)`` (bench_engine's
                         worker), chunk_size ``--chunk_size``, keep_chunks 1; ``chunkflow_k4``: keep_chunks
                         4; ``chunkflow_sp``: keep_chunks 1 with ``sequence_parallel.max_size: 2``;
+                        ``chunkflow_sp_k4``: both;
 * ``trainer_padded``    ``transformers.Trainer(deepspeed=ds_config)``, ``DataCollatorForSeq2Seq``
                         (pads to the longest sample of the micro-batch), ``train_sampling_strategy=
                         "sequential"``; per_device ``--trainer_micro_batch`` (b) x grad accumulation
@@ -86,10 +87,12 @@ from _common import load_samples, rss_bytes, save_json, table  # noqa: E402
 from bench_engine import MODEL, data_stats, long_sample, make_batches, run_system, summarise  # noqa: E402
 from peer_alst import alst_worker, summarise_alst  # noqa: E402
 
-SYSTEMS = ("chunkflow", "chunkflow_k4", "chunkflow_sp", "trainer_padded", "trl_padding_free", "trl_bfd", "alst")
-PEERS = SYSTEMS[3:]
+SYSTEMS = ("chunkflow", "chunkflow_k4", "chunkflow_sp", "chunkflow_sp_k4", "trainer_padded", "trl_padding_free",
+           "trl_bfd", "alst")
+PEERS = SYSTEMS[4:]
 CHUNKFLOW_VARIANTS = {"chunkflow": "K = 1", "chunkflow_k4": "K = 4 (fewer recomputes, more memory)",
-                      "chunkflow_sp": "K = 1, sequence_parallel.max_size 2 (a dominant sample spread over both ranks)"}
+                      "chunkflow_sp": "K = 1, sequence_parallel.max_size 2 (a dominant sample spread over both ranks)",
+                      "chunkflow_sp_k4": "K = 4, sequence_parallel.max_size 2"}
 ATTENTION = {
     "chunkflow": "ds_chunkflow 'chunkflow' attention: SDPA per packed sample / dependent chunk with K/V state",
     "trainer_padded": "sdpa; DataCollatorForSeq2Seq pads to the micro-batch's longest (attention_mask)",

@@ -48,7 +48,8 @@ Every system computes the same loss (sum of CE over the global label count; `max
 Baselines: **padded**: plain DeepSpeed with micro-batches padded to their longest; **packed**:
 fixed-length rows (BFD, row = longest sample) + full activation checkpointing, with transformers'
 block-diagonal SDPA mask; **packed_varlen**: the same with per-sample attention (what flash-attn
-varlen / Megatron THD do on GPUs). `chunkflow_sp` adds `sequence_parallel.max_size: 2`.
+varlen / Megatron THD do on GPUs). `chunkflow_sp` adds `sequence_parallel.max_size: 2`;
+`chunkflow_k4` and `chunkflow_sp_k4` use `keep_chunks: 4`.
 `dominant_step_tokens_per_s` is the step holding the longest sample; `imb_cpu` is max / mean CPU
 time over the ranks. Only ratios from one run compare.""", omit=("model_dir",)),
     Spec("peers.json", "Against the tools users would pick instead (TRL SFTTrainer, HF Trainer)", """
@@ -123,20 +124,30 @@ Every family of the test matrix in float64, chunked against the plain full-seque
 For each system, the longest single sample that trains one step on two gloo ranks (`ZeRO-2`, the
 `bench_peers.py` model) with the peak RSS rise over start-up within the budget: doubling, then
 bisection, each trial a fresh pair of processes, killed at `trial_timeout`. **chunkflow** (`K = 1`),
-**chunkflow_sp** (`sequence_parallel.max_size: 2`), **alst** (DeepSpeed's Ulysses SP for HF + TiledMLP
-+ tiled logits and loss, `benchmarks/peer_alst.py`), **trl_gc** (TRL padding-free with gradient
-checkpointing), **deepspeed_gc** (plain DeepSpeed with gradient checkpointing). `pred_*`: the
+**chunkflow_sp** (`sequence_parallel.max_size: 2`, `longer_chunks: false`: each rank computes half a chunk
+per call; measured before `longer_chunks` existed, which is that behaviour), **alst** (DeepSpeed's
+Ulysses SP for HF + TiledMLP + tiled logits and loss, `benchmarks/peer_alst.py`), **trl_gc** (TRL
+padding-free with gradient checkpointing), **deepspeed_gc** (plain DeepSpeed with gradient checkpointing). `pred_*`: the
 autotuner's prediction for ChunkFlow; `extrap_*`: a straight-line extrapolation (memory per token) to
 the budgets the search could not reach in time (`capped`). See [the note](../docs/longest.md).""",
          command="python benchmarks/bench_longest.py --systems alst,chunkflow,chunkflow_sp,deepspeed_gc,trl_gc "
                  "--budgets_gib 0.125,1,2 --start 8192 --bisect 1 --trial_timeout 150 --search_cap 900, then "
                  "--append --systems alst,chunkflow,chunkflow_sp --budgets_gib 0.125 --bisect 2 --search_cap 750",
          omit=("trials",)),
+    Spec("longest_sp_longer.json", "The longest sample with sequence parallelism's default longer chunks", """
+`chunkflow_sp` of the table above with `sequence_parallel.longer_chunks: true`, the engine's default: a
+spread sample runs in chunks of `2 x chunk_size`, each rank computing `chunk_size` rows per call (fewer
+calls, faster; about one chunk's activations per call more than `false`).""",
+         command="python benchmarks/bench_longest.py --systems chunkflow_sp --budgets_gib 0.125 --start 16384 "
+                 "--bisect 2 --trial_timeout 150 --search_cap 200 --sp_longer_chunks --out longest_sp_longer.json",
+         omit=("trials",)),
     Spec("peers_alst.json", "DeepSpeed ALST as a peer", """
 `bench_peers.py` with DeepSpeed's long-sequence recipe (Ulysses sequence parallelism over both ranks,
 TiledMLP, tiled logits + loss), checked against a plain reference by `peer_alst.py --check`, beside
-ChunkFlow and TRL padding-free on the same data, model, optimizer and loss normalisation.""",
-         command="python benchmarks/bench_peers.py --systems chunkflow,trl_padding_free,alst --out peers_alst.json"),
+ChunkFlow (`K = 1`, and with sequence parallelism and `K = 4`) and TRL padding-free on the same data,
+model, optimizer and loss normalisation.""",
+         command="python benchmarks/bench_peers.py --systems chunkflow,chunkflow_sp_k4,trl_padding_free,alst "
+                 "--out peers_alst.json"),
     Spec("syncs.json", "Device reads per training step", """
 The calls that make the host wait for the device on a GPU (`item`, `tolist`, `cpu`, `nonzero`,
 `bool/int/float(tensor)`) inside one `train_batch` on the first rank (two ranks, `ZeRO-2`, sequence

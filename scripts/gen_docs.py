@@ -200,23 +200,25 @@ FIGURES = [
       "rows::system=padded::gathers_per_step|.0f"],
      None),
     ("**The longest sample in a memory budget** (one training step on two ranks, peak RSS at most {0} GiB over "
-     "start-up): {1} tokens with ChunkFlow, {2} with its sequence parallelism, {3} with DeepSpeed's ALST "
+     "start-up): {1} tokens with ChunkFlow, {2} with its sequence parallelism (`longer_chunks: false`), {3} with "
+     "DeepSpeed's ALST "
      "(Ulysses + TiledMLP + tiled loss); TRL padding-free and plain DeepSpeed with checkpointing fail at {4}.",
      "longest.json",
      ["rows::system=chunkflow&budget_gib=0.125::budget_gib|g", "rows::system=chunkflow&budget_gib=0.125::longest|,d",
       "rows::system=chunkflow_sp&budget_gib=0.125::longest|,d", "rows::system=alst&budget_gib=0.125::longest|,d",
       "rows::system=trl_gc&budget_gib=0.125::first_miss|,d"],
      None),
-    ("**Where a step goes** (the engine on heavy-tailed chats with sequence parallelism, per rank and step): "
-     "{0} s backward (gradient reduction included), {1} s forward, {2} s state-only forwards and {3} s "
-     "recomputes, {4} s lock-step padding; {5} of the machine's limit (the run's best per-core rate on both "
-     "cores).",
+    ("**Where a step goes** (the engine on heavy-tailed chats with sequence parallelism and `keep_chunks: 4`, "
+     "per rank and step): {0} s backward (gradient reduction included), {1} s forward, {2} s state-only "
+     "forwards and {3} s recomputes, {4} s padding calls; {5} of the machine's limit (the run's best per-core "
+     "rate on both cores; {6} with `keep_chunks: 1`).",
      "engine.json",
-     ["rows::system=chunkflow_sp::time_breakdown::backward|.2f",
-      "rows::system=chunkflow_sp::time_breakdown::forward|.2f",
-      "rows::system=chunkflow_sp::time_breakdown::state_forward|.2f",
-      "rows::system=chunkflow_sp::time_breakdown::recompute|.2f",
-      "rows::system=chunkflow_sp::time_breakdown::lockstep_pad|.2f",
+     ["rows::system=chunkflow_sp_k4::time_breakdown::backward|.2f",
+      "rows::system=chunkflow_sp_k4::time_breakdown::forward|.2f",
+      "rows::system=chunkflow_sp_k4::time_breakdown::state_forward|.2f",
+      "rows::system=chunkflow_sp_k4::time_breakdown::recompute|.2f",
+      "rows::system=chunkflow_sp_k4::time_breakdown::lockstep_pad|.2f",
+      "rows::system=chunkflow_sp_k4::machine_limit_ratio|.2f",
       "rows::system=chunkflow_sp::machine_limit_ratio|.2f"],
      "python benchmarks/bench_engine.py"),
     ("**Balance at small global batches**: {0} samples on {1} ranks, sequence parallelism on, max / mean rank "
