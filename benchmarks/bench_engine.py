@@ -36,7 +36,9 @@ that rate all the time);
 waits block, so this is the critical path of own work; it holds when other jobs share
 the cores); ``peak_rss_mib`` max over ranks, ``train_rss_mib`` its rise above the RSS
 after initialisation; ``imb_*`` max / mean over ranks, averaged over steps, of CPU time,
-real tokens, and ChunkFlow's ``CostModel`` cost of the real samples; ``computed_per_real``
+real tokens, and ChunkFlow's ``CostModel`` cost of the real samples; ``meeting_eff_model`` (ChunkFlow under
+ZeRO-2, where every backward meets the other ranks' to reduce gradients) the busiest rank's modelled work over
+the plans' modelled time with those meetings (``plan.schedule.barrier_makespan``); ``computed_per_real``
 token slots computed (padding included) per real token; ``max_loss_diff`` against the
 first system. Writes benchmarks/results/engine.json (``--quick``: engine_quick.json).
 """
@@ -148,15 +150,21 @@ def chunkflow_options(system: str, cfg) -> tuple[int, int]:
 def work_per_rank(system, batch, world, cfg) -> list[dict]:
     """Real tokens, computed token slots and modelled cost (ChunkFlow's CostModel) per rank."""
     from ds_chunkflow.plan.chunking import CostModel
+    from ds_chunkflow.plan.schedule import barrier_makespan, barrier_segments
     from ds_chunkflow.runtime.batch_plan import plan_batch
 
     cost = CostModel(attention=1.0 / (6 * cfg["model"]["hidden_size"]))  # the engine's default weight
     if system.startswith("chunkflow"):
         keep, sp = chunkflow_options(system, cfg)
         seqs = [{k: torch.tensor(v) for k, v in s.items()} for s in batch]
-        plan = plan_batch(seqs, chunk_size=cfg["chunk_size"], keep_chunks=keep, num_ranks=world,
-                          cost=replace(cost, keep_chunks=keep), sp_max_size=sp)  # the engine's assignment
-        return [{"real": s.num_tokens, "computed": s.num_tokens, "cost": s.cost} for s in plan.shares]
+        cost = replace(cost, keep_chunks=keep)
+        plan = plan_batch(seqs, chunk_size=cfg["chunk_size"], keep_chunks=keep, num_ranks=world, cost=cost,
+                          sp_max_size=sp, forwards_collective=cfg["zero_stage"] == 3,
+                          backwards_collective=cfg["zero_stage"] == 2)  # the engine's plans
+        # ZeRO-2: every backward meets; the busiest rank's own work / the plans' time with those meetings
+        meet = {"own": max(sum(barrier_segments(p, cost)) for p in plan.rank_plans),
+                "met": barrier_makespan(plan.rank_plans, cost)} if cfg["zero_stage"] == 2 else {}
+        return [{"real": s.num_tokens, "computed": s.num_tokens, "cost": s.cost, **meet} for s in plan.shares]
     out = []
     for r in range(world):
         lens = [len(s["input_ids"]) for s in rank_share(batch, r, world)]
@@ -342,6 +350,8 @@ def summarise(system, ranks, batches, cfg, world=2) -> dict:
         "imb_tokens": imbalance([[w["real"] for w in ws] for ws in work]),
         "imb_cost": imbalance([[w["cost"] for w in ws] for ws in work]),
         "computed_per_real": sum(w["computed"] for ws in work for w in ws) / tokens,
+        "meeting_eff_model": (sum(ws[0]["own"] for ws in work) / sum(ws[0]["met"] for ws in work)
+                              if "met" in work[0][0] else None),
         "losses": ranks[0]["losses"], "step_s": ranks[0]["step_s"], "cpu_s": cpu,
         "init_s": max(r["init_s"] for r in ranks), "per_rank_peak_rss_mib": [r["peak_rss"] / mib for r in ranks],
         "chunkflow_metrics": ranks[0]["chunkflow"], "profile": ranks[0].get("profile"),
@@ -456,7 +466,7 @@ def main():
     columns = ["system", "tokens_per_s", "tokens_per_cpu_s", "tokens_per_core_s", "machine_limit_ratio",
                "dominant_step_tokens_per_s", "s_per_step", "load_rss_mib", "peak_rss_mib",
                "train_rss_mib", "gathers_per_step", "gather_mib_per_step", "imb_cpu", "imb_tokens", "imb_cost",
-               "computed_per_real", "max_loss_diff"]
+               "meeting_eff_model", "computed_per_real", "max_loss_diff"]
     print(table(rows, columns))
     pairs = ratios(rows)
     if pairs:

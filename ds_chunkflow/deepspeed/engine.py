@@ -85,6 +85,7 @@ class ChunkFlowMixin:
                                max_seq_len=None if evaluation else cf.max_seq_len, on_overlong=cf.on_overlong,
                                sp_max_size=sp_max_size, evaluation=evaluation,
                                forwards_collective=self.zero_optimization_stage() == 3,
+                               backwards_collective=self.zero_optimization_stage() == 2,
                                sp_longer_chunks=cf.sequence_parallel.longer_chunks)
         except (ValueError, TypeError) as e:
             error = e

@@ -18,7 +18,8 @@ def step_metrics(batch: BatchPlan, loss: float, seconds: float, peak_rss: int, s
     engine all-reduces them), ``peak_kv_state_bytes`` as the max over ranks; ``recomputed_chunks``,
     the chunk forwards run again for backward, summed over ranks too; for hybrid models
     ``mixer_state_bytes_per_boundary``, one sample's recurrent-mixer state at one chunk boundary
-    (constant in the sample's length, unlike K/V; max over ranks).
+    (constant in the sample's length, unlike K/V; max over ranks); ``backward_calls``, this rank's backward
+    calls (pads included: the same count on every data-parallel rank; under ZeRO-2 each reduces the gradients).
     """
     layout = batch.layout
     tokens = layout.num_real_tokens
@@ -42,6 +43,7 @@ def step_metrics(batch: BatchPlan, loss: float, seconds: float, peak_rss: int, s
         metrics["offloaded_bytes"] = float(stats.offloaded_bytes)
         metrics["kv_state_bytes_moved"] = float(stats.state_bytes_moved)
         metrics["recomputed_chunks"] = float(stats.num_recomputes)
+        metrics["backward_calls"] = float(stats.num_backwards)  # this rank's (ZeRO-2: gradient reductions)
         if stats.mixer_state_bytes:
             metrics["mixer_state_bytes_per_boundary"] = float(stats.mixer_state_bytes)
     if peak_activation_bytes is not None:

@@ -263,6 +263,14 @@ class CostModel:
         p = sp_size
         return compute / p + self.all_to_all * (tokens / p) * (p - 1) / p
 
+    def run_cost(self, chunk: Chunk) -> float:
+        """Cost of one chunk's forward and backward on the rank that runs it: a sequence-parallel shard's
+        share of the chunk plus the all-to-all traffic it sends (as :meth:`group_cost`)."""
+        if chunk.shard is None:
+            return self.chunk_cost(chunk)
+        p = chunk.shard.size
+        return self.chunk_cost(chunk) / p + self.all_to_all * (chunk.num_tokens / p) * (p - 1) / p
+
     def recompute_cost(self, chunks: Sequence[Chunk]) -> float:
         """The extra forwards of a dependent group's chunks that run twice (see ``keep_chunks``)."""
         if self.keep_chunks is None:

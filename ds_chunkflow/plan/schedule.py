@@ -33,7 +33,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ds_chunkflow.plan.chunking import Chunk, RankShare
+from ds_chunkflow.plan.chunking import Chunk, CostModel, RankShare
 from ds_chunkflow.plan.instructions import (
     Backward,
     EvalForward,
@@ -51,8 +51,8 @@ from ds_chunkflow.plan.planner import backward_sequence, given_sequence, offload
 
 __all__ = ["Backward", "EvalForward", "Forward", "Instruction", "JointBackward", "PadBackward", "PadEvalForward",
            "PadForward", "PlanStats", "Recompute", "ReleaseState", "StateForward", "Step", "align", "align_eval",
-           "build_eval_plan", "build_plan", "flatten", "group_steps", "join_backwards", "plan_stats", "rank_groups",
-           "rank_order"]
+           "barrier_makespan", "barrier_segments", "build_eval_plan", "build_plan", "flatten", "group_steps",
+           "instruction_cost", "join_at_barriers", "join_backwards", "plan_stats", "rank_groups", "rank_order"]
 
 
 @dataclass
@@ -137,9 +137,7 @@ def join_backwards(plan: list[Step], keep_chunks: int) -> list[Step]:
         run.clear()
 
     for step in plan:
-        standalone = (not step.pre and not step.post and len(step.fwd) == 1 and isinstance(step.fwd[0], Forward)
-                      and not step.fwd[0].chunk.is_dependent and step.bwd == [Backward(step.fwd[0].chunk)])
-        if not standalone:
+        if not _standalone_step(step):
             flush()
             out.append(step)
             continue
@@ -148,6 +146,141 @@ def join_backwards(plan: list[Step], keep_chunks: int) -> list[Step]:
             flush()
     flush()
     return out
+
+
+def _standalone_step(step: Step) -> bool:
+    """``[F c | B c]`` of one standalone chunk (what :func:`join_backwards` may join)."""
+    return (not step.pre and not step.post and len(step.fwd) == 1 and isinstance(step.fwd[0], Forward)
+            and not step.fwd[0].chunk.is_dependent and step.bwd == [Backward(step.fwd[0].chunk)])
+
+
+def instruction_cost(ins: Instruction, cost: CostModel) -> float:
+    """Modelled time of one instruction on its rank: a forward (first, state-only or recompute) is
+    ``forward_share`` of its chunk's :meth:`~ds_chunkflow.plan.chunking.CostModel.run_cost`, a backward
+    the rest; pads and releases cost nothing."""
+    if isinstance(ins, (Forward, StateForward, Recompute, EvalForward)):
+        return cost.forward_share * cost.run_cost(ins.chunk)
+    chunks = (ins.chunk,) if isinstance(ins, Backward) else ins.chunks if isinstance(ins, JointBackward) else ()
+    return (1 - cost.forward_share) * sum(cost.run_cost(c) for c in chunks)
+
+
+def barrier_segments(plan: list[Step], cost: CostModel) -> list[float]:
+    """A rank's modelled work up to and including each of its backward calls (what follows the last
+    one is added to it)::
+
+        [F a F b | J(b a)] [F c | B c]   ->   [cost(a) + cost(b), cost(c)]
+    """
+    segments, work = [], 0.0
+    for ins in flatten(plan):
+        work += instruction_cost(ins, cost)
+        if isinstance(ins, (Backward, JointBackward, PadBackward)):
+            segments.append(work)
+            work = 0.0
+    if segments:
+        segments[-1] += work
+    return segments
+
+
+def barrier_makespan(plans: list[list[Step]], cost: CostModel) -> float:
+    """Modelled time of the plans when the i-th backward of every rank meets the others' (ZeRO-2 reduces the
+    gradients in every backward): the sum over i of the slowest rank's work since its previous backward."""
+    segments = [barrier_segments(p, cost) for p in plans]
+    return sum(max(s[i] if i < len(s) else 0.0 for s in segments) for i in range(max(map(len, segments), default=0)))
+
+
+BARRIER_GAIN = 0.99
+""":func:`join_at_barriers` fills the waits only where that models at least 1% faster than K per backward."""
+
+
+def join_at_barriers(plans: list[list[Step]], keep_chunks: int, cost: CostModel) -> list[list[Step]]:
+    """Joins the standalone chunks' backwards for ranks whose backwards meet (ZeRO-2 reduces in each).
+
+    Where every backward is a meeting, what counts is the work between the i-th and the (i+1)-th
+    backward of each rank: a rank with little to do waits for the busiest. A rank's standalone chunks
+    come last in its plan and may share backward calls in any runs of up to K
+    (:class:`JointBackward`), so they are cut to fill the others' segments: while some rank still runs
+    its fixed part (sequence-parallel and dependent groups, one backward per chunk), a rank in its
+    standalone part takes its next chunks toward the busiest fixed segment (a chunk while at least half
+    of it fits; none: a pad meets the backward); after, each rank cuts what it has left into
+    as many equal runs as the rank with the most needs. Kept only if :func:`barrier_makespan` is at
+    least 1% lower (:data:`BARRIER_GAIN`) than :func:`join_backwards`' K per call with no more backward
+    calls (each is a gradient reduction, which the model does not price: on a large model it may cost
+    more than the wait it saves); ranks are aligned
+    by count after (:func:`align`). Two ranks, K = 4, a chunk costing its tokens; rank 0 runs a sequence of
+    three 8-token chunks (segments 13.3, 5.3, 5.3), rank 1 standalone chunks of 8, 3, 5 and 4 tokens::
+
+        K per call   rank 1  [F F F F | J] [p | P] [p | P]      segments 20, 0, 0   20 + 5.3 + 5.3   = 30.7
+        filled       rank 1  [F F | J] [F | B] [F | B]          11, 5, 4            13.3 + 5.3 + 5.3 = 24
+    """
+    joined = [join_backwards(p, keep_chunks) for p in plans]
+    if keep_chunks < 2 or len(plans) < 2:
+        return joined
+    fixed, tails = [], []
+    for plan in plans:
+        cut = len(plan)
+        while cut and _standalone_step(plan[cut - 1]):
+            cut -= 1
+        fixed.append(plan[:cut])
+        tails.append([step.fwd[0].chunk for step in plan[cut:]])
+    fixed_segments = [barrier_segments(p, cost) for p in fixed]
+    runs: list[list[list[Chunk]]] = [[] for _ in plans]
+    for k in range(max(map(len, fixed_segments))):
+        target = max(s[k] for s in fixed_segments if k < len(s))
+        for r, tail in enumerate(tails):
+            if k >= len(fixed_segments[r]):
+                taken = _take(tail, keep_chunks, target, cost)
+                runs[r].append(taken)
+                del tail[:len(taken)]
+    slots = max(-(-len(t) // keep_chunks) for t in tails)
+    for r, tail in enumerate(tails):
+        runs[r] += _even_runs(tail, slots, keep_chunks, cost)
+    filled = [plan + [_run_step(run) for run in rank_runs] for plan, rank_runs in zip(fixed, runs)]
+    filled, aligned = align(filled, lockstep=False), align(joined, lockstep=False)
+    calls = [sum(len(step.bwd) for step in plans[0]) for plans in (filled, aligned)]
+    if calls[0] <= calls[1] and barrier_makespan(filled, cost) < BARRIER_GAIN * barrier_makespan(aligned, cost):
+        return filled
+    return joined
+
+
+def _take(tail: list[Chunk], keep_chunks: int, target: float, cost: CostModel) -> list[Chunk]:
+    """The next chunks of ``tail`` (at most K) that come nearest ``target``: a chunk is taken while at least
+    half of it fits."""
+    taken, load = [], 0.0
+    for chunk in tail[:keep_chunks]:
+        c = cost.run_cost(chunk)
+        if load + c / 2 > target:
+            break
+        taken.append(chunk)
+        load += c
+    return taken
+
+
+def _even_runs(tail: list[Chunk], slots: int, keep_chunks: int, cost: CostModel) -> list[list[Chunk]]:
+    """``tail`` cut, in order, into ``slots`` runs of at most K chunks, near-equal in cost (empty runs last)."""
+    runs, i = [], 0
+    left = sum(cost.run_cost(c) for c in tail)
+    for s in range(slots):
+        run, load, share = [], 0.0, left / (slots - s)
+        must = len(tail) - i - keep_chunks * (slots - s - 1)  # so that the later runs can hold the rest
+        while i < len(tail) and len(run) < keep_chunks:
+            c = cost.run_cost(tail[i])
+            if len(run) >= max(1, must) and load + c / 2 > share:
+                break
+            run.append(tail[i])
+            load += c
+            i += 1
+        left -= load
+        runs.append(run)
+    return runs
+
+
+def _run_step(run: list[Chunk]) -> Step:
+    """``[F c1 .. F ck | J(ck .. c1)]`` (one chunk: ``[F c | B c]``; none: a pad)."""
+    if not run:
+        return Step(fwd=[PadForward(keep=True)], bwd=[PadBackward()])
+    if len(run) == 1:
+        return Step(fwd=[Forward(run[0])], bwd=[Backward(run[0])])
+    return Step(fwd=[Forward(c) for c in run], bwd=[JointBackward(tuple(reversed(run)))])
 
 
 def align(plans: list[list[Step]], lockstep: bool = True) -> list[list[Step]]:

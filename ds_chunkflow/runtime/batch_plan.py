@@ -28,6 +28,7 @@ from ds_chunkflow.plan.schedule import (
     align_eval,
     build_eval_plan,
     build_plan,
+    join_at_barriers,
     join_backwards,
     plan_stats,
 )
@@ -79,9 +80,13 @@ def guard_lengths(sequences: Sequence[SequenceDict], max_seq_len: int | None, on
 def plan_batch(sequences: Sequence[SequenceDict], *, chunk_size: int, keep_chunks: int, num_ranks: int = 1,
                offload_activations: bool = False, cost: CostModel | None = None, max_seq_len: int | None = None,
                on_overlong: str = "error", num_loss_tokens: int | None = None, sp_max_size: int = 1,
-               evaluation: bool = False, forwards_collective: bool = True, sp_longer_chunks: bool = True) -> BatchPlan:
+               evaluation: bool = False, forwards_collective: bool = True, backwards_collective: bool = False,
+               sp_longer_chunks: bool = True) -> BatchPlan:
     """``evaluation``: forward-only plans (:func:`~ds_chunkflow.plan.schedule.build_eval_plan`) whose losses are
-    sums of cross-entropy (``num_loss_tokens`` is 1); a batch without targets is allowed then."""
+    sums of cross-entropy (``num_loss_tokens`` is 1); a batch without targets is allowed then.
+    ``forwards_collective``: every forward meets the other ranks (ZeRO-3); ``backwards_collective``: every
+    backward does (ZeRO-2 reduces the gradients in each), so standalone chunks' backwards are joined to fill
+    the waits (:func:`~ds_chunkflow.plan.schedule.join_at_barriers`)."""
     kept, skipped = guard_lengths(sequences, max_seq_len, on_overlong)
     if not kept:
         raise ValueError("the global batch is empty (after the max_seq_len guard)")
@@ -99,7 +104,9 @@ def plan_batch(sequences: Sequence[SequenceDict], *, chunk_size: int, keep_chunk
     # ranks in lock-step where every forward is collective (ZeRO-3); otherwise only the number of backwards must
     # agree (plan.schedule.align). A sequence-parallel chunk's all-to-alls need no alignment: see the module doc.
     plans = [build_plan(s, keep_chunks, offload_activations) for s in shares]
-    if not forwards_collective:  # one backward (one ZeRO-2 gradient reduction) per K standalone chunks
+    if backwards_collective and not forwards_collective:  # K standalone chunks or fewer per backward, where they
+        plans = join_at_barriers(plans, keep_chunks, cost or CostModel())  # fill the other ranks' waits (ZeRO-2)
+    elif not forwards_collective:  # one backward per K standalone chunks (ZeRO-0/1: only the last one meets)
         plans = [join_backwards(p, keep_chunks) for p in plans]
     plans = align(plans, lockstep=forwards_collective)
     return BatchPlan(kept, layout, shares, plans, num_loss_tokens, skipped)

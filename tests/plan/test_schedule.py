@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ds_chunkflow.plan.chunking import RankShare, assign_to_ranks, build_chunks
+from ds_chunkflow.plan.chunking import Chunk, CostModel, RankShare, Segment, assign_to_ranks, build_chunks
 from ds_chunkflow.plan.schedule import (
     Backward,
     Forward,
@@ -26,9 +26,12 @@ from ds_chunkflow.plan.schedule import (
     ReleaseState,
     StateForward,
     align,
+    barrier_makespan,
+    barrier_segments,
     build_plan,
     flatten,
     group_steps,
+    join_at_barriers,
     join_backwards,
     plan_stats,
 )
@@ -319,3 +322,73 @@ def test_joined_backwards_cover_k_standalone_chunks_each(case):
         assert calls == sum(-(-r // keep) for r in runs), (runs, keep)
         if keep == 1:
             assert joined == plan
+
+
+TOKENS = CostModel(attention=0.0)  # a chunk costs its tokens: forward a third, backward two thirds
+
+
+def _backward_calls(plan):
+    return sum(isinstance(i, (Backward, JointBackward, PadBackward)) for i in flatten(plan))
+
+
+def test_barrier_joining_fills_the_waits_of_a_dependent_group():
+    """ZeRO-2 (every backward meets): rank 0 runs a sequence of three 8-token chunks, K = 4, so its
+    backwards close segments of 13.3, 5.3 and 5.3 (cost = tokens); rank 1 runs standalone chunks of 8, 3,
+    5 and 4 tokens. K per call puts all four in one backward (20 against 13.3, then two pads: 30.7);
+    filled, rank 1's three backwards come after 8 + 3, 5 and 4, each within rank 0's segment, so the
+    step takes rank 0's own 24, in as many backward calls."""
+    group = build_chunks([24], 8).groups[0]
+    alone = [Chunk((Segment(1 + i, 0, n),)) for i, n in enumerate((8, 3, 5, 4))]
+    built = [build_plan(RankShare(0, groups=[group]), 4), build_plan(RankShare(1, standalone=alone), 4)]
+    per_k = align([join_backwards(p, 4) for p in built], lockstep=False)
+    filled = align(join_at_barriers(built, 4, TOKENS), lockstep=False)
+    assert barrier_makespan(per_k, TOKENS) == pytest.approx(20 + 2 * 16 / 3)
+    assert barrier_makespan(filled, TOKENS) == pytest.approx(24)
+    assert [round(x, 1) for x in barrier_segments(filled[1], TOKENS)] == [11, 5, 4]
+    assert filled[1][0].bwd == [JointBackward((alone[1], alone[0]))] and filled[1][1].bwd == [Backward(alone[2])]
+    assert filled[0] == built[0] and _backward_calls(filled[1]) == _backward_calls(per_k[1]) == 3
+
+
+@SETTINGS
+@given(plans(), st.sampled_from([TOKENS, CostModel(attention=0.05, keep_chunks=2)]))
+def test_barrier_joining_keeps_every_chunk_and_never_models_slower(case, cost):
+    """Whatever the layout: each rank runs the chunks it was given, its groups' instructions untouched and
+    in order; every JointBackward follows its chunks' forwards and holds at most K of them; aligned by
+    count, the ranks make the same number of backward calls; and the modelled time when every backward
+    meets is never above K per call's, nor the number of backward calls (the filled plan is kept only where
+    it is 1% faster with no more calls)."""
+    shares, keep, offload = case
+    built = rank_plans(shares, keep, offload)
+    per_k = align([join_backwards(p, keep) for p in built], lockstep=False)
+    got = align(join_at_barriers(built, keep, cost), lockstep=False)
+    assert len({_backward_calls(p) for p in got}) == 1
+    assert _backward_calls(got[0]) <= _backward_calls(per_k[0])  # no more gradient reductions
+    assert barrier_makespan(got, cost) <= barrier_makespan(per_k, cost) + 1e-9
+    for plan, new in zip(built, got):
+        before, flat = flatten(plan), flatten(new)
+        assert sorted(map(repr, (i for i in flat if isinstance(i, Forward)))) == \
+            sorted(map(repr, (i for i in before if isinstance(i, Forward))))
+        dependent = [i for i in before if not isinstance(i, (Forward, Backward)) or i.chunk.is_dependent]
+        assert [i for i in flat if not isinstance(i, (Forward, Backward, JointBackward, PadForward, PadBackward))
+                or (isinstance(i, (Forward, Backward)) and i.chunk.is_dependent)] == dependent
+        done = set()
+        for ins in flat:
+            if isinstance(ins, Forward):
+                done.add(ins.chunk)
+            for chunk in ins.chunks if isinstance(ins, JointBackward) else ():
+                assert chunk in done and not chunk.is_dependent
+            if isinstance(ins, JointBackward):
+                assert 2 <= len(ins.chunks) <= keep
+                done -= set(ins.chunks)
+    if keep == 1 or len(built) == 1:
+        assert join_at_barriers(built, keep, cost) == [join_backwards(p, keep) for p in built]
+
+
+def test_barrier_joining_keeps_k_per_call_where_filling_is_not_faster():
+    """Rank 1's first chunk (100 tokens) is far above rank 0's segments (13.3, 5.3, 5.3): filled, rank 1 would
+    pad all three and run everything after (24 + 103); K per call overlaps the 100 with rank 0's first
+    segment (103 + 5.3 + 5.3), so that is what is kept."""
+    group = build_chunks([24], 8).groups[0]
+    alone = [Chunk((Segment(1 + i, 0, n),)) for i, n in enumerate((100, 1, 1, 1))]
+    built = [build_plan(RankShare(0, groups=[group]), 4), build_plan(RankShare(1, standalone=alone), 4)]
+    assert join_at_barriers(built, 4, TOKENS) == [join_backwards(p, 4) for p in built]
