@@ -38,7 +38,10 @@ the cores); ``peak_rss_mib`` max over ranks, ``train_rss_mib`` its rise above th
 after initialisation; ``imb_*`` max / mean over ranks, averaged over steps, of CPU time,
 real tokens, and ChunkFlow's ``CostModel`` cost of the real samples; ``meeting_eff_model`` (ChunkFlow under
 ZeRO-2, where every backward meets the other ranks' to reduce gradients) the busiest rank's modelled work over
-the plans' modelled time with those meetings (``plan.schedule.barrier_makespan``); ``computed_per_real``
+the plans' modelled time with those meetings (``plan.schedule.barrier_makespan``); ``collective_s`` seconds per
+step and rank inside ``torch.distributed`` collectives (all-reduce, all-to-all, ZeRO's reductions and gathers),
+``collective_wait_s`` the part of it spent waiting for the other rank (per call, beyond the shorter rank's
+time), ``collective_by_kind`` by collective; ``computed_per_real``
 token slots computed (padding included) per real token; ``max_loss_diff`` against the
 first system. Writes benchmarks/results/engine.json (``--quick``: engine_quick.json).
 """
@@ -46,6 +49,7 @@ first system. Writes benchmarks/results/engine.json (``--quick``: engine_quick.j
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import os
@@ -176,6 +180,37 @@ def work_per_rank(system, batch, world, cfg) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------- inside a rank
+COLLECTIVES = ("all_reduce", "all_to_all_single", "all_to_all", "reduce_scatter_tensor", "reduce_scatter", "reduce",
+               "all_gather_into_tensor", "all_gather", "broadcast")
+
+
+@contextlib.contextmanager
+def collective_times():
+    """Wall seconds inside each ``torch.distributed`` collective this process calls (DeepSpeed's comm layer
+    calls them too): a list of ``(name, seconds)`` in call order, filled while the block runs."""
+    import torch.distributed as dist
+
+    calls: list[tuple[str, float]] = []
+    originals = {n: getattr(dist, n) for n in COLLECTIVES if hasattr(dist, n)}
+
+    def timed(name, fn):
+        def call(*args, **kwargs):
+            t = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                calls.append((name, time.perf_counter() - t))
+        return call
+
+    for name, fn in originals.items():
+        setattr(dist, name, timed(name, fn))
+    try:
+        yield calls
+    finally:
+        for name, fn in originals.items():
+            setattr(dist, name, fn)
+
+
 def varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, segments=None, **kwargs):
     """Causal SDPA per packed sample (no cross-sample scores), like flash-attn varlen."""
     import torch.nn.functional as F
@@ -278,7 +313,8 @@ def worker(rank, world, system, cfg, warmup, batches, out_prefix):
     t = time.perf_counter()
     engine, load_rss = _engine(system, cfg)
     rec = {"init_s": time.perf_counter() - t, "rss_after_load": load_rss, "rss_after_init": rss_bytes(),
-           "step_s": [], "cpu_s": [], "losses": [], "chunkflow": [], "gathers": [], "gather_bytes": []}
+           "step_s": [], "cpu_s": [], "losses": [], "chunkflow": [], "gathers": [], "gather_bytes": [],
+           "collectives": []}
     rec["warmup_loss"] = step(warmup)
     profiler = None
     if cfg["profile"] and rank == 0:
@@ -289,8 +325,9 @@ def worker(rank, world, system, cfg, warmup, batches, out_prefix):
     for batch in batches:
         dist.barrier()
         t, c = time.perf_counter(), time.process_time()
-        with count_param_gathers() as gathers:  # ZeRO-3 parameter all-gathers of the whole step
+        with count_param_gathers() as gathers, collective_times() as collectives:  # ZeRO-3 gathers, every collective
             rec["losses"].append(step(batch))
+        rec["collectives"].append(collectives)
         rec["gathers"].append(gathers.calls)
         rec["gather_bytes"].append(gathers.bytes)
         rec["cpu_s"].append(time.process_time() - c)  # gloo waits block, so this is the rank's own work
@@ -356,6 +393,7 @@ def summarise(system, ranks, batches, cfg, world=2) -> dict:
         "init_s": max(r["init_s"] for r in ranks), "per_rank_peak_rss_mib": [r["peak_rss"] / mib for r in ranks],
         "chunkflow_metrics": ranks[0]["chunkflow"], "profile": ranks[0].get("profile"),
         "time_breakdown": time_breakdown(ranks),
+        **collective_split(ranks),
     }
 
 
@@ -367,6 +405,29 @@ def time_breakdown(ranks) -> dict[str, float] | None:
         return None
     keys = sorted({k for m in steps for k in m if k.startswith("time_") and k.endswith("_s")})
     return {k[len("time_"):-len("_s")]: sum(m.get(k, 0.0) for m in steps) / len(steps) for k in keys}
+
+
+def collective_split(ranks) -> dict:
+    """Seconds per step and rank inside collectives (``collective_s``), and the part of it spent waiting for
+    the other rank (``collective_wait_s``): the i-th call of each rank is the same collective, whose transfer
+    takes at least the shorter of the two ranks' times; the rest of the longer one is waiting. By kind:
+    ``collective_by_kind`` (seconds per step and rank)."""
+    steps, world = len(ranks[0]["collectives"]), len(ranks)
+    total = wait = 0.0
+    kinds: dict[str, float] = {}
+    for i in range(steps):
+        calls = [r["collectives"][i] for r in ranks]
+        for rank_calls in calls:
+            for name, sec in rank_calls:
+                total += sec
+                kinds[name] = kinds.get(name, 0.0) + sec
+        if len({tuple(name for name, _ in c) for c in calls}) == 1:  # the same calls in the same order
+            for same in zip(*calls):
+                least = min(sec for _, sec in same)
+                wait += sum(sec - least for _, sec in same)
+    per = max(1, steps * world)
+    return {"collective_s": total / per, "collective_wait_s": wait / per,
+            "collective_by_kind": {k: v / per for k, v in sorted(kinds.items())}}
 
 
 def data_stats(batches) -> dict:
@@ -471,10 +532,12 @@ def main():
     pairs = ratios(rows)
     if pairs:
         print(table(pairs))
-    breakdown = [dict(system=r["system"], **r["time_breakdown"]) for r in rows if r["time_breakdown"]]
+    breakdown = [dict(system=r["system"], **r["time_breakdown"], collectives=r["collective_s"],
+                      collective_wait=r["collective_wait_s"]) for r in rows if r["time_breakdown"]]
     if breakdown:
         print("seconds per step and rank, by part (executor = forward + state_forward + recompute + backward + "
-              "lockstep_pad + other)")
+              "lockstep_pad + other; collectives: inside torch.distributed calls, within the parts, of which "
+              "collective_wait waiting for the other rank)")
         print(table(breakdown))
     for r in rows:
         if r["profile"]:
