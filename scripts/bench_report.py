@@ -52,6 +52,14 @@ varlen / Megatron THD do on GPUs). `chunkflow_sp` adds `sequence_parallel.max_si
 `chunkflow_k4` and `chunkflow_sp_k4` use `keep_chunks: 4`.
 `dominant_step_tokens_per_s` is the step holding the longest sample; `imb_cpu` is max / mean CPU
 time over the ranks. Only ratios from one run compare.""", omit=("model_dir",)),
+    Spec("ab_chunkflow_sp_k4.json", "Filling the ZeRO-2 waits: A/B against the commit before", """
+`chunkflow_sp_k4` of the engine benchmark run alternately in a worktree of `--base` (standalone chunks
+joined K per backward) and in this checkout (`join_at_barriers`: joined to fill the other ranks' segments
+between backwards). The machine's speed drifts between runs by more than the effect, so the figure
+compared is `self_eff`: the system's tokens/s over twice its own per-core rate in the same run (the share of
+each rank's wall time spent on its own work). `heavy_step_eff` is the same for the two steps holding the
+long samples.""", command="python benchmarks/bench_ab.py --base 95e21dd --system chunkflow_sp_k4 --runs 3",
+         omit=("cpu_s",)),
     Spec("peers.json", "Against the tools users would pick instead (TRL SFTTrainer, HF Trainer)", """
 The same tiny random Qwen2 (saved, loaded by every system with `from_pretrained`, SDPA) on the same
 data as `bench_engine.py`, two gloo ranks, DeepSpeed `ZeRO-2`, fp32, AdamW. TRL and Trainer run

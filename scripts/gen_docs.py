@@ -210,17 +210,27 @@ FIGURES = [
      None),
     ("**Where a step goes** (the engine on heavy-tailed chats with sequence parallelism and `keep_chunks: 4`, "
      "per rank and step): {0} s backward (gradient reduction included), {1} s forward, {2} s state-only "
-     "forwards and {3} s recomputes, {4} s padding calls; {5} of the machine's limit (the run's best per-core "
-     "rate on both cores; {6} with `keep_chunks: 1`).",
+     "forwards and {3} s recomputes, {4} s padding calls; {5} s of it inside collectives, {6} s of that one rank "
+     "waiting for the other; {7} of the machine's limit (the run's best per-core rate on both cores; {8} with "
+     "`keep_chunks: 1`). The waits come from the two cores' speeds drifting apart while the spread sample keeps "
+     "the ranks in step ([scaling.md](docs/scaling.md#where-the-last-6-goes)).",
      "engine.json",
      ["rows::system=chunkflow_sp_k4::time_breakdown::backward|.2f",
       "rows::system=chunkflow_sp_k4::time_breakdown::forward|.2f",
       "rows::system=chunkflow_sp_k4::time_breakdown::state_forward|.2f",
       "rows::system=chunkflow_sp_k4::time_breakdown::recompute|.2f",
       "rows::system=chunkflow_sp_k4::time_breakdown::lockstep_pad|.2f",
+      "rows::system=chunkflow_sp_k4::collective_s|.2f",
+      "rows::system=chunkflow_sp_k4::collective_wait_s|.2f",
       "rows::system=chunkflow_sp_k4::machine_limit_ratio|.2f",
       "rows::system=chunkflow_sp::machine_limit_ratio|.2f"],
      "python benchmarks/bench_engine.py"),
+    ("**Filling the ZeRO-2 waits** (standalone chunks' backwards cut to match the other ranks' segments between "
+     "backwards, against joining K at a time; the same system, interleaved runs): each rank's share of wall time "
+     "on its own work {0} against {1}, mean of {2} runs each.",
+     "ab_chunkflow_sp_k4.json",
+     ["means::side=head::self_eff|.3f", "means::side=base::self_eff|.3f", "means::side=head::runs|d"],
+     "python benchmarks/bench_ab.py --base 95e21dd --system chunkflow_sp_k4 --runs 3"),
     ("**Balance at small global batches**: {0} samples on {1} ranks, sequence parallelism on, max / mean rank "
      "cost {2} (was {3} when whole packed chunks were dealt).",
      "chunking.json",
