@@ -221,9 +221,9 @@ def join_at_barriers(plans: list[list[Step]], keep_chunks: int, cost: CostModel)
         while cut and _standalone_step(plan[cut - 1]):
             cut -= 1
         fixed.append(plan[:cut])
-        tails.append([step.fwd[0].chunk for step in plan[cut:]])
+        tails.append([step.fwd[0] for step in plan[cut:]])  # their Forward instructions, as built
     fixed_segments = [barrier_segments(p, cost) for p in fixed]
-    runs: list[list[list[Chunk]]] = [[] for _ in plans]
+    runs: list[list[list[Forward]]] = [[] for _ in plans]
     for k in range(max(map(len, fixed_segments))):
         target = max(s[k] for s in fixed_segments if k < len(s))
         for r, tail in enumerate(tails):
@@ -236,34 +236,34 @@ def join_at_barriers(plans: list[list[Step]], keep_chunks: int, cost: CostModel)
         runs[r] += _even_runs(tail, slots, keep_chunks, cost)
     filled = [plan + [_run_step(run) for run in rank_runs] for plan, rank_runs in zip(fixed, runs)]
     filled, aligned = align(filled, lockstep=False), align(joined, lockstep=False)
-    calls = [sum(len(step.bwd) for step in plans[0]) for plans in (filled, aligned)]
+    calls = [sum(len(step.bwd) for step in candidate[0]) for candidate in (filled, aligned)]
     if calls[0] <= calls[1] and barrier_makespan(filled, cost) < BARRIER_GAIN * barrier_makespan(aligned, cost):
         return filled
     return joined
 
 
-def _take(tail: list[Chunk], keep_chunks: int, target: float, cost: CostModel) -> list[Chunk]:
+def _take(tail: list[Forward], keep_chunks: int, target: float, cost: CostModel) -> list[Forward]:
     """The next chunks of ``tail`` (at most K) that come nearest ``target``: a chunk is taken while at least
     half of it fits."""
     taken, load = [], 0.0
-    for chunk in tail[:keep_chunks]:
-        c = cost.run_cost(chunk)
+    for forward in tail[:keep_chunks]:
+        c = cost.run_cost(forward.chunk)
         if load + c / 2 > target:
             break
-        taken.append(chunk)
+        taken.append(forward)
         load += c
     return taken
 
 
-def _even_runs(tail: list[Chunk], slots: int, keep_chunks: int, cost: CostModel) -> list[list[Chunk]]:
+def _even_runs(tail: list[Forward], slots: int, keep_chunks: int, cost: CostModel) -> list[list[Forward]]:
     """``tail`` cut, in order, into ``slots`` runs of at most K chunks, near-equal in cost (empty runs last)."""
     runs, i = [], 0
-    left = sum(cost.run_cost(c) for c in tail)
+    left = sum(cost.run_cost(f.chunk) for f in tail)
     for s in range(slots):
         run, load, share = [], 0.0, left / (slots - s)
         must = len(tail) - i - keep_chunks * (slots - s - 1)  # so that the later runs can hold the rest
         while i < len(tail) and len(run) < keep_chunks:
-            c = cost.run_cost(tail[i])
+            c = cost.run_cost(tail[i].chunk)
             if len(run) >= max(1, must) and load + c / 2 > share:
                 break
             run.append(tail[i])
@@ -274,13 +274,13 @@ def _even_runs(tail: list[Chunk], slots: int, keep_chunks: int, cost: CostModel)
     return runs
 
 
-def _run_step(run: list[Chunk]) -> Step:
+def _run_step(run: list[Forward]) -> Step:
     """``[F c1 .. F ck | J(ck .. c1)]`` (one chunk: ``[F c | B c]``; none: a pad)."""
     if not run:
         return Step(fwd=[PadForward(keep=True)], bwd=[PadBackward()])
     if len(run) == 1:
-        return Step(fwd=[Forward(run[0])], bwd=[Backward(run[0])])
-    return Step(fwd=[Forward(c) for c in run], bwd=[JointBackward(tuple(reversed(run)))])
+        return Step(fwd=run[:], bwd=[Backward(run[0].chunk)])
+    return Step(fwd=run[:], bwd=[JointBackward(tuple(f.chunk for f in reversed(run)))])
 
 
 def align(plans: list[list[Step]], lockstep: bool = True) -> list[list[Step]]:
