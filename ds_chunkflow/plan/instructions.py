@@ -130,6 +130,8 @@ Instruction = (StateForward | Forward | Recompute | Backward | JointBackward | E
                | PadBackward | PadEvalForward | ReleaseState)
 COMPUTE = (StateForward, Forward, Recompute, Backward)
 """The instructions of a chunk that a pipeline stage runs (each between its sends and receives)."""
+BACKWARDS = (Backward, JointBackward, PadBackward)
+"""The instructions that are one backward call (under ZeRO-2, one gradient reduction each)."""
 
 _LETTERS = {StateForward: "S", Forward: "F", Recompute: "R", Backward: "B", JointBackward: "J", EvalForward: "E",
             PadForward: "p", PadBackward: "P", PadEvalForward: "e", ReleaseState: "-"}

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 
 from ds_chunkflow.plan.chunking import Chunk, CostModel, RankShare
 from ds_chunkflow.plan.instructions import (
+    BACKWARDS,
     Backward,
     EvalForward,
     Forward,
@@ -129,11 +130,8 @@ def join_backwards(plan: list[Step], keep_chunks: int) -> list[Step]:
     run: list[Step] = []
 
     def flush():
-        if len(run) == 1:
-            out.append(run[0])
-        elif run:
-            chunks = [s.fwd[0].chunk for s in run]
-            out.append(Step(fwd=[s.fwd[0] for s in run], bwd=[JointBackward(tuple(reversed(chunks)))]))
+        if run:
+            out.append(_run_step([s.fwd[0] for s in run]))
         run.clear()
 
     for step in plan:
@@ -173,7 +171,7 @@ def barrier_segments(plan: list[Step], cost: CostModel) -> list[float]:
     segments, work = [], 0.0
     for ins in flatten(plan):
         work += instruction_cost(ins, cost)
-        if isinstance(ins, (Backward, JointBackward, PadBackward)):
+        if isinstance(ins, BACKWARDS):
             segments.append(work)
             work = 0.0
     if segments:

@@ -29,6 +29,7 @@ import torch
 from ds_chunkflow.constants import IGNORE_INDEX
 from ds_chunkflow.hf.model import OutputHead, final_hidden
 from ds_chunkflow.ops.context import ChunkContext, SegmentSpec
+from ds_chunkflow.plan.instructions import BACKWARDS
 from ds_chunkflow.plan.schedule import (
     Backward,
     EvalForward,
@@ -108,7 +109,7 @@ class Executor:
 
     def run(self, plan: list[Step]) -> ExecStats:
         instructions = flatten(plan)
-        backwards = [i for i, ins in enumerate(instructions) if isinstance(ins, (Backward, JointBackward, PadBackward))]
+        backwards = [i for i, ins in enumerate(instructions) if isinstance(ins, BACKWARDS)]
         self._last_backward = backwards[-1] if backwards else -1
         rt = self.runtime
         self.stats = ExecStats(loss=rt.loss_sum)
